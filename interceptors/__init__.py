@@ -1,0 +1,1 @@
+"""Cross-cutting behaviour of every RPC, one module per concern, composed in server/app.py."""

@@ -1,0 +1,75 @@
+"""Command line: `python -m server serve [--workers N]` and `python -m server migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from server import logs, migrate, runner, workers
+from server.config import Config, ConfigError
+from server.embedded import EmbeddedPostgres
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server", description="trustplane server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (needs REDIS_URL)")
+    commands.add_parser("migrate", help="apply pending migrations and exit")
+    args = parser.parse_args(argv)
+    try:
+        config = Config.from_environ()
+        if args.command == "serve":
+            config = _with_workers(config, args.workers or config.server.workers)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.observability.log_level, config.observability.log_format)
+    if args.command == "migrate":
+        return run_migrations(config)
+    return serve_forever(config)
+
+
+def _with_workers(config: Config, workers: int) -> Config:
+    if not 1 <= workers <= 64:
+        raise ConfigError(f"--workers: {workers} is out of range 1-64")
+    if workers > 1 and config.cache.url is None:
+        raise ConfigError(
+            "--workers: more than one worker needs a shared cache; set REDIS_URL "
+            "(the in-process cache cannot be shared between processes)"
+        )
+    if workers > 1 and config.server.listen.port == 0:
+        raise ConfigError("--workers: workers share one port; TRUSTPLANE_LISTEN needs a fixed port")
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, workers=workers))
+
+
+def run_migrations(config: Config) -> int:
+    """Apply pending migrations to DATABASE_URL, or to the embedded cluster."""
+    embedded = None
+    dsn = config.database.url
+    if dsn is None:
+        embedded = EmbeddedPostgres(config.data_dir)
+        dsn = embedded.start()
+    try:
+        applied = asyncio.run(runner.migrate_database(dsn))
+    except migrate.MigrationError as exc:
+        print(f"migration error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(f"applied {len(applied)} migration(s)" if applied else "database is up to date")
+    return 0
+
+
+def serve_forever(config: Config) -> int:
+    if config.server.workers > 1:
+        return workers.supervise(config)
+    return asyncio.run(runner.serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

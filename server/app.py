@@ -1,0 +1,236 @@
+"""The composition root: the only module that names concrete classes and wires them together.
+
+`App` owns the server's lifetime as an async context manager: embedded PostgreSQL (when no
+DATABASE_URL), migrations, the pool, the cache, the gRPC server with its interceptor chain,
+health, reflection and metrics. Shutdown reverses it: health NOT_SERVING, stop accepting, drain
+in-flight calls within the grace period, close the cache and the pool, stop PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import descriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from interceptors.chain import Chain, Layer
+from interceptors.observe import ObserveLayer
+from interceptors.status import StatusLayer
+from server import migrate
+from server.cache import Cache, open_cache
+from server.config import Config
+from server.db import Database
+from server.embedded import EmbeddedPostgres
+from server.health import HealthMonitor
+from server.methods import MethodRegistry, public_spec
+from server.metrics import Metrics, MetricsServer
+
+_log = logging.getLogger("trustplane.app")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceRegistration:
+    """A gRPC service to serve: its descriptor (for method options) and how to add it."""
+
+    descriptor: descriptor.ServiceDescriptor
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+
+def build_layers(metrics: Metrics) -> list[Layer]:
+    """The interceptor chain, outermost first. The order is pinned by a test; see
+    docs/architecture.md#interceptor-order for why each layer sits where it does."""
+    return [
+        # 1. observe: creates the CallState; counts and times every call, rejected ones too.
+        ObserveLayer(metrics),
+        # 2. audit: records every call and its outcome (the Audit issue fills this slot).
+        # 3. status: domain errors -> google.rpc.Status; anything else -> INTERNAL.
+        StatusLayer(),
+        # 4. authenticate, 5. rate limit, 6. authorize, 7. idempotency (the interceptor issue).
+    ]
+
+
+def build_services() -> list[ServiceRegistration]:
+    """The trustplane services (each feature issue adds its servicer here)."""
+    return []
+
+
+def infrastructure_methods() -> MethodRegistry:
+    """Health and reflection: always on, public, recorded as access events."""
+    registry = MethodRegistry()
+    registry.add(public_spec("grpc.health.v1.Health", "Check"))
+    registry.add(public_spec("grpc.health.v1.Health", "Watch", server_streaming=True))
+    registry.add(
+        public_spec(
+            reflection.SERVICE_NAME,
+            "ServerReflectionInfo",
+            client_streaming=True,
+            server_streaming=True,
+        )
+    )
+    return registry
+
+
+class App:
+    """One server process. `async with App(config) as app:` serves until the block exits."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        services: Sequence[ServiceRegistration] | None = None,
+        worker_index: int = 0,
+    ) -> None:
+        self.config = config
+        self._services = list(build_services() if services is None else services)
+        self._worker_index = worker_index
+        self.metrics = Metrics()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.db: Database | None = None
+        self.cache: Cache | None = None
+        self._embedded: EmbeddedPostgres | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: HealthMonitor | None = None
+        self._metrics_server: MetricsServer | None = None
+
+    async def __aenter__(self) -> App:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        dsn = self.config.database.url or await self._start_embedded()
+        self.db = await Database.connect(dsn, self.config.database)
+        await self._migrate(self.db)
+        self.cache = open_cache(self.config.cache.url, self.config.cache.prefix)
+        await self._start_grpc(self.db)
+        self._start_metrics()
+        _log.info("serving", extra={"listen": self.address, "worker": self._worker_index})
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.server.listen.host}:{self.port}"
+
+    async def _start_embedded(self) -> str:
+        self._embedded = EmbeddedPostgres(self.config.data_dir)
+        dsn = await asyncio.to_thread(self._embedded.start)
+        _log.info("embedded PostgreSQL started", extra={"port": self._embedded.port})
+        return dsn
+
+    async def _migrate(self, db: Database) -> None:
+        migrations = migrate.load()
+        async with db.acquire() as conn:
+            if self.config.database.migrate == "auto":
+                applied = await migrate.migrate(conn, migrations)
+                if applied:
+                    _log.info("migrated", extra={"applied": [m.version for m in applied]})
+            elif pending := await migrate.check(conn, migrations):
+                raise migrate.MigrationError(
+                    f"{len(pending)} migration(s) pending; run `python -m server migrate`"
+                )
+
+    async def _start_grpc(self, db: Database) -> None:
+        registry = infrastructure_methods()
+        for service in self._services:
+            registry.add_service(service.descriptor)
+        self.chain = Chain(build_layers(self.metrics), registry)
+        server = self._server = grpc.aio.server(
+            interceptors=[self.chain], options=self._grpc_options()
+        )
+        for service in self._services:
+            service.add_to_server(service.servicer, server)
+        names = [s.descriptor.full_name for s in self._services]
+        self._health = HealthMonitor(
+            names,
+            lambda: db.ping(timeout=max(self.config.database.health_interval, 1.0)),
+            self.config.database.health_interval,
+            on_change=self.metrics.healthy.set,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, server)
+        reflection.enable_server_reflection(
+            (
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.metrics.add_gauges("trustplane_db_pool_connections", "Pool connections.", db.stats)
+        self.port = self._bind(server)
+        await self._health.start()
+        await server.start()
+
+    def _grpc_options(self) -> list[tuple[str, Any]]:
+        limit = self.config.server.max_message_bytes
+        return [
+            # Only share the port when we fork workers on purpose: a second `make run` must
+            # fail to bind instead of silently taking half the traffic.
+            ("grpc.so_reuseport", 1 if self.config.server.workers > 1 else 0),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ]
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        listen = str(self.config.server.listen)
+        tls = self.config.server.tls
+        if tls is None:
+            port = server.add_insecure_port(listen)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+                root_certificates=tls.client_ca_file.read_bytes() if tls.client_ca_file else None,
+                require_client_auth=tls.client_ca_file is not None,
+            )
+            port = server.add_secure_port(listen, credentials)
+        if port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        return port
+
+    def _start_metrics(self) -> None:
+        address = self.config.observability.metrics_listen
+        if address is not None:
+            server = MetricsServer(self.metrics, address.with_port_offset(self._worker_index))
+            self._metrics_server = server
+            self.metrics_port = server.port
+
+    async def stop(self) -> None:
+        """Graceful shutdown; safe to call on a partly started app, and twice."""
+        health, self._health = self._health, None
+        if health is not None:
+            await health.shutdown()
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(self.config.server.grace_period)
+        cache, self.cache = self.cache, None
+        if cache is not None:
+            await cache.close()
+        db, self.db = self.db, None
+        if db is not None:
+            await db.close()
+        metrics_server, self._metrics_server = self._metrics_server, None
+        if metrics_server is not None:
+            metrics_server.close()
+        embedded, self._embedded = self._embedded, None
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        _log.info("stopped", extra={"worker": self._worker_index})

@@ -1,0 +1,254 @@
+"""Configuration: read once from an (injectable) environment into frozen dataclasses.
+
+Every variable is listed in docs/config.md. A bad value stops start-up with a `ConfigError`
+that names the variable; secrets (URLs with passwords) are kept out of `repr`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A `host:port` to listen on; port 0 asks the OS for a free one."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def with_port_offset(self, offset: int) -> Address:
+        return Address(self.host, self.port + offset if self.port else 0)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server TLS; with `client_ca_file` set, clients must present a certificate (mTLS)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: Address = Address("127.0.0.1", 50051)
+    workers: int = 1
+    grace_period: float = 10.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    # None: start the embedded PostgreSQL under `data_dir`.
+    url: str | None = field(default=None, repr=False)
+    pool_min: int = 2
+    pool_max: int = 10
+    health_interval: float = 1.0
+    statement_timeout: float = 5.0
+    # "auto": apply pending migrations at start-up; "check": refuse to start if any are pending.
+    migrate: str = "auto"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    # None: the in-process backend (single worker only).
+    url: str | None = field(default=None, repr=False)
+    prefix: str = "tp:"
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    metrics_listen: Address | None = Address("127.0.0.1", 9464)
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs to start."""
+
+    data_dir: Path = Path(".trustplane")
+    server: ServerConfig = ServerConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    cache: CacheConfig = CacheConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Build the configuration from `environ` (default: `os.environ`)."""
+        env = _Env(os.environ if environ is None else environ)
+        return cls(
+            data_dir=Path(env.get("TRUSTPLANE_DATA_DIR", ".trustplane", _non_empty)),
+            server=_server(env),
+            database=_database(env),
+            cache=CacheConfig(
+                url=env.optional("REDIS_URL", _redis_url),
+                prefix=env.get("TRUSTPLANE_CACHE_PREFIX", "tp:", _non_empty),
+            ),
+            observability=_observability(env),
+        )
+
+
+def _server(env: _Env) -> ServerConfig:
+    return ServerConfig(
+        listen=env.get("TRUSTPLANE_LISTEN", "127.0.0.1:50051", parse_address),
+        workers=env.get("TRUSTPLANE_WORKERS", "1", _int_range(1, 64)),
+        grace_period=env.get("TRUSTPLANE_GRACE_PERIOD", "10", _float_range(0.0, 300.0)),
+        max_message_bytes=env.get(
+            "TRUSTPLANE_MAX_MESSAGE_BYTES", str(4 * 1024 * 1024), _int_range(1024, 64 << 20)
+        ),
+        tls=_tls(env),
+    )
+
+
+def _database(env: _Env) -> DatabaseConfig:
+    pool_min = env.get("TRUSTPLANE_DB_POOL_MIN", "2", _int_range(0, 1000))
+    pool_max = env.get("TRUSTPLANE_DB_POOL_MAX", "10", _int_range(1, 1000))
+    if pool_max < pool_min:
+        raise ConfigError("TRUSTPLANE_DB_POOL_MAX: must be >= TRUSTPLANE_DB_POOL_MIN")
+    return DatabaseConfig(
+        url=env.optional("DATABASE_URL", _postgres_url),
+        pool_min=pool_min,
+        pool_max=pool_max,
+        health_interval=env.get("TRUSTPLANE_HEALTH_INTERVAL", "1", _float_range(0.05, 60.0)),
+        statement_timeout=env.get("TRUSTPLANE_DB_TIMEOUT", "5", _float_range(0.01, 600.0)),
+        migrate=env.get("TRUSTPLANE_MIGRATE", "auto", _choice("auto", "check")),
+    )
+
+
+def _observability(env: _Env) -> ObservabilityConfig:
+    return ObservabilityConfig(
+        metrics_listen=env.get("TRUSTPLANE_METRICS_LISTEN", "127.0.0.1:9464", _optional_address),
+        log_level=env.get("TRUSTPLANE_LOG_LEVEL", "INFO", _log_level),
+        log_format=env.get("TRUSTPLANE_LOG_FORMAT", "json", _choice("json", "text")),
+    )
+
+
+def _tls(env: _Env) -> TlsConfig | None:
+    cert = env.optional("TRUSTPLANE_TLS_CERT", _existing_file)
+    key = env.optional("TRUSTPLANE_TLS_KEY", _existing_file)
+    client_ca = env.optional("TRUSTPLANE_TLS_CLIENT_CA", _existing_file)
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ConfigError("TRUSTPLANE_TLS_CLIENT_CA: needs TRUSTPLANE_TLS_CERT and _KEY")
+        return None
+    if cert is None or key is None:
+        raise ConfigError("TRUSTPLANE_TLS_CERT / TRUSTPLANE_TLS_KEY: set both or neither")
+    return TlsConfig(cert, key, client_ca)
+
+
+class _Env:
+    """Reads variables and wraps parse failures in a ConfigError naming the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def get(self, name: str, default: str, parse: Callable[[str], T]) -> T:
+        return self._parse(name, self._environ.get(name, default), parse)
+
+    def optional(self, name: str, parse: Callable[[str], T]) -> T | None:
+        raw = self._environ.get(name, "")
+        return self._parse(name, raw, parse) if raw.strip() else None
+
+    @staticmethod
+    def _parse(name: str, raw: str, parse: Callable[[str], T]) -> T:
+        try:
+            return parse(raw.strip())
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+
+
+# --- parsers: each raises ValueError with a message that never repeats a secret -----------
+
+
+def parse_address(raw: str) -> Address:
+    """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected host:port, got {raw!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    number = int(port)
+    if number > 65535:
+        raise ValueError(f"port {number} is out of range 0-65535")
+    return Address(host, number)
+
+
+def _optional_address(raw: str) -> Address | None:
+    return None if raw.lower() in {"", "off", "none", "disabled"} else parse_address(raw)
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if not low <= value <= high:
+            raise ValueError(f"{value} is out of range {low}-{high}")
+        return value
+
+    return parse
+
+
+def _float_range(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = float(raw)
+        if not low <= value <= high:
+            raise ValueError(f"{value} is out of range {low}-{high}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {raw!r}")
+        return raw.lower()
+
+    return parse
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if not isinstance(logging.getLevelNamesMapping().get(level), int):
+        raise ValueError(f"unknown log level {raw!r}")
+    return level
+
+
+def _non_empty(raw: str) -> str:
+    if not raw:
+        raise ValueError("must not be empty")
+    return raw
+
+
+def _postgres_url(raw: str) -> str:
+    if not raw.startswith(("postgres://", "postgresql://")):
+        raise ValueError("expected a postgresql:// URL")
+    return raw
+
+
+def _redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _existing_file(raw: str) -> Path:
+    path = Path(raw)
+    if not path.is_file():
+        raise ValueError(f"no such file: {raw}")
+    return path
