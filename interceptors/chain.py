@@ -24,6 +24,7 @@ from server.methods import MethodRegistry, MethodSpec
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Call = Callable[[Any, Context], Awaitable[Any]]
+Handler = grpc.RpcMethodHandler[Any, Any]
 
 
 class Layer(Protocol):
@@ -34,13 +35,13 @@ class Layer(Protocol):
         ...
 
 
-class Chain(grpc.aio.ServerInterceptor):
+class Chain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps every known method's handler with `layers` (outermost first), once per method."""
 
     def __init__(self, layers: Sequence[Layer], registry: MethodRegistry) -> None:
         self._layers = tuple(layers)
         self._registry = registry
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._handlers: dict[str, Handler] = {}
 
     @property
     def layers(self) -> tuple[Layer, ...]:
@@ -48,9 +49,9 @@ class Chain(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         path = handler_call_details.method
         handler = self._handlers.get(path)
         if handler is not None:
@@ -63,15 +64,16 @@ class Chain(grpc.aio.ServerInterceptor):
         handler = self._handlers[path] = self._wrap_handler(spec, found)
         return handler
 
-    def _wrap_handler(self, spec: MethodSpec, handler: grpc.RpcMethodHandler) -> Any:
+    def _wrap_handler(self, spec: MethodSpec, handler: Handler) -> Handler:
         call = self.compose(spec, _behaviour(handler))
         kind = _KINDS[(spec.client_streaming, spec.server_streaming)]
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        return factory(
+        wrapped: Handler = factory(
             call,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        return wrapped
 
     def compose(self, spec: MethodSpec, call: Call) -> Call:
         for layer in reversed(self._layers):
@@ -87,7 +89,7 @@ _KINDS = {
 }
 
 
-def _behaviour(handler: grpc.RpcMethodHandler) -> Call:
+def _behaviour(handler: Handler) -> Call:
     function = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
@@ -95,7 +97,7 @@ def _behaviour(handler: grpc.RpcMethodHandler) -> Call:
         return _writing(function)
     if not inspect.iscoroutinefunction(function):
         raise TypeError(f"{function!r} is not async; trustplane serves grpc.aio handlers only")
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 def _writing(generator: Callable[[Any, Context], AsyncIterator[Any]]) -> Call:

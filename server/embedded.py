@@ -74,6 +74,8 @@ class EmbeddedPostgres:
             self.pgdata.mkdir(mode=0o700, exist_ok=True)
             return
         entry = pg_utils.ensure_user_exists(self._user)
+        if entry is None:
+            raise RuntimeError(f"cannot create system user {self._user}")
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
         pg_utils.ensure_prefix_permissions(self.pgdata)
         os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)

@@ -25,7 +25,8 @@ _REASON_PREFIX = "ERROR_REASON_"
 
 def reason_name(reason: int) -> str:
     """The wire spelling of a reason: the enum value's name without its prefix."""
-    return error_reason_pb2.ErrorReason.Name(reason).removeprefix(_REASON_PREFIX)  # type: ignore[arg-type]
+    value = error_reason_pb2.ErrorReason.ValueType(reason)
+    return error_reason_pb2.ErrorReason.Name(value).removeprefix(_REASON_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class TrustplaneError(Exception):
 
     def to_status(self) -> grpc.Status:
         """This error as a `grpc.Status` carrying `google.rpc.Status` in its trailers."""
-        return rpc_status.to_status(self.to_proto())  # type: ignore[no-any-return]
+        return rpc_status.to_status(self.to_proto())
 
     def to_proto(self) -> status_pb2.Status:
         status = status_pb2.Status(code=_CODE_NUMBERS[self.code], message=self.message)

@@ -13,7 +13,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
 
 _log = logging.getLogger("trustplane.health")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -32,7 +33,7 @@ class HealthMonitor:
         interval: float,
         on_change: Callable[[bool], None] = lambda _: None,
     ) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = HealthServicer()
         self._names = ("", *services)
         self._probe = probe
         self._interval = interval

@@ -139,7 +139,7 @@ class ServerContext:
         return Running(self._app, self._channel, self.servicer)
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
         await self._app.stop()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
@@ -65,14 +66,15 @@ async def test_health_follows_postgres_down_and_up(start_server, tmp_path):
 
 
 class _Collector:
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+    def __init__(self, call: Any) -> None:
         self.statuses: list[int] = []
         self._call = call
 
     async def wait_for(self, status: int, timeout: float = 20.0) -> None:
         async with asyncio.timeout(timeout):
             while not self.statuses or self.statuses[-1] != status:
-                self.statuses.append((await self._call.read()).status)
+                response: Any = await self._call.read()
+                self.statuses.append(response.status)
 
 
 async def test_health_watch_is_public_stream(server):

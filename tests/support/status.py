@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -25,7 +26,8 @@ class RichStatus:
 
 def rich(error: grpc.aio.AioRpcError) -> RichStatus:
     result = RichStatus(code=error.code(), message=error.details() or "")
-    for key, value in error.trailing_metadata() or ():
+    trailers: Any = error.trailing_metadata() or ()
+    for key, value in trailers:
         if key == _DETAILS_KEY:
             _fill(result, status_pb2.Status.FromString(value))
     return result

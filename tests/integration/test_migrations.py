@@ -1,0 +1,106 @@
+"""Migrations: applied once each, idempotent re-run, newer and altered schemas refused."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from server import migrate
+from server.app import App
+from tests.support import databases
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def empty_db(postgres_url):
+    name = f"tp_empty_{os.urandom(6).hex()}"
+    conn = await databases.admin(postgres_url)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    yield databases.with_database(postgres_url, name)
+    await databases.drop(postgres_url, name)
+
+
+async def test_migrate_applies_once_and_rerun_is_noop(empty_db):
+    conn = await asyncpg.connect(empty_db)
+    try:
+        first = await migrate.migrate(conn, migrate.load())
+        assert [m.version for m in first] == [m.version for m in migrate.load()]
+        assert await migrate.migrate(conn, migrate.load()) == []
+        rows = await conn.fetch("SELECT version, checksum FROM schema_migrations ORDER BY 1")
+        assert [(r["version"], r["checksum"]) for r in rows] == [
+            (m.version, m.checksum) for m in migrate.load()
+        ]
+        assert await conn.fetchval("SELECT to_regclass('tenants') IS NOT NULL")
+    finally:
+        await conn.close()
+
+
+async def test_failed_migration_rolls_back_alone(empty_db, tmp_path):
+    (tmp_path / "0001_ok.sql").write_text("CREATE TABLE a (id int);")
+    (tmp_path / "0002_bad.sql").write_text("CREATE TABLE b (id int); SELECT no_such_column;")
+    conn = await asyncpg.connect(empty_db)
+    try:
+        with pytest.raises(asyncpg.PostgresError):
+            await migrate.migrate(conn, migrate.load(tmp_path))
+        assert await conn.fetchval("SELECT to_regclass('a') IS NOT NULL")
+        assert not await conn.fetchval("SELECT to_regclass('b') IS NOT NULL")
+        assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 1
+    finally:
+        await conn.close()
+
+
+def test_load_refuses_gaps_and_bad_names(tmp_path):
+    (tmp_path / "0001_a.sql").write_text("")
+    (tmp_path / "0003_c.sql").write_text("")
+    with pytest.raises(migrate.MigrationError, match="0002 is missing"):
+        migrate.load(tmp_path)
+    (tmp_path / "0002-b.sql").write_text("")
+    with pytest.raises(migrate.MigrationError, match="NNNN_description"):
+        migrate.load(tmp_path)
+
+
+async def test_changed_migration_is_refused(empty_db, tmp_path):
+    (tmp_path / "0001_a.sql").write_text("CREATE TABLE a (id int);")
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await migrate.migrate(conn, migrate.load(tmp_path))
+        (tmp_path / "0001_a.sql").write_text("CREATE TABLE a (id bigint);")
+        with pytest.raises(migrate.MigrationError, match="changed after it was applied"):
+            await migrate.migrate(conn, migrate.load(tmp_path))
+    finally:
+        await conn.close()
+
+
+async def test_server_refuses_a_newer_database(make_config, database_url):
+    conn = await asyncpg.connect(database_url)
+    await conn.execute(
+        "INSERT INTO schema_migrations (version, name, checksum) VALUES (9999, 'future', 'x')"
+    )
+    await conn.close()
+    with pytest.raises(migrate.SchemaTooNew, match="9999 is newer than this server"):
+        async with App(make_config(), services=[]):
+            pass
+
+
+async def test_check_mode_refuses_pending_migrations(make_config, empty_db):
+    config = make_config(DATABASE_URL=empty_db, TRUSTPLANE_MIGRATE="check")
+    with pytest.raises(migrate.MigrationError, match="pending"):
+        async with App(config, services=[]):
+            pass
+
+
+def test_migrate_command(empty_db):
+    env = {**os.environ, "DATABASE_URL": empty_db, "PYTHONPATH": f"{ROOT}:{ROOT / 'generated'}"}
+    run = [sys.executable, "-m", "server", "migrate"]
+    first = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    assert "applied" in first.stdout
+    again = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert again.stdout.strip() == "database is up to date"
