@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 import grpc.aio
@@ -24,7 +24,7 @@ from server.methods import MethodRegistry, MethodSpec
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Call = Callable[[Any, Context], Awaitable[Any]]
-Handler = grpc.RpcMethodHandler[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class Layer(Protocol):

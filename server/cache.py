@@ -180,8 +180,12 @@ class Subscription:
 
     Inside `async with`, `async for channel, message in subscription` yields the channel
     (without prefix) and the payload. The iteration ends when the block is left or the cache
-    is closed, and raises `CacheUnavailable` when the connection is lost for good. Messages wait
-    in a bounded queue; when it is full the oldest is dropped and counted in `dropped`.
+    is closed. Messages wait in a bounded queue; when it is full the oldest is dropped and
+    counted in `dropped`.
+
+    Delivery is at most once. If the Redis pub/sub connection drops, messages may have been
+    missed, so the iteration raises `CacheUnavailable` instead of carrying on: subscribe again
+    and resynchronise whatever the messages were keeping fresh.
     """
 
     def __init__(self, hub: _Hub, channels: Sequence[str], queue_size: int) -> None:
@@ -528,14 +532,20 @@ def _unavailable_on_error() -> Iterator[None]:
         raise CacheUnavailable() from exc
 
 
+async def _close_quietly(pubsub: PubSub) -> None:
+    try:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated upstream
+    except Exception:
+        log.debug("closing a cache pub/sub connection failed", exc_info=True)
+
+
 class _RedisHub:
     """One shared PubSub connection, read by one task that fans messages out to subscriptions.
 
     SUBSCRIBE / UNSUBSCRIBE are sent under a lock, so they reach Redis in the order the
     subscriptions come and go; `attach` returns only once Redis acknowledged the SUBSCRIBE.
-    If the connection is lost for good, open subscriptions end with `CacheUnavailable` and the
-    next subscription opens a new connection. Messages published while redis-py reconnects
-    are lost (pub/sub is at-most-once).
+    If the connection drops, open subscriptions end with `CacheUnavailable` (messages may have
+    been missed) and the next subscription opens a new connection.
     """
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str, ack_timeout: float) -> None:
@@ -546,7 +556,7 @@ class _RedisHub:
         self._lock = asyncio.Lock()
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._broken: list[PubSub] = []
+        self._retiring: set[asyncio.Task[None]] = set()
         self._routes: dict[bytes, set[Subscription]] = {}
         self._acks: dict[bytes, asyncio.Future[None]] = {}
 
@@ -579,20 +589,20 @@ class _RedisHub:
         self._reader, self._pubsub = None, None
         if reader is not None:
             reader.cancel()
-            await asyncio.wait([reader])
+        tasks = {*self._retiring, *([reader] if reader else [])}
+        if tasks:
+            await asyncio.wait(tasks)
         if pubsub is not None:
-            self._broken.append(pubsub)
-        await self._close_broken()
+            await _close_quietly(pubsub)
         self._end_all(failed=False)
 
     async def _started(self) -> PubSub:
-        await self._close_broken()
         if self._pubsub is None:
             pubsub = self._client.pubsub()
             try:
-                await pubsub.connect()  # type: ignore[no-untyped-call]  # unannotated upstream
+                await pubsub.connect()  # type: ignore[no-untyped-call]
             except BaseException:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await _close_quietly(pubsub)
                 raise
             self._pubsub = pubsub
             self._reader = asyncio.create_task(self._read(pubsub), name="cache-pubsub-reader")
@@ -636,7 +646,8 @@ class _RedisHub:
                     self._dispatch(message)
         except Exception:
             log.warning("cache pub/sub connection lost; open subscriptions end", exc_info=True)
-            self._on_lost(pubsub)
+            self._on_lost()
+            await _close_quietly(pubsub)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind, name = message["type"], message["channel"]
@@ -649,10 +660,12 @@ class _RedisHub:
             for subscription in self._routes.get(name, ()):
                 self.dropped += subscription.deliver(channel, message["data"])
 
-    def _on_lost(self, pubsub: PubSub) -> None:
-        if self._pubsub is pubsub:
-            self._pubsub, self._reader = None, None
-        self._broken.append(pubsub)
+    def _on_lost(self) -> None:
+        """Called by the reader when it fails: retire it and fail everything waiting on it."""
+        if self._reader is not None:
+            self._retiring.add(self._reader)
+            self._reader.add_done_callback(self._retiring.discard)
+        self._pubsub, self._reader = None, None
         for ack in self._acks.values():
             if not ack.done():
                 ack.set_exception(CacheUnavailable())
@@ -662,13 +675,6 @@ class _RedisHub:
         for subscription in {s for subs in self._routes.values() for s in subs}:
             subscription.finish(failed=failed)
         self._routes.clear()
-
-    async def _close_broken(self) -> None:
-        while self._broken:
-            try:
-                await self._broken.pop().aclose()  # type: ignore[no-untyped-call]
-            except Exception:
-                log.debug("closing a broken pub/sub connection failed", exc_info=True)
 
 
 class RedisCache:

@@ -19,7 +19,7 @@ from server.app import App, build_services
 from server.config import Config
 from server.embedded import EmbeddedPostgres
 from tests.support import databases, services
-from tests.support.test_service import TestServicer, registration
+from tests.support.testing_service import TestServicer, registration
 
 
 @pytest.fixture(scope="session")

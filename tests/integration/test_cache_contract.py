@@ -7,6 +7,7 @@ given small real TTLs and a short sleep (well under three seconds for the whole 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from uuid import uuid4
 
@@ -340,14 +341,14 @@ async def test_channel_can_be_subscribed_again_after_everyone_left(cache: Cache)
 
 async def test_full_subscription_queue_drops_the_oldest(backend: Backend, cache: Cache) -> None:
     small = backend.new(queue_size=2)
-    async with small.subscribe("events") as sub:
+    async with small.subscribe("events") as sub, small.subscribe("events") as witness:
         for i in range(5):
             await small.publish("events", str(i).encode())
         async with asyncio.timeout(TIMEOUT):
-            while sub.dropped < 3:
-                await asyncio.sleep(0.01)
-        assert await receive(sub, 2) == [("events", b"3"), ("events", b"4")]
+            while (await anext(witness))[1] != b"4":  # every message reached both queues
+                pass
         assert sub.dropped == 3
+        assert await receive(sub, 2) == [("events", b"3"), ("events", b"4")]
 
 
 async def test_close_ends_open_subscriptions(cache: Cache) -> None:
@@ -398,12 +399,49 @@ async def test_keys_are_stored_under_the_prefix(redis_url: str) -> None:
         await cache.close()
 
 
+async def test_entering_a_subscription_waits_for_the_subscribe_ack(redis_url: str) -> None:
+    prefix = f"test:{uuid4().hex}:"
+    cache = RedisCache(redis_url, prefix)
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        async with cache.subscribe("warm-up"):  # opens the shared pub/sub connection
+            pass
+        await raw.client_pause(200)  # Redis holds every command, SUBSCRIBE included
+        started = time.monotonic()
+        async with cache.subscribe("events"):
+            waited = time.monotonic() - started
+            assert await raw.pubsub_numsub(prefix + "events") == [((prefix + "events").encode(), 1)]
+        assert waited >= 0.15
+    finally:
+        await raw.aclose()
+        await cache.close()
+
+
+async def test_dropped_pubsub_connection_ends_subscriptions_loudly(redis_url: str) -> None:
+    cache = RedisCache(redis_url, f"test:{uuid4().hex}:")
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        before = {c["id"] for c in await raw.client_list(_type="pubsub")}
+        async with cache.subscribe("events") as sub:
+            after = {c["id"] for c in await raw.client_list(_type="pubsub")}
+            (ours,) = after - before
+            await raw.client_kill_filter(_id=ours)
+            with pytest.raises(CacheUnavailable):
+                await receive(sub, 1)
+        async with cache.subscribe("events") as again:
+            await cache.publish("events", b"back")
+            assert await receive(again, 1) == [("events", b"back")]
+    finally:
+        await raw.aclose()
+        await cache.close()
+
+
 async def test_unreachable_redis_raises_cache_unavailable_without_the_url() -> None:
     url = "redis://:hunter2@127.0.0.1:1/0"
     cache = RedisCache(url, "test:")
     try:
         for operation in (
-            lambda: cache.ping(),
+            cache.ping,
             lambda: cache.get("k"),
             lambda: cache.set("k", b"v"),
             lambda: cache.incr("k", ttl=1),

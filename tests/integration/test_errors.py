@@ -9,7 +9,7 @@ import pytest
 from tptest.v1 import test_service_pb2
 
 from tests.support.status import expect_error
-from tests.support.test_service import SECRET_IN_EXCEPTION
+from tests.support.testing_service import SECRET_IN_EXCEPTION
 
 
 async def test_invalid_argument_lists_field_violations(server):
