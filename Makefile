@@ -59,7 +59,7 @@ protos-check: $(STAMP)
 
 ## bench: h2load against the server and a bare grpc.aio echo server in the same run
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR)/tests/generated $(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

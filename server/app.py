@@ -21,8 +21,12 @@ from google.protobuf import descriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from interceptors.authenticate import ApiKeyVerifier, AuthenticateLayer, NoApiKeys
+from interceptors.authorize import AuthorizeLayer, Authorizer
 from interceptors.chain import Chain, Layer
+from interceptors.idempotency import IdempotencyLayer
 from interceptors.observe import ObserveLayer
+from interceptors.rate_limit import RateLimitLayer
 from interceptors.status import StatusLayer
 from server import migrate
 from server.cache import Cache, open_cache
@@ -32,6 +36,9 @@ from server.embedded import EmbeddedPostgres
 from server.health import HealthMonitor
 from server.methods import MethodRegistry, public_spec
 from server.metrics import Metrics, MetricsServer
+from server.permissions import RolePermissions
+from server.revocation import RevocationList, stop_following
+from server.tokens import LocalKeySource, TokenVerifier, TrustedIssuer, load_trusted_issuers
 
 _log = logging.getLogger("trustplane.app")
 
@@ -45,7 +52,17 @@ class ServiceRegistration:
     add_to_server: Callable[[Any, grpc.aio.Server], None]
 
 
-def build_layers(metrics: Metrics) -> list[Layer]:
+@dataclasses.dataclass(frozen=True)
+class Security:
+    """What the authentication and authorization layers consult."""
+
+    tokens: TokenVerifier
+    api_keys: ApiKeyVerifier
+    revocations: RevocationList
+    authorizer: Authorizer
+
+
+def build_layers(config: Config, metrics: Metrics, cache: Cache, security: Security) -> list[Layer]:
     """The interceptor chain, outermost first. The order is pinned by a test; see
     docs/architecture.md#interceptor-order for why each layer sits where it does."""
     return [
@@ -54,8 +71,34 @@ def build_layers(metrics: Metrics) -> list[Layer]:
         # 2. audit: records every call and its outcome (the Audit issue fills this slot).
         # 3. status: domain errors -> google.rpc.Status; anything else -> INTERNAL.
         StatusLayer(),
-        # 4. authenticate, 5. rate limit, 6. authorize, 7. idempotency (the interceptor issue).
+        # 4. authenticate: Bearer JWT / API key -> ActorContext; public methods pass.
+        AuthenticateLayer(security.tokens, security.api_keys, security.revocations),
+        # 5. rate limit: per (tenant, principal, actor); needs the principal, so after 4.
+        RateLimitLayer(cache, config.rate_limit, metrics.registry),
+        # 6. authorize: the method's declared permission; denied callers still spent budget.
+        AuthorizeLayer(security.authorizer),
+        # 7. idempotency: after authn/authz so keys are per principal and replays re-checked.
+        IdempotencyLayer(cache, config.idempotency, metrics.registry),
     ]
+
+
+def build_security(config: Config, cache: Cache, own_keys: LocalKeySource) -> Security:
+    """Token verification (our own issuer + configured external ones), revocation, RBAC."""
+    issuers = [TrustedIssuer(config.auth.issuer, [config.auth.audience], own_keys)]
+    if config.auth.trusted_issuers_file is not None:
+        issuers += load_trusted_issuers(config.auth.trusted_issuers_file)
+    return Security(
+        tokens=TokenVerifier(
+            issuers, leeway=config.auth.leeway, cache_size=config.auth.token_cache_size
+        ),
+        api_keys=NoApiKeys(),
+        revocations=RevocationList(
+            cache,
+            staleness=config.auth.revocation_staleness,
+            max_token_ttl=config.auth.max_token_ttl,
+        ),
+        authorizer=RolePermissions(),
+    )
 
 
 def build_services() -> list[ServiceRegistration]:
@@ -101,6 +144,10 @@ class App:
         self._server: grpc.aio.Server | None = None
         self._health: HealthMonitor | None = None
         self._metrics_server: MetricsServer | None = None
+        self._following: asyncio.Task[None] | None = None
+        # The server's own token signing keys; the Auth service publishes them here.
+        self.own_keys = LocalKeySource()
+        self.security: Security | None = None
 
     async def __aenter__(self) -> App:
         try:
@@ -123,7 +170,10 @@ class App:
         self.db = await Database.connect(dsn, self.config.database)
         await self._migrate(self.db)
         self.cache = open_cache(self.config.cache.url, self.config.cache.prefix)
-        await self._start_grpc(self.db)
+        self.security = build_security(self.config, self.cache, self.own_keys)
+        await self.security.tokens.start()
+        self._following = asyncio.create_task(self.security.revocations.follow())
+        await self._start_grpc(self.db, self.cache, self.security)
         self._start_metrics()
         _log.info("serving", extra={"listen": self.address, "worker": self._worker_index})
 
@@ -149,11 +199,13 @@ class App:
                     f"{len(pending)} migration(s) pending; run `python -m server migrate`"
                 )
 
-    async def _start_grpc(self, db: Database) -> None:
+    async def _start_grpc(self, db: Database, cache: Cache, security: Security) -> None:
         registry = infrastructure_methods()
         for service in self._services:
             registry.add_service(service.descriptor)
-        self.chain = Chain(build_layers(self.metrics), registry)
+        registry.require_permissions()
+        layers = build_layers(self.config, self.metrics, cache, security)
+        self.chain = Chain(layers, registry)
         server = self._server = grpc.aio.server(
             interceptors=[self.chain], options=self._grpc_options()
         )
@@ -176,6 +228,11 @@ class App:
             server,
         )
         self.metrics.add_gauges("trustplane_db_pool_connections", "Pool connections.", db.stats)
+        self.metrics.add_gauges(
+            "trustplane_token_cache",
+            "Verified-token cache: hits, misses, size.",
+            security.tokens.stats,
+        )
         self.port = self._bind(server)
         await self._health.start()
         await server.start()
@@ -221,6 +278,9 @@ class App:
         server, self._server = self._server, None
         if server is not None:
             await server.stop(self.config.server.grace_period)
+        following, self._following = self._following, None
+        if following is not None:
+            await stop_following(following)
         cache, self.cache = self.cache, None
         if cache is not None:
             await cache.close()

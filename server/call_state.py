@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from server.actor import ActorContext
 from server.methods import MethodSpec
 
 
@@ -26,6 +27,14 @@ class CallState:
     reason: str = ""
     replayed: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
+    actor: ActorContext | None = None
+    idempotency_key: str = ""
+
+    def require_actor(self) -> ActorContext:
+        """The authenticated caller; only non-public methods are guaranteed to have one."""
+        if self.actor is None:
+            raise LookupError("call is not authenticated")
+        return self.actor
 
 
 _current: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(

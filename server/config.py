@@ -73,6 +73,38 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Token verification (the authenticate layer)."""
+
+    # `iss` and `aud` of the tokens this server issues (the Auth service signs them).
+    issuer: str = "trustplane"
+    audience: str = "trustplane"
+    # JSON file listing trusted external issuers (Keycloak-style IdPs); see docs/authentication.md.
+    trusted_issuers_file: Path | None = None
+    leeway: float = 30.0
+    token_cache_size: int = 10_000
+    # How long a "not revoked" answer may be reused in-process before Redis is asked again.
+    revocation_staleness: float = 1.0
+    # Longest lifetime of any token we accept; bounds how long deny-list entries are kept.
+    max_token_ttl: float = 86_400.0
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """Per (tenant, principal, actor) request rate; 0 disables."""
+
+    per_minute: int = 100
+    burst: int = 50
+
+
+@dataclass(frozen=True)
+class IdempotencyConfig:
+    ttl: float = 86_400.0  # how long a completed outcome is replayed
+    lease: float = 30.0  # how long a running call holds its key if its process dies
+    max_wait: float = 2.0  # how long a duplicate waits for the first call before ABORTED
+
+
+@dataclass(frozen=True)
 class ObservabilityConfig:
     metrics_listen: Address | None = Address("127.0.0.1", 9464)
     log_level: str = "INFO"
@@ -88,6 +120,9 @@ class Config:
     database: DatabaseConfig = DatabaseConfig()
     cache: CacheConfig = CacheConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
+    auth: AuthConfig = AuthConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    idempotency: IdempotencyConfig = IdempotencyConfig()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -102,6 +137,15 @@ class Config:
                 prefix=env.get("TRUSTPLANE_CACHE_PREFIX", "tp:", _non_empty),
             ),
             observability=_observability(env),
+            auth=_auth(env),
+            rate_limit=_rate_limit(env),
+            idempotency=IdempotencyConfig(
+                ttl=env.get(
+                    "TRUSTPLANE_IDEMPOTENCY_TTL", "86400", _float_range(60.0, 30 * 86400.0)
+                ),
+                lease=env.get("TRUSTPLANE_IDEMPOTENCY_LEASE", "30", _float_range(1.0, 3600.0)),
+                max_wait=env.get("TRUSTPLANE_IDEMPOTENCY_WAIT", "2", _float_range(0.0, 30.0)),
+            ),
         )
 
 
@@ -137,6 +181,29 @@ def _observability(env: _Env) -> ObservabilityConfig:
         metrics_listen=env.get("TRUSTPLANE_METRICS_LISTEN", "127.0.0.1:9464", _optional_address),
         log_level=env.get("TRUSTPLANE_LOG_LEVEL", "INFO", _log_level),
         log_format=env.get("TRUSTPLANE_LOG_FORMAT", "json", _choice("json", "text")),
+    )
+
+
+def _auth(env: _Env) -> AuthConfig:
+    return AuthConfig(
+        issuer=env.get("TRUSTPLANE_ISSUER", "trustplane", _non_empty),
+        audience=env.get("TRUSTPLANE_AUDIENCE", "trustplane", _non_empty),
+        trusted_issuers_file=env.optional("TRUSTPLANE_TRUSTED_ISSUERS_FILE", _existing_file),
+        leeway=env.get("TRUSTPLANE_JWT_LEEWAY", "30", _float_range(0.0, 60.0)),
+        token_cache_size=env.get("TRUSTPLANE_TOKEN_CACHE_SIZE", "10000", _int_range(0, 10**7)),
+        revocation_staleness=env.get(
+            "TRUSTPLANE_REVOCATION_STALENESS", "1", _float_range(0.0, 30.0)
+        ),
+        max_token_ttl=env.get(
+            "TRUSTPLANE_MAX_TOKEN_TTL", "86400", _float_range(60.0, 30 * 86400.0)
+        ),
+    )
+
+
+def _rate_limit(env: _Env) -> RateLimitConfig:
+    return RateLimitConfig(
+        per_minute=env.get("TRUSTPLANE_RATE_LIMIT", "100", _int_range(0, 10**9)),
+        burst=env.get("TRUSTPLANE_RATE_BURST", "50", _int_range(1, 10**9)),
     )
 
 

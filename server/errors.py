@@ -71,6 +71,11 @@ class TrustplaneError(Exception):
         self.retry_after = retry_after
         self.quota_violations = tuple(quota_violations)
 
+    def with_reason(self, reason: int) -> TrustplaneError:
+        """The same error with a more specific reason (returns self, for `raise`)."""
+        self.reason = reason
+        return self
+
     def to_status(self) -> grpc.Status:
         """This error as a `grpc.Status` carrying `google.rpc.Status` in its trailers."""
         return rpc_status.to_status(self.to_proto())
@@ -204,3 +209,23 @@ class Internal(TrustplaneError):
 
 
 INTERNAL_ERROR = Internal()
+
+
+class StoredError(TrustplaneError):
+    """An error replayed from a stored `google.rpc.Status` (idempotent replays)."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self._status = status
+        self.code = _CODES_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                value = error_reason_pb2.ErrorReason.Value(_REASON_PREFIX + info.reason)
+                self.reason = value
+
+    def to_proto(self) -> status_pb2.Status:
+        return self._status
+
+
+_CODES_BY_NUMBER: dict[int, grpc.StatusCode] = {n: c for c, n in _CODE_NUMBERS.items()}

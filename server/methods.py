@@ -11,7 +11,7 @@ import enum
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from google.protobuf import descriptor
+from google.protobuf import descriptor, message, message_factory
 from trustplane.common.v1 import options_pb2
 
 
@@ -56,6 +56,11 @@ class MethodSpec:
     audit: AuditClass
     client_streaming: bool
     server_streaming: bool
+    # Message classes; None for infrastructure methods we do not own.
+    request_type: type[message.Message] | None = None
+    response_type: type[message.Message] | None = None
+    # The request carries `string request_id` (AIP-155).
+    has_request_id: bool = False
 
     @property
     def unary(self) -> bool:
@@ -76,7 +81,15 @@ def spec_from_descriptor(method: descriptor.MethodDescriptor) -> MethodSpec:
         audit=_AUDIT[policy.audit],
         client_streaming=method.client_streaming,
         server_streaming=method.server_streaming,
+        request_type=message_factory.GetMessageClass(method.input_type),
+        response_type=message_factory.GetMessageClass(method.output_type),
+        has_request_id=_has_request_id(method.input_type),
     )
+
+
+def _has_request_id(message_type: descriptor.Descriptor) -> bool:
+    field = message_type.fields_by_name.get("request_id")
+    return field is not None and field.type == descriptor.FieldDescriptor.TYPE_STRING
 
 
 def public_spec(
@@ -114,6 +127,17 @@ class MethodRegistry(Mapping[str, MethodSpec]):
     def add_service(self, service: descriptor.ServiceDescriptor) -> None:
         for method in service.methods:
             self.add(spec_from_descriptor(method))
+
+    def require_permissions(self) -> None:
+        """Every non-public method must declare the permission it needs, or start-up stops."""
+        missing = sorted(
+            p for p, spec in self._specs.items() if not spec.public and not spec.permission
+        )
+        if missing:
+            raise MethodSpecError(
+                "methods without a permission option (declare one, or public: true): "
+                + ", ".join(missing)
+            )
 
     def services(self) -> list[str]:
         return sorted({spec.service for spec in self._specs.values()})

@@ -20,6 +20,7 @@ from server.config import Config
 from server.embedded import EmbeddedPostgres
 from tests.support import databases, services
 from tests.support.testing_service import TestServicer, registration
+from tests.support.tokens import TestIdP
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +77,16 @@ def redis_prefix() -> str:
 
 
 @pytest.fixture
+def idp(tmp_path: Path) -> TestIdP:
+    """An external issuer every test server trusts (TRUSTPLANE_TRUSTED_ISSUERS_FILE)."""
+    directory = tmp_path / "idp"
+    directory.mkdir()
+    return TestIdP(directory)
+
+
+@pytest.fixture
 def make_config(
-    tmp_path: Path, database_url: str, redis_url: str, redis_prefix: str
+    tmp_path: Path, database_url: str, redis_url: str, redis_prefix: str, idp: TestIdP
 ) -> Callable[..., Config]:
     """Config for a test server; keyword arguments override environment variables."""
 
@@ -93,9 +102,12 @@ def make_config(
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "TRUSTPLANE_CACHE_PREFIX": redis_prefix,
+            "TRUSTPLANE_TRUSTED_ISSUERS_FILE": str(idp.issuers_file),
+            "TRUSTPLANE_RATE_LIMIT": "100000",
+            "TRUSTPLANE_RATE_BURST": "10000",
         }
         env.update(overrides)
-        return Config.from_environ({k: v for k, v in env.items() if v is not None})
+        return Config.from_environ({k: v for k, v in env.items() if v})
 
     return make
 

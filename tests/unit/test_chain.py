@@ -6,17 +6,34 @@ from __future__ import annotations
 import pytest
 from tptest.v1 import test_service_pb2
 
+from interceptors.authenticate import AuthenticateLayer
+from interceptors.authorize import AuthorizeLayer
 from interceptors.chain import Chain
+from interceptors.idempotency import IdempotencyLayer
 from interceptors.observe import ObserveLayer
+from interceptors.rate_limit import RateLimitLayer
 from interceptors.status import StatusLayer
-from server.app import build_layers, infrastructure_methods
+from server.app import build_layers, build_security, infrastructure_methods
+from server.cache import MemoryCache
+from server.config import Config
 from server.methods import Idempotency, MethodRegistry, MethodSpecError, public_spec
 from server.metrics import Metrics
+from server.tokens import LocalKeySource
 
 
 def test_layer_order_is_pinned():
-    layers = build_layers(Metrics())
-    assert [type(layer) for layer in layers] == [ObserveLayer, StatusLayer]
+    config = Config.from_environ({})
+    cache = MemoryCache()
+    security = build_security(config, cache, LocalKeySource())
+    layers = build_layers(config, Metrics(), cache, security)
+    assert [type(layer) for layer in layers] == [
+        ObserveLayer,
+        StatusLayer,
+        AuthenticateLayer,
+        RateLimitLayer,
+        AuthorizeLayer,
+        IdempotencyLayer,
+    ]
 
 
 class _Recording:
@@ -43,7 +60,7 @@ async def test_compose_runs_outermost_first():
         return request
 
     call = chain.compose(public_spec("s", "m"), handler)
-    assert await call("x", None) == "x"  # type: ignore[arg-type]
+    assert await call("x", None) == "x"
     assert log == ["a>", "b>", "handler", "<b", "<a"]
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from trustplane.common.v1 import options_pb2 as trustplane_dot_common_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctptest/v1/test_service.proto\x12\ttptest.v1\x1a\"trustplane/common/v1/options.proto\"\x1e\n\x0b\x45\x63hoRequest\x12\x0f\n\x07message\x18\x01 \x01(\t\".\n\x0c\x45\x63hoResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\"+\n\x0b\x46\x61ilRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06\x66ields\x18\x02 \x03(\t\"\x0e\n\x0c\x46\x61ilResponse\"\x1e\n\x0cSleepRequest\x12\x0e\n\x06millis\x18\x01 \x01(\x05\"%\n\rSleepResponse\x12\x14\n\x0cslept_millis\x18\x01 \x01(\x05\"A\n\x11StreamEchoRequest\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0c\n\x04\x66\x61il\x18\x03 \x01(\x08\x32\xa2\x02\n\x0bTestService\x12?\n\x04\x45\x63ho\x12\x16.tptest.v1.EchoRequest\x1a\x17.tptest.v1.EchoResponse\"\x06\x92\x82\x19\x02\x10\x01\x12?\n\x04\x46\x61il\x12\x16.tptest.v1.FailRequest\x1a\x17.tptest.v1.FailResponse\"\x06\x92\x82\x19\x02\x10\x01\x12\x42\n\x05Sleep\x12\x17.tptest.v1.SleepRequest\x1a\x18.tptest.v1.SleepResponse\"\x06\x92\x82\x19\x02\x10\x01\x12M\n\nStreamEcho\x12\x1c.tptest.v1.StreamEchoRequest\x1a\x17.tptest.v1.EchoResponse\"\x06\x92\x82\x19\x02\x10\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctptest/v1/test_service.proto\x12\ttptest.v1\x1a\"trustplane/common/v1/options.proto\"\x1e\n\x0b\x45\x63hoRequest\x12\x0f\n\x07message\x18\x01 \x01(\t\".\n\x0c\x45\x63hoResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\"+\n\x0b\x46\x61ilRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06\x66ields\x18\x02 \x03(\t\"\x0e\n\x0c\x46\x61ilResponse\"\x1e\n\x0cSleepRequest\x12\x0e\n\x06millis\x18\x01 \x01(\x05\"%\n\rSleepResponse\x12\x14\n\x0cslept_millis\x18\x01 \x01(\x05\"A\n\x11StreamEchoRequest\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0c\n\x04\x66\x61il\x18\x03 \x01(\x08\"\x0f\n\rWhoAmIRequest\"\xc1\x01\n\x0eWhoAmIResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x14\n\x0csubject_type\x18\x03 \x01(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x0e\n\x06scoped\x18\x06 \x01(\x08\x12\x0b\n\x03\x61\x63t\x18\x07 \x03(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x10\n\x08token_id\x18\t \x01(\t\x12\x13\n\x0b\x61uth_method\x18\n \x01(\t\"T\n\x0cWriteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0csleep_millis\x18\x04 \x01(\x05\"0\n\rWriteResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\texecution\x18\x02 \x01(\x05\x32\xc1\x05\n\x0bTestService\x12?\n\x04\x45\x63ho\x12\x16.tptest.v1.EchoRequest\x1a\x17.tptest.v1.EchoResponse\"\x06\x92\x82\x19\x02\x10\x01\x12?\n\x04\x46\x61il\x12\x16.tptest.v1.FailRequest\x1a\x17.tptest.v1.FailResponse\"\x06\x92\x82\x19\x02\x10\x01\x12\x42\n\x05Sleep\x12\x17.tptest.v1.SleepRequest\x1a\x18.tptest.v1.SleepResponse\"\x06\x92\x82\x19\x02\x10\x01\x12M\n\nStreamEcho\x12\x1c.tptest.v1.StreamEchoRequest\x1a\x17.tptest.v1.EchoResponse\"\x06\x92\x82\x19\x02\x10\x01\x30\x01\x12P\n\x06WhoAmI\x12\x18.tptest.v1.WhoAmIRequest\x1a\x19.tptest.v1.WhoAmIResponse\"\x11\x92\x82\x19\r\n\x0btptest.read\x12P\n\x05Write\x12\x17.tptest.v1.WriteRequest\x1a\x18.tptest.v1.WriteResponse\"\x14\x92\x82\x19\x10\n\x0ctptest.write\x18\x02\x12R\n\x06\x43reate\x12\x17.tptest.v1.WriteRequest\x1a\x18.tptest.v1.WriteResponse\"\x15\x92\x82\x19\x11\n\rtptest.create\x18\x03\x12Q\n\nAdminister\x12\x16.tptest.v1.EchoRequest\x1a\x17.tptest.v1.EchoResponse\"\x12\x92\x82\x19\x0e\n\x0ctptest.admin\x12R\n\x04Tail\x12\x1c.tptest.v1.StreamEchoRequest\x1a\x17.tptest.v1.EchoResponse\"\x11\x92\x82\x19\r\n\x0btptest.read0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TESTSERVICE'].methods_by_name['Sleep']._serialized_options = b'\222\202\031\002\020\001'
   _globals['_TESTSERVICE'].methods_by_name['StreamEcho']._loaded_options = None
   _globals['_TESTSERVICE'].methods_by_name['StreamEcho']._serialized_options = b'\222\202\031\002\020\001'
+  _globals['_TESTSERVICE'].methods_by_name['WhoAmI']._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['WhoAmI']._serialized_options = b'\222\202\031\r\n\013tptest.read'
+  _globals['_TESTSERVICE'].methods_by_name['Write']._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['Write']._serialized_options = b'\222\202\031\020\n\014tptest.write\030\002'
+  _globals['_TESTSERVICE'].methods_by_name['Create']._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['Create']._serialized_options = b'\222\202\031\021\n\rtptest.create\030\003'
+  _globals['_TESTSERVICE'].methods_by_name['Administer']._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['Administer']._serialized_options = b'\222\202\031\016\n\014tptest.admin'
+  _globals['_TESTSERVICE'].methods_by_name['Tail']._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['Tail']._serialized_options = b'\222\202\031\r\n\013tptest.read'
   _globals['_ECHOREQUEST']._serialized_start=79
   _globals['_ECHOREQUEST']._serialized_end=109
   _globals['_ECHORESPONSE']._serialized_start=111
@@ -54,6 +64,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SLEEPRESPONSE']._serialized_end=289
   _globals['_STREAMECHOREQUEST']._serialized_start=291
   _globals['_STREAMECHOREQUEST']._serialized_end=356
-  _globals['_TESTSERVICE']._serialized_start=359
-  _globals['_TESTSERVICE']._serialized_end=649
+  _globals['_WHOAMIREQUEST']._serialized_start=358
+  _globals['_WHOAMIREQUEST']._serialized_end=373
+  _globals['_WHOAMIRESPONSE']._serialized_start=376
+  _globals['_WHOAMIRESPONSE']._serialized_end=569
+  _globals['_WRITEREQUEST']._serialized_start=571
+  _globals['_WRITEREQUEST']._serialized_end=655
+  _globals['_WRITERESPONSE']._serialized_start=657
+  _globals['_WRITERESPONSE']._serialized_end=705
+  _globals['_TESTSERVICE']._serialized_start=708
+  _globals['_TESTSERVICE']._serialized_end=1413
 # @@protoc_insertion_point(module_scope)

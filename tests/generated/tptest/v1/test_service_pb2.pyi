@@ -186,3 +186,144 @@ class StreamEchoRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamEchoRequest: _TypeAlias = StreamEchoRequest  # noqa: Y015
+
+@_typing.final
+class WhoAmIRequest(_message.Message):
+    """Input of WhoAmI."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIRequest: _TypeAlias = WhoAmIRequest  # noqa: Y015
+
+@_typing.final
+class WhoAmIResponse(_message.Message):
+    """Output of WhoAmI: the ActorContext the server built."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    SUBJECT_TYPE_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    SCOPED_FIELD_NUMBER: _builtins.int
+    ACT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    AUTH_METHOD_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Tenant of the caller."""
+    subject: _builtins.str
+    """JWT `sub`."""
+    subject_type: _builtins.str
+    """user, agent or service_account."""
+    scoped: _builtins.bool
+    """Whether the credential carried scopes at all."""
+    session_id: _builtins.str
+    """Session id (`sid`)."""
+    token_id: _builtins.str
+    """Token id (`jti`)."""
+    auth_method: _builtins.str
+    """jwt or api_key."""
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Roles, sorted."""
+
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Scopes, sorted; empty when unrestricted."""
+
+    @_builtins.property
+    def act(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The delegation chain, current actor first."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        subject_type: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        scoped: _builtins.bool = ...,
+        act: _abc.Iterable[_builtins.str] | None = ...,
+        session_id: _builtins.str = ...,
+        token_id: _builtins.str = ...,
+        auth_method: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["act", b"act", "auth_method", b"auth_method", "roles", b"roles", "scoped", b"scoped", "scopes", b"scopes", "session_id", b"session_id", "subject", b"subject", "subject_type", b"subject_type", "tenant_id", b"tenant_id", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIResponse: _TypeAlias = WhoAmIResponse  # noqa: Y015
+
+@_typing.final
+class WriteRequest(_message.Message):
+    """Input of Write and Create."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SLEEP_MILLIS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """AIP-155 request id."""
+    name: _builtins.str
+    """Executions are counted per name."""
+    kind: _builtins.str
+    """"" (succeed), not_found, unavailable, invalid_argument or unexpected."""
+    sleep_millis: _builtins.int
+    """Sleep before answering."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        sleep_millis: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "request_id", b"request_id", "sleep_millis", b"sleep_millis"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteRequest: _TypeAlias = WriteRequest  # noqa: Y015
+
+@_typing.final
+class WriteResponse(_message.Message):
+    """Output of Write and Create."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The request's name."""
+    execution: _builtins.int
+    """How many times the handler ran for this name, this one included."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        execution: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteResponse: _TypeAlias = WriteResponse  # noqa: Y015

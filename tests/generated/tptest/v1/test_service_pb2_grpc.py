@@ -55,6 +55,31 @@ class TestServiceStub:
                 request_serializer=tptest_dot_v1_dot_test__service__pb2.StreamEchoRequest.SerializeToString,
                 response_deserializer=tptest_dot_v1_dot_test__service__pb2.EchoResponse.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/tptest.v1.TestService/WhoAmI',
+                request_serializer=tptest_dot_v1_dot_test__service__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=tptest_dot_v1_dot_test__service__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
+        self.Write = channel.unary_unary(
+                '/tptest.v1.TestService/Write',
+                request_serializer=tptest_dot_v1_dot_test__service__pb2.WriteRequest.SerializeToString,
+                response_deserializer=tptest_dot_v1_dot_test__service__pb2.WriteResponse.FromString,
+                _registered_method=True)
+        self.Create = channel.unary_unary(
+                '/tptest.v1.TestService/Create',
+                request_serializer=tptest_dot_v1_dot_test__service__pb2.WriteRequest.SerializeToString,
+                response_deserializer=tptest_dot_v1_dot_test__service__pb2.WriteResponse.FromString,
+                _registered_method=True)
+        self.Administer = channel.unary_unary(
+                '/tptest.v1.TestService/Administer',
+                request_serializer=tptest_dot_v1_dot_test__service__pb2.EchoRequest.SerializeToString,
+                response_deserializer=tptest_dot_v1_dot_test__service__pb2.EchoResponse.FromString,
+                _registered_method=True)
+        self.Tail = channel.unary_stream(
+                '/tptest.v1.TestService/Tail',
+                request_serializer=tptest_dot_v1_dot_test__service__pb2.StreamEchoRequest.SerializeToString,
+                response_deserializer=tptest_dot_v1_dot_test__service__pb2.EchoResponse.FromString,
+                _registered_method=True)
 
 
 class TestServiceServicer:
@@ -89,6 +114,41 @@ class TestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """Returns the authenticated caller; needs `tptest.read` (viewer and up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Write(self, request, context):
+        """Counts executions per name; idempotency OPTIONAL; needs `tptest.write` (member and up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Create(self, request, context):
+        """Like Write, but a request id is REQUIRED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Administer(self, request, context):
+        """Needs `tptest.admin` (admin and owner).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tail(self, request, context):
+        """A server stream behind a permission: idempotency never applies to streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +169,31 @@ def add_TestServiceServicer_to_server(servicer, server):
             ),
             'StreamEcho': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamEcho,
+                    request_deserializer=tptest_dot_v1_dot_test__service__pb2.StreamEchoRequest.FromString,
+                    response_serializer=tptest_dot_v1_dot_test__service__pb2.EchoResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=tptest_dot_v1_dot_test__service__pb2.WhoAmIRequest.FromString,
+                    response_serializer=tptest_dot_v1_dot_test__service__pb2.WhoAmIResponse.SerializeToString,
+            ),
+            'Write': grpc.unary_unary_rpc_method_handler(
+                    servicer.Write,
+                    request_deserializer=tptest_dot_v1_dot_test__service__pb2.WriteRequest.FromString,
+                    response_serializer=tptest_dot_v1_dot_test__service__pb2.WriteResponse.SerializeToString,
+            ),
+            'Create': grpc.unary_unary_rpc_method_handler(
+                    servicer.Create,
+                    request_deserializer=tptest_dot_v1_dot_test__service__pb2.WriteRequest.FromString,
+                    response_serializer=tptest_dot_v1_dot_test__service__pb2.WriteResponse.SerializeToString,
+            ),
+            'Administer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Administer,
+                    request_deserializer=tptest_dot_v1_dot_test__service__pb2.EchoRequest.FromString,
+                    response_serializer=tptest_dot_v1_dot_test__service__pb2.EchoResponse.SerializeToString,
+            ),
+            'Tail': grpc.unary_stream_rpc_method_handler(
+                    servicer.Tail,
                     request_deserializer=tptest_dot_v1_dot_test__service__pb2.StreamEchoRequest.FromString,
                     response_serializer=tptest_dot_v1_dot_test__service__pb2.EchoResponse.SerializeToString,
             ),
@@ -220,6 +305,141 @@ class TestService:
             request,
             target,
             '/tptest.v1.TestService/StreamEcho',
+            tptest_dot_v1_dot_test__service__pb2.StreamEchoRequest.SerializeToString,
+            tptest_dot_v1_dot_test__service__pb2.EchoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tptest.v1.TestService/WhoAmI',
+            tptest_dot_v1_dot_test__service__pb2.WhoAmIRequest.SerializeToString,
+            tptest_dot_v1_dot_test__service__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Write(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tptest.v1.TestService/Write',
+            tptest_dot_v1_dot_test__service__pb2.WriteRequest.SerializeToString,
+            tptest_dot_v1_dot_test__service__pb2.WriteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Create(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tptest.v1.TestService/Create',
+            tptest_dot_v1_dot_test__service__pb2.WriteRequest.SerializeToString,
+            tptest_dot_v1_dot_test__service__pb2.WriteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Administer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tptest.v1.TestService/Administer',
+            tptest_dot_v1_dot_test__service__pb2.EchoRequest.SerializeToString,
+            tptest_dot_v1_dot_test__service__pb2.EchoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tptest.v1.TestService/Tail',
             tptest_dot_v1_dot_test__service__pb2.StreamEchoRequest.SerializeToString,
             tptest_dot_v1_dot_test__service__pb2.EchoResponse.FromString,
             options,

@@ -43,6 +43,16 @@ class TestServiceStub:
     """Sleeps, then answers: an in-flight call for shutdown tests."""
     StreamEcho: _grpc.UnaryStreamMultiCallable[_test_service_pb2.StreamEchoRequest, _test_service_pb2.EchoResponse]
     """Streams `count` echoes of the message; fails after them if `fail` is set."""
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_test_service_pb2.WhoAmIRequest, _test_service_pb2.WhoAmIResponse]
+    """Returns the authenticated caller; needs `tptest.read` (viewer and up)."""
+    Write: _grpc.UnaryUnaryMultiCallable[_test_service_pb2.WriteRequest, _test_service_pb2.WriteResponse]
+    """Counts executions per name; idempotency OPTIONAL; needs `tptest.write` (member and up)."""
+    Create: _grpc.UnaryUnaryMultiCallable[_test_service_pb2.WriteRequest, _test_service_pb2.WriteResponse]
+    """Like Write, but a request id is REQUIRED."""
+    Administer: _grpc.UnaryUnaryMultiCallable[_test_service_pb2.EchoRequest, _test_service_pb2.EchoResponse]
+    """Needs `tptest.admin` (admin and owner)."""
+    Tail: _grpc.UnaryStreamMultiCallable[_test_service_pb2.StreamEchoRequest, _test_service_pb2.EchoResponse]
+    """A server stream behind a permission: idempotency never applies to streams."""
 
 @_typing.type_check_only
 class TestServiceAsyncStub(TestServiceStub):
@@ -57,6 +67,16 @@ class TestServiceAsyncStub(TestServiceStub):
     """Sleeps, then answers: an in-flight call for shutdown tests."""
     StreamEcho: _aio.UnaryStreamMultiCallable[_test_service_pb2.StreamEchoRequest, _test_service_pb2.EchoResponse]  # type: ignore[assignment]
     """Streams `count` echoes of the message; fails after them if `fail` is set."""
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_test_service_pb2.WhoAmIRequest, _test_service_pb2.WhoAmIResponse]  # type: ignore[assignment]
+    """Returns the authenticated caller; needs `tptest.read` (viewer and up)."""
+    Write: _aio.UnaryUnaryMultiCallable[_test_service_pb2.WriteRequest, _test_service_pb2.WriteResponse]  # type: ignore[assignment]
+    """Counts executions per name; idempotency OPTIONAL; needs `tptest.write` (member and up)."""
+    Create: _aio.UnaryUnaryMultiCallable[_test_service_pb2.WriteRequest, _test_service_pb2.WriteResponse]  # type: ignore[assignment]
+    """Like Write, but a request id is REQUIRED."""
+    Administer: _aio.UnaryUnaryMultiCallable[_test_service_pb2.EchoRequest, _test_service_pb2.EchoResponse]  # type: ignore[assignment]
+    """Needs `tptest.admin` (admin and owner)."""
+    Tail: _aio.UnaryStreamMultiCallable[_test_service_pb2.StreamEchoRequest, _test_service_pb2.EchoResponse]  # type: ignore[assignment]
+    """A server stream behind a permission: idempotency never applies to streams."""
 
 class TestServiceServicer(metaclass=_abc_1.ABCMeta):
     """TestService: methods named after what they exercise."""
@@ -92,5 +112,45 @@ class TestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_test_service_pb2.EchoResponse], _abc.AsyncIterator[_test_service_pb2.EchoResponse]]:
         """Streams `count` echoes of the message; fails after them if `fail` is set."""
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _test_service_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_test_service_pb2.WhoAmIResponse, _abc.Awaitable[_test_service_pb2.WhoAmIResponse]]:
+        """Returns the authenticated caller; needs `tptest.read` (viewer and up)."""
+
+    @_abc_1.abstractmethod
+    def Write(
+        self,
+        request: _test_service_pb2.WriteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_test_service_pb2.WriteResponse, _abc.Awaitable[_test_service_pb2.WriteResponse]]:
+        """Counts executions per name; idempotency OPTIONAL; needs `tptest.write` (member and up)."""
+
+    @_abc_1.abstractmethod
+    def Create(
+        self,
+        request: _test_service_pb2.WriteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_test_service_pb2.WriteResponse, _abc.Awaitable[_test_service_pb2.WriteResponse]]:
+        """Like Write, but a request id is REQUIRED."""
+
+    @_abc_1.abstractmethod
+    def Administer(
+        self,
+        request: _test_service_pb2.EchoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_test_service_pb2.EchoResponse, _abc.Awaitable[_test_service_pb2.EchoResponse]]:
+        """Needs `tptest.admin` (admin and owner)."""
+
+    @_abc_1.abstractmethod
+    def Tail(
+        self,
+        request: _test_service_pb2.StreamEchoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_test_service_pb2.EchoResponse], _abc.AsyncIterator[_test_service_pb2.EchoResponse]]:
+        """A server stream behind a permission: idempotency never applies to streams."""
 
 def add_TestServiceServicer_to_server(servicer: TestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

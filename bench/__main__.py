@@ -1,0 +1,164 @@
+"""`python -m bench` (`make bench`): measure every case against the bare echo ceiling.
+
+Environment: BENCH_REQUESTS (per run, default 20000), BENCH_CLIENTS (default 4),
+BENCH_STREAMS (concurrent streams per client, default 8), BENCH_RUNS (measured runs, default 3),
+BENCH_DATABASE_URL / BENCH_REDIS_URL (passed to the server as DATABASE_URL / REDIS_URL; unset:
+embedded PostgreSQL and the in-process cache).
+
+Exit status: 0 when every run was correct (missed targets are flagged, not fatal), 1 on a
+correctness failure or when the bench could not run, 2 on a bad setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc.aio
+
+from bench import cases, echo, h2load, report, servers
+from bench.cases import BenchContext, Case
+from bench.h2load import H2LoadError, LoadShape
+from bench.measure import Measurement, Target, measure
+from bench.report import Facts, Scored
+from bench.servers import Placement, ServerError
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.md"
+
+
+class BenchError(RuntimeError):
+    """The bench cannot run as configured."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The load shape and the number of measured runs."""
+
+    shape: LoadShape
+    runs: int
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        shape = LoadShape(
+            requests=_positive(env, "BENCH_REQUESTS", 20000),
+            clients=_positive(env, "BENCH_CLIENTS", 4),
+            streams=_positive(env, "BENCH_STREAMS", 8),
+        )
+        if shape.requests < shape.clients:
+            raise ValueError("BENCH_REQUESTS: must be at least BENCH_CLIENTS")
+        return cls(shape, _positive(env, "BENCH_RUNS", 3))
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip() or str(default)
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {raw!r}")
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class Results:
+    """Everything the report needs."""
+
+    echo: Measurement
+    cases: list[Scored]
+
+
+async def run_bench(settings: Settings, placement: Placement, workdir: Path) -> Results:
+    """Start both servers, build the cases, measure the echo ceiling, then every case."""
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(servers.trustplane(placement, workdir))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
+        built = await cases.build_cases(BenchContext(server.address, channel, server.idp))
+        if not built:
+            raise BenchError("no cases: bench.cases.BUILDERS is empty")
+        ceiling = await _measure_echo(built[0], settings, placement, workdir)
+        scored = [await _measure_case(case, server, settings, placement, workdir) for case in built]
+    return Results(ceiling, scored)
+
+
+async def _measure_echo(
+    first: Case, settings: Settings, placement: Placement, workdir: Path
+) -> Measurement:
+    """The ceiling: the first case's request bytes echoed by a bare grpc.aio server."""
+    async with servers.echo(placement, workdir) as address:
+        target = Target(f"echo ceiling ({echo.PATH[1:]})", address, echo.PATH, first.request)
+        return await measure(
+            target, settings.shape, settings.runs, workdir, placement.load_prefix()
+        )
+
+
+async def _measure_case(
+    case: Case,
+    server: servers.Trustplane,
+    settings: Settings,
+    placement: Placement,
+    workdir: Path,
+) -> Scored:
+    target = Target(
+        case.name, server.address, case.path, case.request, case.headers, server.metrics_url
+    )
+    measured = await measure(
+        target, settings.shape, settings.runs, workdir, placement.load_prefix()
+    )
+    return Scored(measured, case.target_ratio)
+
+
+async def main_async(settings: Settings) -> int:
+    """Run the bench, print and save the report; 1 if any run was incorrect."""
+    started = time.monotonic()
+    _cancel_on_sigterm()
+    placement = Placement.detect()
+    version = await h2load.version()
+    with tempfile.TemporaryDirectory(prefix="trustplane-bench-") as tmp:
+        results = await run_bench(settings, placement, Path(tmp))
+    facts = Facts(
+        nproc=os.cpu_count() or 0,
+        placement=placement.note,
+        h2load_version=version,
+        shape=settings.shape,
+        runs=settings.runs,
+        elapsed_s=time.monotonic() - started,
+    )
+    text = report.render(results.echo, results.cases, facts)
+    print(text, end="")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(text)
+    problems = [*results.echo.problems, *(p for c in results.cases for p in c.measurement.problems)]
+    return 1 if problems else 0
+
+
+def _cancel_on_sigterm() -> None:
+    """SIGTERM cancels the bench like Ctrl-C does, so the servers are still stopped."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
+def main() -> int:
+    try:
+        settings = Settings.from_environ()
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(main_async(settings))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    except (BenchError, H2LoadError, ServerError, OSError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""What `make bench` measures: one `Case` per hot RPC.
+
+Adding a case (e.g. in the issue that adds `SessionService/Create`):
+
+1. write `async def _create_session(ctx: BenchContext) -> Case:` below; it may do any setup
+   through `ctx.channel` first (create a tenant, get a token) and returns the case with the
+   encoded request (`SerializeToString()`, not framed) and its headers (e.g.
+   `(("authorization", f"Bearer {token}"),)`);
+2. append it to `BUILDERS`.
+
+Every case runs against the same server process, in `BUILDERS` order, and must leave only OK
+statuses: the bench fails if the server counts any other code for the case's method. The echo
+ceiling sends the first case's request bytes, so keep the small `Health/Check` first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc.aio
+from grpc_health.v1 import health_pb2
+from tptest.v1 import test_service_pb2
+
+from tests.support.tokens import TestIdP
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class BenchContext:
+    """What a case builder may use for its setup: the running trustplane server."""
+
+    address: str  # host:port of the gRPC listener (plaintext)
+    channel: grpc.aio.Channel  # an open channel to `address`
+    idp: TestIdP  # issues tokens the server trusts
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured RPC: h2load sends `request` (framed) to `path` with `headers`."""
+
+    name: str  # the row label, e.g. "grpc.health.v1.Health/Check"
+    path: str  # "/package.Service/Method", also the `method` label in the server's metrics
+    request: bytes  # the serialized request message (the bench adds the gRPC frame)
+    target_ratio: float  # minimum req/s relative to the bare echo ceiling
+    headers: Headers = ()  # extra request headers, e.g. authorization
+
+
+CaseBuilder = Callable[[BenchContext], Awaitable[Case]]
+
+
+async def _health_check(ctx: BenchContext) -> Case:
+    """`Health/Check` for the whole server: the cheapest call through the full chain."""
+    return Case(
+        name="grpc.health.v1.Health/Check",
+        path="/grpc.health.v1.Health/Check",
+        request=health_pb2.HealthCheckRequest(service="").SerializeToString(),
+        target_ratio=0.8,
+    )
+
+
+async def _authenticated(ctx: BenchContext) -> Case:
+    """An authenticated unary method through the whole chain (verified-token cache warm after
+    the warm-up run): authenticate, rate limit, authorize, then the handler."""
+    token = ctx.idp.token(roles=["member"], exp=int(time.time()) + 3600)
+    return Case(
+        name="tptest.v1.TestService/WhoAmI (JWT)",
+        path="/tptest.v1.TestService/WhoAmI",
+        request=test_service_pb2.WhoAmIRequest().SerializeToString(),
+        target_ratio=0.6,
+        headers=(("authorization", f"Bearer {token}"),),
+    )
+
+
+BUILDERS: list[CaseBuilder] = [
+    _health_check,
+    _authenticated,
+]
+
+
+async def build_cases(ctx: BenchContext) -> list[Case]:
+    """Run every builder in order (setup included) and return the cases."""
+    return [await build(ctx) for build in BUILDERS]

@@ -1,0 +1,96 @@
+"""One target under load: a warm-up run, then the measured runs, each checked for correctness.
+
+A run is correct when h2load completed every request and, for a trustplane target, the
+server's own counters agree (`bench.scrape`). The reported run is the median by req/s.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bench import h2load, scrape
+from bench.cases import Headers
+from bench.h2load import LoadShape, Run
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where h2load sends what; `metrics_url` set means "check the server's counters"."""
+
+    name: str
+    address: str  # host:port
+    path: str  # "/package.Service/Method"
+    request: bytes  # serialized message, not framed
+    headers: Headers = ()
+    metrics_url: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}{self.path}"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The measured runs of one target, the median one, and every correctness problem."""
+
+    name: str
+    runs: tuple[Run, ...]
+    problems: tuple[str, ...]
+
+    @property
+    def median(self) -> Run:
+        ordered = sorted(self.runs, key=lambda run: run.requests_per_second)
+        return ordered[len(ordered) // 2]
+
+
+async def measure(
+    target: Target, shape: LoadShape, runs: int, workdir: Path, prefix: Sequence[str] = ()
+) -> Measurement:
+    """Warm up once (not reported, still checked), then run `runs` times."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", target.name).strip("-")
+    body = workdir / f"{slug}.grpc"
+    body.write_bytes(h2load.frame(target.request))
+    problems: list[str] = []
+    labels = ["warm-up", *(f"run {i}" for i in range(1, runs + 1))]
+    results = []
+    for label in labels:
+        load = warmup_shape(shape) if label == "warm-up" else shape
+        log_file = workdir / f"{slug}-{label.replace(' ', '')}.log"
+        run, found = await _checked_run(target, body, load, log_file, prefix)
+        problems += [f"{target.name}, {label}: {problem}" for problem in found]
+        results.append(run)
+    return Measurement(target.name, tuple(results[1:]), tuple(problems))
+
+
+def warmup_shape(shape: LoadShape) -> LoadShape:
+    """A quarter of a measured run (at least one request per stream)."""
+    return replace(shape, requests=max(shape.requests // 4, shape.in_flight))
+
+
+async def _checked_run(
+    target: Target, body: Path, shape: LoadShape, log_file: Path, prefix: Sequence[str]
+) -> tuple[Run, list[str]]:
+    before = None
+    if target.metrics_url is not None:
+        before = await scrape.rpc_calls(target.metrics_url, target.path)
+    run = await h2load.run(
+        target.url, body, target.headers, shape, log_file=log_file, prefix=prefix
+    )
+    found = client_problems(run, shape)
+    if target.metrics_url is not None and before is not None:
+        after = await scrape.rpc_calls(target.metrics_url, target.path)
+        found += scrape.problems(before, after, run.succeeded)
+    return run, found
+
+
+def client_problems(run: Run, shape: LoadShape) -> list[str]:
+    """h2load's own view: every request must have completed with a 2xx/3xx status."""
+    if run.succeeded == shape.requests:
+        return []
+    return [
+        f"h2load: {run.succeeded} of {shape.requests} requests succeeded "
+        f"({run.failed} failed, {run.errored} errored, {run.timeout} timed out)"
+    ]

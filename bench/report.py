@@ -1,0 +1,116 @@
+"""The Markdown report: the table (echo ceiling first), the machine facts and the verdicts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bench.h2load import LoadShape
+from bench.measure import Measurement
+
+_HEADER = (
+    "| RPC | req/s | p50 ms | p99 ms | ratio to echo | target | met |\n"
+    "|---|---:|---:|---:|---:|---:|:---:|"
+)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A case's measurement with its target ratio."""
+
+    measurement: Measurement
+    target_ratio: float
+
+    def ratio(self, ceiling: Measurement) -> float:
+        return self.measurement.median.requests_per_second / ceiling.median.requests_per_second
+
+    def met(self, ceiling: Measurement) -> bool:
+        """The target is met by a correct measurement at or above the target ratio."""
+        return not self.measurement.problems and self.ratio(ceiling) >= self.target_ratio
+
+    def verdict(self, ceiling: Measurement) -> str:
+        if self.measurement.problems:
+            return "**INCORRECT**"
+        return "yes" if self.met(ceiling) else "**NO**"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the numbers depend on besides the code."""
+
+    nproc: int
+    placement: str
+    h2load_version: str
+    shape: LoadShape
+    runs: int
+    elapsed_s: float
+
+
+def table(echo: Measurement, cases: Sequence[Scored]) -> str:
+    """The results table, the echo ceiling first."""
+    lines = [_HEADER, _row(echo, "1.00", "—", "—")]
+    for case in cases:
+        ratio, target = f"{case.ratio(echo):.2f}", f"≥ {case.target_ratio:.2f}"
+        lines.append(_row(case.measurement, ratio, target, case.verdict(echo)))
+    return "\n".join(lines)
+
+
+def _row(measurement: Measurement, ratio: str, target: str, met: str) -> str:
+    run = measurement.median
+    cells = [
+        measurement.name,
+        f"{run.requests_per_second:,.0f}",
+        f"{run.p50_ms:.2f}",
+        f"{run.p99_ms:.2f}",
+        ratio,
+        target,
+        met,
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def facts_line(facts: Facts) -> str:
+    shape = facts.shape
+    return (
+        f"Machine: nproc {facts.nproc}; {facts.placement}; {facts.h2load_version}; "
+        f"{shape.requests} requests per run, {shape.clients} clients x {shape.streams} streams "
+        f"= {shape.in_flight} in flight; median of {facts.runs} run(s) after 1 warm-up; "
+        f"bench took {facts.elapsed_s:.0f} s."
+    )
+
+
+def summary_line(echo: Measurement, cases: Sequence[Scored]) -> str:
+    missed = [case for case in cases if not case.met(echo)]
+    if not missed:
+        return f"Targets: all {len(cases)} met."
+    names = ", ".join(
+        f"{c.measurement.name} ({c.ratio(echo):.2f} vs ≥ {c.target_ratio:.2f}"
+        f"{', incorrect' if c.measurement.problems else ''})"
+        for c in missed
+    )
+    return f"Targets: {len(missed)} of {len(cases)} MISSED: {names}."
+
+
+def correctness_lines(problems: Sequence[str]) -> list[str]:
+    if not problems:
+        return [
+            "Correctness: OK (every request completed; server-side status counts match h2load)."
+        ]
+    return ["Correctness: FAILED", *(f"- {problem}" for problem in problems)]
+
+
+def render(echo: Measurement, cases: Sequence[Scored], facts: Facts) -> str:
+    """The whole report as Markdown."""
+    problems = [*echo.problems, *(p for c in cases for p in c.measurement.problems)]
+    parts = [
+        "# trustplane bench",
+        "",
+        table(echo, cases),
+        "",
+        facts_line(facts),
+        "",
+        summary_line(echo, cases),
+        "",
+        *correctness_lines(problems),
+    ]
+    return "\n".join(parts) + "\n"

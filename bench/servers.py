@@ -1,0 +1,226 @@
+"""The processes under test: the echo ceiling and the trustplane server.
+
+Each runs as a subprocess pinned to one core with `taskset` (h2load gets another one), is
+ready only once it answers, and is always stopped with SIGTERM when its context exits, on errors
+and Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.tokens import TestIdP
+
+ROOT = Path(__file__).resolve().parent.parent
+_STOP_TIMEOUT = 30.0
+_ECHO_TIMEOUT = 15.0
+_SERVER_TIMEOUT = 60.0  # embedded PostgreSQL initdb takes ~5 s, more on a busy machine
+_PASSED_THROUGH = (("BENCH_DATABASE_URL", "DATABASE_URL"), ("BENCH_REDIS_URL", "REDIS_URL"))
+
+
+class ServerError(RuntimeError):
+    """A server process did not start (the message carries the end of its log)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which CPU the servers and h2load run on; `None` CPUs mean unpinned."""
+
+    server_cpu: int | None
+    load_cpu: int | None
+    note: str
+
+    @classmethod
+    def detect(cls) -> Placement:
+        """Pin to the first two usable CPUs when `taskset` exists and there are two."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if shutil.which("taskset") is None:
+            return cls(None, None, "unpinned (taskset not found)")
+        if len(cpus) < 2:
+            return cls(None, None, f"unpinned (only {len(cpus)} usable CPU)")
+        server, load = cpus[0], cpus[1]
+        return cls(server, load, f"servers pinned to CPU {server}, h2load to CPU {load} (taskset)")
+
+    def server_prefix(self) -> list[str]:
+        return _taskset(self.server_cpu)
+
+    def load_prefix(self) -> list[str]:
+        return _taskset(self.load_cpu)
+
+
+def _taskset(cpu: int | None) -> list[str]:
+    return [] if cpu is None else ["taskset", "-c", str(cpu)]
+
+
+@dataclass(frozen=True)
+class Trustplane:
+    """A running trustplane server."""
+
+    address: str
+    metrics_url: str
+    idp: TestIdP  # the token issuer the server trusts
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def base_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment for a server: ours without TRUSTPLANE_*/DATABASE_URL/REDIS_URL, with
+    the repository on PYTHONPATH, plus `extra`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("TRUSTPLANE_") and k not in {"DATABASE_URL", "REDIS_URL"}
+    }
+    paths = [
+        str(ROOT),
+        str(ROOT / "generated"),
+        str(ROOT / "tests" / "generated"),
+        env.get("PYTHONPATH", ""),
+    ]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return {**env, **extra}
+
+
+def trustplane_env(
+    listen: str, metrics_listen: str, data_dir: Path, idp: TestIdP
+) -> dict[str, str]:
+    """TRUSTPLANE_* for the bench; DATABASE_URL/REDIS_URL only from BENCH_* (else embedded).
+    The rate limit is lifted: the bench measures the chain, not the limiter refusing."""
+    extra = {
+        "TRUSTPLANE_LISTEN": listen,
+        "TRUSTPLANE_METRICS_LISTEN": metrics_listen,
+        "TRUSTPLANE_LOG_LEVEL": "WARNING",
+        "TRUSTPLANE_DATA_DIR": str(data_dir),
+        "TRUSTPLANE_TRUSTED_ISSUERS_FILE": str(idp.issuers_file),
+        "TRUSTPLANE_RATE_LIMIT": "1000000000",
+        "TRUSTPLANE_RATE_BURST": "1000000000",
+    }
+    for source, target in _PASSED_THROUGH:
+        if os.environ.get(source):
+            extra[target] = os.environ[source]
+    return base_env(extra)
+
+
+@contextlib.asynccontextmanager
+async def echo(placement: Placement, workdir: Path) -> AsyncIterator[str]:
+    """Run `python -m bench.echo`; yield its address once it printed "ready"."""
+    port = free_port()
+    args = [*placement.server_prefix(), sys.executable, "-m", "bench.echo", "--port", str(port)]
+    log_path = workdir / "echo.log"
+    with log_path.open("wb") as log:
+        proc = await _spawn(args, base_env({}), log, stdout=asyncio.subprocess.PIPE)
+        try:
+            await _await_ready_line(proc, log_path)
+            yield f"127.0.0.1:{port}"
+        finally:
+            await stop(proc)
+
+
+@contextlib.asynccontextmanager
+async def trustplane(placement: Placement, workdir: Path) -> AsyncIterator[Trustplane]:
+    """Run the real server — the same `App` and interceptor chain as `python -m server serve`,
+    plus the test-only `tptest.v1.TestService` for methods behind authentication — on free
+    ports with its data under `workdir`; yield it once Health/Check answers SERVING."""
+    address, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    data_dir = workdir / "data"
+    data_dir.mkdir()
+    idp_dir = workdir / "idp"
+    idp_dir.mkdir()
+    idp = TestIdP(idp_dir)
+    args = [*placement.server_prefix(), sys.executable, "-m", "tests.support.app_process"]
+    log_path = workdir / "trustplane.log"
+    with log_path.open("wb") as log:
+        proc = await _spawn(args, trustplane_env(address, metrics, data_dir, idp), log)
+        try:
+            await _await_serving(proc, address, log_path)
+            yield Trustplane(address, f"http://{metrics}/metrics", idp)
+        finally:
+            await stop(proc)
+
+
+async def _spawn(
+    args: Sequence[str], env: Mapping[str, str], log: IO[bytes], stdout: int | None = None
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=log if stdout is None else stdout,
+        stderr=log,
+    )
+
+
+async def _await_ready_line(proc: asyncio.subprocess.Process, log_path: Path) -> None:
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), _ECHO_TIMEOUT)
+    except TimeoutError:
+        line = b""
+    if line.strip() != b"ready":
+        raise ServerError(f"echo server did not start{_tail(log_path)}")
+
+
+async def _await_serving(proc: asyncio.subprocess.Process, address: str, log_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _SERVER_TIMEOUT
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while loop.time() < deadline:
+            if proc.returncode is not None:
+                raise ServerError(f"server exited with {proc.returncode}{_tail(log_path)}")
+            if await _serving(stub):
+                return
+            await asyncio.sleep(0.2)
+    raise ServerError(f"server not SERVING after {_SERVER_TIMEOUT:.0f} s{_tail(log_path)}")
+
+
+async def _serving(stub: health_pb2_grpc.HealthStub) -> bool:
+    request = health_pb2.HealthCheckRequest(service="")
+    try:
+        response = await stub.Check(request, timeout=1.0)
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, wait for a graceful exit, SIGKILL if it does not come."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), _STOP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+def _tail(log_path: Path, lines: int = 20) -> str:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    tail = "\n".join(text.splitlines()[-lines:])
+    return f"; last lines of {log_path.name}:\n{tail}" if tail else ""

@@ -1,0 +1,109 @@
+"""The revocation deny-list: revoked token ids, sessions and subjects, shared through the cache.
+
+Tokens are verified offline (signature, claims), so revocation needs a shared list that every
+server process consults. Entries live in the cache backend (Redis across processes) and expire
+once no token they could match is still valid (`max_token_ttl`).
+
+Staleness bound: a "not revoked" answer for a token is reused in-process for at most
+`staleness` seconds (default 1 s), so the hot path is usually a dictionary lookup. Every
+revocation is also published on the cache's pub/sub channel, and every process drops its
+memo on receipt, so in practice a revocation takes effect on the next call everywhere; the
+bound holds even if that message is lost.
+
+Failure mode: fail closed. If the cache cannot be asked, the call fails `UNAVAILABLE`; a token
+is never accepted because the deny-list was unreachable (a memo younger than the bound still
+answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from server.actor import ActorContext
+from server.cache import Cache, CacheUnavailable
+
+_log = logging.getLogger("trustplane.revocation")
+CHANNEL = "revocations"
+_MEMO_LIMIT = 100_000
+
+
+class RevocationList:
+    """Revoke by token id (`jti`), session (`sid`) or subject; check an `ActorContext`."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        *,
+        staleness: float,
+        max_token_ttl: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._cache = cache
+        self._staleness = staleness
+        self._ttl = max_token_ttl
+        self._clock = clock
+        self._memo: dict[tuple[str | None, str | None, str, str], float] = {}
+
+    async def revoke_token(self, token_id: str) -> None:
+        await self._revoke(f"rv:jti:{token_id}", b"1")
+
+    async def revoke_session(self, session_id: str) -> None:
+        """Every token derived from the session, delegated ones included."""
+        await self._revoke(f"rv:sid:{session_id}", b"1")
+
+    async def revoke_subject(self, tenant_id: str, subject: str) -> None:
+        """Every token of the subject issued up to now (a kill switch); later ones are valid."""
+        await self._revoke(f"rv:sub:{tenant_id}:{subject}", repr(self._clock()).encode())
+
+    async def _revoke(self, key: str, value: bytes) -> None:
+        await self._cache.set(key, value, ttl=self._ttl)
+        self._memo.clear()
+        await self._cache.publish(CHANNEL, key.encode())
+
+    async def is_revoked(self, actor: ActorContext) -> bool:
+        memo_key = (actor.token_id, actor.session_id, actor.tenant_id, actor.subject)
+        now = self._clock()
+        checked = self._memo.get(memo_key)
+        if checked is not None and now - checked < self._staleness:
+            return False
+        if await self._lookup(actor):
+            return True
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[memo_key] = now
+        return False
+
+    async def _lookup(self, actor: ActorContext) -> bool:
+        if actor.token_id and await self._cache.get(f"rv:jti:{actor.token_id}") is not None:
+            return True
+        if actor.session_id and await self._cache.get(f"rv:sid:{actor.session_id}") is not None:
+            return True
+        revoked_at = await self._cache.get(f"rv:sub:{actor.tenant_id}:{actor.subject}")
+        return revoked_at is not None and actor.issued_at <= float(revoked_at)
+
+    def forget(self) -> None:
+        """Drop every memoised answer (a revocation happened somewhere)."""
+        self._memo.clear()
+
+    async def follow(self) -> None:
+        """Drop the memo whenever any process revokes something; runs until cancelled."""
+        while True:
+            try:
+                async with self._cache.subscribe(CHANNEL) as subscription:
+                    self.forget()  # we may have missed messages while not subscribed
+                    async for _channel, _message in subscription:
+                        self.forget()
+            except CacheUnavailable:
+                _log.warning("revocation channel unavailable; retrying")
+                self.forget()
+                await asyncio.sleep(1.0)
+
+
+async def stop_following(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
