@@ -2,6 +2,7 @@
 
 Environment: BENCH_REQUESTS (per run, default 20000), BENCH_CLIENTS (default 4),
 BENCH_STREAMS (concurrent streams per client, default 8), BENCH_RUNS (measured runs, default 3),
+BENCH_CASES (comma-separated substrings of case names to run; default all),
 BENCH_DATABASE_URL / BENCH_REDIS_URL (passed to the server as DATABASE_URL / REDIS_URL; unset:
 embedded PostgreSQL and the in-process cache).
 
@@ -79,6 +80,11 @@ async def run_bench(settings: Settings, placement: Placement, workdir: Path) -> 
         server = await stack.enter_async_context(servers.trustplane(placement, workdir))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
         built = await cases.build_cases(BenchContext(server.address, channel, server.idp))
+        wanted = os.environ.get("BENCH_CASES", "")
+        if wanted:  # the first case stays: the echo ceiling sends its bytes
+            built = built[:1] + [
+                c for c in built[1:] if any(w in c.name for w in wanted.split(","))
+            ]
         if not built:
             raise BenchError("no cases: bench.cases.BUILDERS is empty")
         ceiling = await _measure_echo(built[0], settings, placement, workdir)
@@ -110,7 +116,7 @@ async def _measure_case(
     measured = await measure(
         target, settings.shape, settings.runs, workdir, placement.load_prefix()
     )
-    return Scored(measured, case.target_ratio)
+    return Scored(measured, case.target_ratio, case.items, case.target_items_per_s)
 
 
 async def main_async(settings: Settings) -> int:

@@ -21,6 +21,7 @@ from typing import IO
 
 import grpc
 import grpc.aio
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.tokens import TestIdP
@@ -153,9 +154,21 @@ async def trustplane(placement: Placement, workdir: Path) -> AsyncIterator[Trust
         proc = await _spawn(args, trustplane_env(address, metrics, data_dir, idp), log)
         try:
             await _await_serving(proc, address, log_path)
+            _unpin_postgres(proc.pid)
             yield Trustplane(address, f"http://{metrics}/metrics", idp)
         finally:
             await stop(proc)
+
+
+def _unpin_postgres(server_pid: int) -> None:
+    """The embedded PostgreSQL is the server's child and inherits its CPU pinning; in a real
+    deployment it runs elsewhere, so let it (and its backends) use every CPU instead of
+    starving behind the server on one core."""
+    everything = os.sched_getaffinity(0)
+    for child in psutil.Process(server_pid).children(recursive=True):
+        if child.name() == "postgres":
+            with contextlib.suppress(psutil.Error, OSError):
+                os.sched_setaffinity(child.pid, everything)
 
 
 async def _spawn(

@@ -19,6 +19,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--workers", type=int, help="processes sharing the port (needs REDIS_URL)")
     commands.add_parser("migrate", help="apply pending migrations and exit")
+    keys = commands.add_parser("keys", help="key hierarchy administration")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    rotate = key_commands.add_parser(
+        "rotate-root", help="rewrap every tenant key-encryption key under the primary root key"
+    )
+    rotate.add_argument(
+        "--generate",
+        action="store_true",
+        help="first add a new primary key to the root key file (the old one stays as previous)",
+    )
     args = parser.parse_args(argv)
     try:
         config = Config.from_environ()
@@ -30,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(config.observability.log_level, config.observability.log_format)
     if args.command == "migrate":
         return run_migrations(config)
+    if args.command == "keys":
+        return runner.rotate_root(config, generate=args.generate)
     return serve_forever(config)
 
 

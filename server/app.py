@@ -9,9 +9,11 @@ in-flight calls within the grace period, close the cache and the pool, stop Post
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -20,6 +22,7 @@ import grpc.aio
 from google.protobuf import descriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from trustplane.crypto.v1 import crypto_pb2, crypto_pb2_grpc
 
 from interceptors.authenticate import ApiKeyVerifier, AuthenticateLayer, NoApiKeys
 from interceptors.authorize import AuthorizeLayer, Authorizer
@@ -31,6 +34,10 @@ from interceptors.status import StatusLayer
 from server import migrate
 from server.cache import Cache, open_cache
 from server.config import Config
+from server.crypto.hierarchy import RootKeys
+from server.crypto.service import KeyManager
+from server.crypto.servicer import CryptoServicer
+from server.crypto.store import PgKeyStore
 from server.db import Database
 from server.embedded import EmbeddedPostgres
 from server.health import HealthMonitor
@@ -101,9 +108,16 @@ def build_security(config: Config, cache: Cache, own_keys: LocalKeySource) -> Se
     )
 
 
-def build_services() -> list[ServiceRegistration]:
-    """The trustplane services (each feature issue adds its servicer here)."""
-    return []
+def build_services(app: App) -> list[ServiceRegistration]:
+    """The trustplane services, wired to their domain objects."""
+    assert app.crypto is not None
+    return [
+        ServiceRegistration(
+            crypto_pb2.DESCRIPTOR.services_by_name["CryptoService"],
+            CryptoServicer(app.crypto),
+            crypto_pb2_grpc.add_CryptoServiceServicer_to_server,
+        ),
+    ]
 
 
 def infrastructure_methods() -> MethodRegistry:
@@ -129,12 +143,17 @@ class App:
         self,
         config: Config,
         *,
-        services: Sequence[ServiceRegistration] | None = None,
+        extra_services: Sequence[ServiceRegistration] = (),
         worker_index: int = 0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self._services = list(build_services() if services is None else services)
+        self._extra_services = list(extra_services)
+        self._services: list[ServiceRegistration] = []
         self._worker_index = worker_index
+        self.clock = clock
+        self.crypto: KeyManager | None = None
+        self._background: list[asyncio.Task[None]] = []
         self.metrics = Metrics()
         self.port = 0
         self.metrics_port: int | None = None
@@ -173,9 +192,35 @@ class App:
         self.security = build_security(self.config, self.cache, self.own_keys)
         await self.security.tokens.start()
         self._following = asyncio.create_task(self.security.revocations.follow())
+        self.crypto = self._build_crypto(self.db, self.cache)
+        self._services = [*build_services(self), *self._extra_services]
+        self._background += [
+            asyncio.create_task(self.crypto.follow(), name="crypto-follow"),
+            asyncio.create_task(
+                self._every(self.config.crypto.sweep_interval, self.crypto.sweep),
+                name="crypto-sweep",
+            ),
+        ]
         await self._start_grpc(self.db, self.cache, self.security)
         self._start_metrics()
         _log.info("serving", extra={"listen": self.address, "worker": self._worker_index})
+
+    def _build_crypto(self, db: Database, cache: Cache) -> KeyManager:
+        crypto = self.config.crypto
+        roots = RootKeys.from_config(crypto.root_key, crypto.root_key_file, self.config.data_dir)
+        return KeyManager(
+            PgKeyStore(db), roots, cache, material_ttl=crypto.material_ttl, clock=self.clock
+        )
+
+    @staticmethod
+    async def _every(interval: float, job: Callable[[], Awaitable[None]]) -> None:
+        """Run `job` every `interval` seconds; a failure is logged and retried next time."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except Exception:
+                _log.exception("background job failed", extra={"job": job.__qualname__})
 
     @property
     def address(self) -> str:
@@ -281,6 +326,12 @@ class App:
         following, self._following = self._following, None
         if following is not None:
             await stop_following(following)
+        background, self._background = self._background, []
+        for task in background:
+            await stop_following(task)
+        if self.crypto is not None and self.db is not None:
+            with contextlib.suppress(Exception):
+                await self.crypto.flush_usage()
         cache, self.cache = self.cache, None
         if cache is not None:
             await cache.close()

@@ -105,6 +105,17 @@ class IdempotencyConfig:
 
 
 @dataclass(frozen=True)
+class CryptoConfig:
+    """The key hierarchy's root keys and the key caches (docs/crypto.md)."""
+
+    # Base64 root keys, first = primary; None: TRUSTPLANE_ROOT_KEY_FILE or <data_dir>/root.key.
+    root_key: str | None = field(default=None, repr=False)
+    root_key_file: Path | None = None
+    material_ttl: float = 60.0
+    sweep_interval: float = 10.0
+
+
+@dataclass(frozen=True)
 class ObservabilityConfig:
     metrics_listen: Address | None = Address("127.0.0.1", 9464)
     log_level: str = "INFO"
@@ -123,6 +134,7 @@ class Config:
     auth: AuthConfig = AuthConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
     idempotency: IdempotencyConfig = IdempotencyConfig()
+    crypto: CryptoConfig = CryptoConfig()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -138,6 +150,14 @@ class Config:
             ),
             observability=_observability(env),
             auth=_auth(env),
+            crypto=CryptoConfig(
+                root_key=env.optional("TRUSTPLANE_ROOT_KEY", _root_keys),
+                root_key_file=env.optional("TRUSTPLANE_ROOT_KEY_FILE", _existing_file),
+                material_ttl=env.get("TRUSTPLANE_KEY_CACHE_TTL", "60", _float_range(0.0, 3600.0)),
+                sweep_interval=env.get(
+                    "TRUSTPLANE_CRYPTO_SWEEP_INTERVAL", "10", _float_range(0.05, 3600.0)
+                ),
+            ),
             rate_limit=_rate_limit(env),
             idempotency=IdempotencyConfig(
                 ttl=env.get(
@@ -311,6 +331,17 @@ def _postgres_url(raw: str) -> str:
 def _redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _root_keys(raw: str) -> str:
+    """Validate without echoing: base64 32-byte keys separated by commas."""
+    from server.crypto.hierarchy import parse_keys  # noqa: PLC0415 - avoid a config->crypto cycle
+
+    try:
+        parse_keys(raw, "value")
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("value: ", "")) from None
     return raw
 
 

@@ -6,12 +6,19 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 
 import asyncpg
 
 from server import migrate
 from server.app import App
+from server.cache import MemoryCache
 from server.config import Config
+from server.crypto import hierarchy
+from server.crypto.service import KeyManager
+from server.crypto.store import PgKeyStore
+from server.db import Database
+from server.embedded import EmbeddedPostgres
 from server.errors import Unavailable
 
 _log = logging.getLogger("trustplane.main")
@@ -54,3 +61,41 @@ def _banner(address: str, metrics_port: int | None, tls: bool) -> None:
     if metrics_port is not None:
         lines.append(f"  metrics: http://127.0.0.1:{metrics_port}/metrics")
     print("\n".join(lines), flush=True)
+
+
+def rotate_root(config: Config, *, generate: bool) -> int:
+    """`keys rotate-root`: optionally add a new primary root key, then rewrap every KEK."""
+    crypto = config.crypto
+    if generate:
+        if crypto.root_key is not None:
+            print(
+                "--generate works with a root key file; TRUSTPLANE_ROOT_KEY is set", file=sys.stderr
+            )
+            return 2
+        hierarchy.add_primary_key(crypto.root_key_file or config.data_dir / "root.key")
+    embedded = None
+    dsn = config.database.url
+    if dsn is None:
+        embedded = EmbeddedPostgres(config.data_dir)
+        dsn = embedded.start()
+    try:
+        count = asyncio.run(_rewrap(config, dsn))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(f"rewrapped {count} tenant key-encryption key(s) under the primary root key")
+    return 0
+
+
+async def _rewrap(config: Config, dsn: str) -> int:
+    db = await Database.connect(dsn, config.database)
+    cache = MemoryCache()
+    try:
+        crypto = config.crypto
+        roots = hierarchy.RootKeys.from_config(
+            crypto.root_key, crypto.root_key_file, config.data_dir
+        )
+        return await KeyManager(PgKeyStore(db), roots, cache).rotate_root()
+    finally:
+        await cache.close()
+        await db.close()

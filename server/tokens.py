@@ -351,8 +351,9 @@ def to_actor(claims: Mapping[str, Any], issuer: TrustedIssuer) -> ActorContext:
     """Map verified claims to the caller's ActorContext using the issuer's mapping."""
     mapping = issuer.mapping
     tenant = mapping.tenant_id or _claim(claims, mapping.tenant_claim)
-    if not isinstance(tenant, str) or not tenant:
-        raise CredentialsMalformed("token names no tenant")
+    if not isinstance(tenant, str) or not tenant or tenant.startswith("_"):
+        # Tenant ids starting with "_" are reserved for the server's own keys and records.
+        raise CredentialsMalformed("token names no valid tenant")
     subject = claims["sub"]
     if not isinstance(subject, str) or not subject:
         raise CredentialsMalformed("token subject is empty")

@@ -14,8 +14,9 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2_grpc
 from tptest.v1 import test_service_pb2_grpc
+from trustplane.crypto.v1 import crypto_pb2_grpc
 
-from server.app import App, build_services
+from server.app import App
 from server.config import Config
 from server.embedded import EmbeddedPostgres
 from tests.support import databases, services
@@ -128,24 +129,35 @@ class Running:
     def health(self) -> health_pb2_grpc.HealthStub:
         return health_pb2_grpc.HealthStub(self.channel)
 
+    @property
+    def crypto(self) -> crypto_pb2_grpc.CryptoServiceStub:
+        return crypto_pb2_grpc.CryptoServiceStub(self.channel)
+
 
 @pytest.fixture
 def start_server(make_config: Callable[..., Config]) -> Callable[..., ServerContext]:
     """Factory: `async with start_server(**env) as running:` starts the real server."""
 
-    def start(config: Config | None = None, **overrides: str) -> ServerContext:
-        return ServerContext(config or make_config(**overrides))
+    def start(
+        config: Config | None = None, clock: Callable[[], float] | None = None, **overrides: str
+    ) -> ServerContext:
+        return ServerContext(config or make_config(**overrides), clock)
 
     return start
 
 
 class ServerContext:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] | None = None) -> None:
         self.config = config
+        self.clock = clock
         self.servicer = TestServicer()
 
     async def __aenter__(self) -> Running:
-        self._app = App(self.config, services=[*build_services(), registration(self.servicer)])
+        extra = [registration(self.servicer)]
+        if self.clock is None:
+            self._app = App(self.config, extra_services=extra)
+        else:
+            self._app = App(self.config, extra_services=extra, clock=self.clock)
         await self._app.__aenter__()
         self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{self._app.port}")
         return Running(self._app, self._channel, self.servicer)

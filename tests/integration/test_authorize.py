@@ -76,7 +76,7 @@ async def test_method_without_permission_refuses_start(make_config):
         add_to_server=unguarded_pb2_grpc.add_UnguardedServiceServicer_to_server,
     )
     with pytest.raises(MethodSpecError, match=r"/tptest.v1.UnguardedService/Peek"):
-        async with App(make_config(), services=[unguarded]):
+        async with App(make_config(), extra_services=[unguarded]):
             pass
 
 

@@ -85,14 +85,14 @@ async def test_server_refuses_a_newer_database(make_config, database_url):
     )
     await conn.close()
     with pytest.raises(migrate.SchemaTooNew, match="9999 is newer than this server"):
-        async with App(make_config(), services=[]):
+        async with App(make_config()):
             pass
 
 
 async def test_check_mode_refuses_pending_migrations(make_config, empty_db):
     config = make_config(DATABASE_URL=empty_db, TRUSTPLANE_MIGRATE="check")
     with pytest.raises(migrate.MigrationError, match="pending"):
-        async with App(config, services=[]):
+        async with App(config):
             pass
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from server.app import App, build_services
+from server import logs
+from server.app import App
 from server.config import Config
 from tests.support.testing_service import registration
 
@@ -16,7 +17,9 @@ async def main() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with App(Config.from_environ(), services=[*build_services(), registration()]) as app:
+    config = Config.from_environ()
+    logs.configure(config.observability.log_level, config.observability.log_format)
+    async with App(config, extra_services=[registration()]) as app:
         print(f"port={app.port}", flush=True)
         await stop.wait()
 

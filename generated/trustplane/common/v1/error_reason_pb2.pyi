@@ -94,6 +94,31 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A call with the same key is still running; `RetryInfo` says when to retry."""
     ERROR_REASON_IDEMPOTENCY_KEY_CONFLICT: _ErrorReason.ValueType  # 304
     """`request_id` and the `idempotency-key` metadata are both set and differ."""
+    ERROR_REASON_KEY_VERSION_DISABLED: _ErrorReason.ValueType  # 400
+    """--- crypto (400-499) ---
+
+    The key version is DISABLED; enable it or use another version.
+    """
+    ERROR_REASON_KEY_VERSION_DESTROYED: _ErrorReason.ValueType  # 401
+    """The key version is DESTROYED (or scheduled for destruction); it can never be used again."""
+    ERROR_REASON_KEY_VERSION_TOO_OLD: _ErrorReason.ValueType  # 402
+    """The ciphertext's key version is below the key's `min_decryption_version`."""
+    ERROR_REASON_CIPHERTEXT_INVALID: _ErrorReason.ValueType  # 403
+    """The ciphertext is malformed, was altered, or its associated data does not match."""
+    ERROR_REASON_KEY_PURPOSE_MISMATCH: _ErrorReason.ValueType  # 404
+    """The key's purpose does not allow the operation (e.g. Sign with an ENCRYPT_DECRYPT key)."""
+    ERROR_REASON_ROOT_KEY_UNAVAILABLE: _ErrorReason.ValueType  # 405
+    """The key material cannot be unwrapped with any configured root key."""
+    ERROR_REASON_AUDIT_UNAVAILABLE: _ErrorReason.ValueType  # 600
+    """--- audit (600-699) ---
+
+    The call's audit entry could not be durably committed, so the answer is withheld ("no
+    audit, no action"); the action itself may have happened: retry with the same request id.
+    """
+    ERROR_REASON_AUDIT_LOG_INCONSISTENT: _ErrorReason.ValueType  # 601
+    """The stored audit tree no longer matches a checkpoint the server signed earlier (tampering
+    or data loss in the database); nothing new is signed until an operator investigates.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. The server sends it as
@@ -175,4 +200,29 @@ ERROR_REASON_IDEMPOTENCY_KEY_IN_USE: ErrorReason.ValueType  # 303
 """A call with the same key is still running; `RetryInfo` says when to retry."""
 ERROR_REASON_IDEMPOTENCY_KEY_CONFLICT: ErrorReason.ValueType  # 304
 """`request_id` and the `idempotency-key` metadata are both set and differ."""
+ERROR_REASON_KEY_VERSION_DISABLED: ErrorReason.ValueType  # 400
+"""--- crypto (400-499) ---
+
+The key version is DISABLED; enable it or use another version.
+"""
+ERROR_REASON_KEY_VERSION_DESTROYED: ErrorReason.ValueType  # 401
+"""The key version is DESTROYED (or scheduled for destruction); it can never be used again."""
+ERROR_REASON_KEY_VERSION_TOO_OLD: ErrorReason.ValueType  # 402
+"""The ciphertext's key version is below the key's `min_decryption_version`."""
+ERROR_REASON_CIPHERTEXT_INVALID: ErrorReason.ValueType  # 403
+"""The ciphertext is malformed, was altered, or its associated data does not match."""
+ERROR_REASON_KEY_PURPOSE_MISMATCH: ErrorReason.ValueType  # 404
+"""The key's purpose does not allow the operation (e.g. Sign with an ENCRYPT_DECRYPT key)."""
+ERROR_REASON_ROOT_KEY_UNAVAILABLE: ErrorReason.ValueType  # 405
+"""The key material cannot be unwrapped with any configured root key."""
+ERROR_REASON_AUDIT_UNAVAILABLE: ErrorReason.ValueType  # 600
+"""--- audit (600-699) ---
+
+The call's audit entry could not be durably committed, so the answer is withheld ("no
+audit, no action"); the action itself may have happened: retry with the same request id.
+"""
+ERROR_REASON_AUDIT_LOG_INCONSISTENT: ErrorReason.ValueType  # 601
+"""The stored audit tree no longer matches a checkpoint the server signed earlier (tampering
+or data loss in the database); nothing new is signed until an operator investigates.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1,0 +1,1 @@
+"""The Crypto feature: per-tenant keys, envelope encryption, signing, MACs."""

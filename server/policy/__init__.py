@@ -1,0 +1,1 @@
+"""The Policy feature: bundles of resource policies and derived roles, decided in-process."""
