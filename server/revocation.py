@@ -98,12 +98,24 @@ class RevocationList:
                     async for _channel, _message in subscription:
                         self.forget()
             except CacheUnavailable:
+                raise_if_cancelled()
                 _log.warning("revocation channel unavailable; retrying")
                 self.forget()
                 await asyncio.sleep(1.0)
 
 
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a library turned into another error (redis-py can report
+    a cancelled read as a connection error), so a follower loop never outlives its stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
 async def stop_following(task: asyncio.Task[None]) -> None:
-    task.cancel()
+    """Cancel a background task and wait for it, cancelling again if it swallowed it."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
     with contextlib.suppress(asyncio.CancelledError):
         await task

