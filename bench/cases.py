@@ -20,8 +20,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc.aio
+from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2
 from tptest.v1 import test_service_pb2
+from trustplane.audit.v1 import audit_pb2
 from trustplane.crypto.v1 import crypto_pb2, crypto_pb2_grpc
 
 from tests.support.tokens import TestIdP
@@ -118,11 +120,47 @@ async def _batch_encrypt(ctx: BenchContext) -> Case:
     )
 
 
+async def _audited_mutation(ctx: BenchContext) -> Case:
+    """UpdateKey (labels): a SECURITY-class mutation, answered only after its audit entry is
+    committed (group commit under load). Compare with TRUSTPLANE_AUDIT=off for the layer's cost."""
+    key = crypto_pb2.Key(name="bench", labels={"bench": "yes"})
+    request = crypto_pb2.UpdateKeyRequest(
+        key=key, update_mask=field_mask_pb2.FieldMask(paths=["labels"])
+    )
+    return Case(
+        name="CryptoService/UpdateKey (audited, durable)",
+        path="/trustplane.crypto.v1.CryptoService/UpdateKey",
+        request=request.SerializeToString(),
+        target_ratio=0.0,
+        headers=await _crypto_key(ctx),
+    )
+
+
+async def _audit_append(ctx: BenchContext) -> Case:
+    """AppendEntries of 100 events: validated, committed in a group commit, then answered."""
+    token = ctx.idp.token(roles=["member"], exp=int(time.time()) + 3600)
+    event = audit_pb2.AuditEvent(
+        event_type="tool.invoke", resource="search", attributes={"query_chars": "42"}
+    )
+    request = audit_pb2.AppendEntriesRequest(events=[event] * 100)
+    return Case(
+        name="AuditService/AppendEntries (100 events)",
+        path="/trustplane.audit.v1.AuditService/AppendEntries",
+        request=request.SerializeToString(),
+        target_ratio=0.0,
+        headers=(("authorization", f"Bearer {token}"),),
+        items=100,
+        target_items_per_s=20_000,
+    )
+
+
 BUILDERS: list[CaseBuilder] = [
     _health_check,
     _authenticated,
     _encrypt,
     _batch_encrypt,
+    _audited_mutation,
+    _audit_append,
 ]
 
 

@@ -65,6 +65,11 @@ class AuthenticateLayer:
 
         return authenticated
 
+    async def verify(self, credential: str) -> ActorContext:
+        """Verify a credential handed over in a request body (token exchange, introspection)
+        exactly as if it had come in `authorization: Bearer …`, deny-list included."""
+        return await self.authenticate({"authorization": f"Bearer {credential}"})
+
     async def authenticate(self, metadata: dict[str, str]) -> ActorContext:
         credential = _credential(metadata)
         if credential.startswith(API_KEY_PREFIX):

@@ -7,8 +7,10 @@ import asyncio
 import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from server import logs, migrate, runner, workers
+from server.audit import verify as audit_verify
 from server.config import Config, ConfigError
 from server.embedded import EmbeddedPostgres
 
@@ -19,6 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--workers", type=int, help="processes sharing the port (needs REDIS_URL)")
     commands.add_parser("migrate", help="apply pending migrations and exit")
+    boot = commands.add_parser("bootstrap", help="create the first tenant and its owner")
+    boot.add_argument("--tenant", default="default", help="tenant name (default: default)")
+    boot.add_argument("--email", default="admin@localhost", help="the owner's email")
     keys = commands.add_parser("keys", help="key hierarchy administration")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     rotate = key_commands.add_parser(
@@ -29,7 +34,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="first add a new primary key to the root key file (the old one stays as previous)",
     )
+    audit = commands.add_parser("audit", help="audit log tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="verify an NDJSON audit export offline (exit 0: it verifies)"
+    )
+    verify.add_argument("export", type=Path, help="the export file (ExportEntries output)")
+    verify.add_argument("--public-key", type=Path, required=True, help="the signing key (PEM)")
+    verify.add_argument(
+        "--checkpoint", type=Path, help="a checkpoint saved earlier that the log must extend"
+    )
     args = parser.parse_args(argv)
+    if args.command == "audit":  # offline: needs no configuration, database or network
+        return audit_verify.main(args.export, args.public_key, args.checkpoint)
     try:
         config = Config.from_environ()
         if args.command == "serve":
@@ -40,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(config.observability.log_level, config.observability.log_format)
     if args.command == "migrate":
         return run_migrations(config)
+    if args.command == "bootstrap":
+        return runner.bootstrap_command(config, args.tenant, args.email)
     if args.command == "keys":
         return runner.rotate_root(config, generate=args.generate)
     return serve_forever(config)

@@ -22,8 +22,11 @@ import grpc.aio
 from google.protobuf import descriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from trustplane.audit.v1 import audit_pb2, audit_pb2_grpc
+from trustplane.auth.v1 import auth_pb2, auth_pb2_grpc
 from trustplane.crypto.v1 import crypto_pb2, crypto_pb2_grpc
 
+from interceptors.audit import AuditLayer
 from interceptors.authenticate import ApiKeyVerifier, AuthenticateLayer, NoApiKeys
 from interceptors.authorize import AuthorizeLayer, Authorizer
 from interceptors.chain import Chain, Layer
@@ -32,6 +35,14 @@ from interceptors.observe import ObserveLayer
 from interceptors.rate_limit import RateLimitLayer
 from interceptors.status import StatusLayer
 from server import migrate
+from server.audit.service import AuditLog
+from server.audit.servicer import AuditServicer
+from server.audit.store import PgAuditStore
+from server.auth.api_keys import ApiKeys
+from server.auth.mfa import Mfa
+from server.auth.service import Authenticator
+from server.auth.servicer import AuthServicer
+from server.auth.store import PgAuthStore
 from server.cache import Cache, open_cache
 from server.config import Config
 from server.crypto.hierarchy import RootKeys
@@ -43,6 +54,7 @@ from server.embedded import EmbeddedPostgres
 from server.health import HealthMonitor
 from server.methods import MethodRegistry, public_spec
 from server.metrics import Metrics, MetricsServer
+from server.page_token import PageTokens
 from server.permissions import RolePermissions
 from server.revocation import RevocationList, stop_following
 from server.tokens import LocalKeySource, TokenVerifier, TrustedIssuer, load_trusted_issuers
@@ -69,13 +81,21 @@ class Security:
     authorizer: Authorizer
 
 
-def build_layers(config: Config, metrics: Metrics, cache: Cache, security: Security) -> list[Layer]:
+def build_layers(
+    config: Config,
+    metrics: Metrics,
+    cache: Cache,
+    security: Security,
+    audit: AuditLayer | None = None,
+) -> list[Layer]:
     """The interceptor chain, outermost first. The order is pinned by a test; see
-    docs/architecture.md#interceptor-order for why each layer sits where it does."""
+    docs/architecture.md#interceptor-order for why each layer sits where it does.
+    `audit` is None only where no audit log exists (unit tests, TRUSTPLANE_AUDIT=off)."""
     return [
         # 1. observe: creates the CallState; counts and times every call, rejected ones too.
         ObserveLayer(metrics),
-        # 2. audit: records every call and its outcome (the Audit issue fills this slot).
+        # 2. audit: records every call and its final outcome; outside status to see it.
+        *([audit] if audit is not None else []),
         # 3. status: domain errors -> google.rpc.Status; anything else -> INTERNAL.
         StatusLayer(),
         # 4. authenticate: Bearer JWT / API key -> ActorContext; public methods pass.
@@ -89,7 +109,9 @@ def build_layers(config: Config, metrics: Metrics, cache: Cache, security: Secur
     ]
 
 
-def build_security(config: Config, cache: Cache, own_keys: LocalKeySource) -> Security:
+def build_security(
+    config: Config, cache: Cache, own_keys: LocalKeySource, api_keys: ApiKeyVerifier | None = None
+) -> Security:
     """Token verification (our own issuer + configured external ones), revocation, RBAC."""
     issuers = [TrustedIssuer(config.auth.issuer, [config.auth.audience], own_keys)]
     if config.auth.trusted_issuers_file is not None:
@@ -98,7 +120,7 @@ def build_security(config: Config, cache: Cache, own_keys: LocalKeySource) -> Se
         tokens=TokenVerifier(
             issuers, leeway=config.auth.leeway, cache_size=config.auth.token_cache_size
         ),
-        api_keys=NoApiKeys(),
+        api_keys=api_keys or NoApiKeys(),
         revocations=RevocationList(
             cache,
             staleness=config.auth.revocation_staleness,
@@ -111,11 +133,25 @@ def build_security(config: Config, cache: Cache, own_keys: LocalKeySource) -> Se
 def build_services(app: App) -> list[ServiceRegistration]:
     """The trustplane services, wired to their domain objects."""
     assert app.crypto is not None
+    assert app.audit is not None
+    assert app.auth is not None
+    assert app.api_keys is not None
+    assert app.mfa is not None
     return [
+        ServiceRegistration(
+            auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
+            AuthServicer(app.auth, app.api_keys, app.credentials(), app.mfa),
+            auth_pb2_grpc.add_AuthServiceServicer_to_server,
+        ),
         ServiceRegistration(
             crypto_pb2.DESCRIPTOR.services_by_name["CryptoService"],
             CryptoServicer(app.crypto),
             crypto_pb2_grpc.add_CryptoServiceServicer_to_server,
+        ),
+        ServiceRegistration(
+            audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
+            AuditServicer(app.audit),
+            audit_pb2_grpc.add_AuditServiceServicer_to_server,
         ),
     ]
 
@@ -153,6 +189,11 @@ class App:
         self._worker_index = worker_index
         self.clock = clock
         self.crypto: KeyManager | None = None
+        self.auth: Authenticator | None = None
+        self.api_keys: ApiKeys | None = None
+        self.mfa: Mfa | None = None
+        self.audit: AuditLog | None = None
+        self._audit_digest_key = b""
         self._background: list[asyncio.Task[None]] = []
         self.metrics = Metrics()
         self.port = 0
@@ -189,10 +230,29 @@ class App:
         self.db = await Database.connect(dsn, self.config.database)
         await self._migrate(self.db)
         self.cache = open_cache(self.config.cache.url, self.config.cache.prefix)
-        self.security = build_security(self.config, self.cache, self.own_keys)
+        self.crypto = self._build_crypto(self.db, self.cache)
+        self.own_keys = LocalKeySource(loader=self._token_jwks)
+        auth_store = PgAuthStore(self.db)
+        self.api_keys = ApiKeys(auth_store, self.crypto, clock=self.clock)
+        await self.api_keys.start()
+        self.security = build_security(self.config, self.cache, self.own_keys, self.api_keys)
+        self.mfa = Mfa(auth_store, self.crypto, self.cache, clock=self.clock)
+        await self.mfa.start()
+        self.auth = Authenticator(
+            auth_store,
+            self.crypto,
+            self.security.revocations,
+            self.cache,
+            self.config.auth,
+            self.crypto.page_tokens,
+            clock=self.clock,
+            mfa=self.mfa,
+        )
+        await self.auth.start()
         await self.security.tokens.start()
         self._following = asyncio.create_task(self.security.revocations.follow())
-        self.crypto = self._build_crypto(self.db, self.cache)
+        self.audit = self._build_audit(self.db, self.crypto)
+        await self.audit.start()
         self._services = [*build_services(self), *self._extra_services]
         self._background += [
             asyncio.create_task(self.crypto.follow(), name="crypto-follow"),
@@ -200,10 +260,30 @@ class App:
                 self._every(self.config.crypto.sweep_interval, self.crypto.sweep),
                 name="crypto-sweep",
             ),
+            asyncio.create_task(
+                self._every(self.config.crypto.sweep_interval, self.api_keys.flush),
+                name="api-key-last-use",
+            ),
+            asyncio.create_task(
+                self._every(self.config.audit.checkpoint_interval, self.audit.checkpoints_due),
+                name="audit-checkpoints",
+            ),
+            asyncio.create_task(self._every(3600.0, self.audit.expire), name="audit-retention"),
         ]
         await self._start_grpc(self.db, self.cache, self.security)
         self._start_metrics()
         _log.info("serving", extra={"listen": self.address, "worker": self._worker_index})
+
+    def credentials(self) -> AuthenticateLayer:
+        """Verifies credentials passed in request bodies exactly as the chain does."""
+        assert self.security is not None
+        sec = self.security
+        return AuthenticateLayer(sec.tokens, sec.api_keys, sec.revocations)
+
+    async def _token_jwks(self) -> dict[str, Any]:
+        """The public keys of our own access tokens, for the authenticate layer."""
+        assert self.auth is not None
+        return await self.auth.jwks()
 
     def _build_crypto(self, db: Database, cache: Cache) -> KeyManager:
         crypto = self.config.crypto
@@ -211,6 +291,24 @@ class App:
         return KeyManager(
             PgKeyStore(db), roots, cache, material_ttl=crypto.material_ttl, clock=self.clock
         )
+
+    def _build_audit(self, db: Database, crypto: KeyManager) -> AuditLog:
+        keys = self.config.crypto
+        roots = RootKeys.from_config(keys.root_key, keys.root_key_file, self.config.data_dir)
+        self._audit_digest_key = roots.derive(b"audit-request-digest")
+        return AuditLog(
+            PgAuditStore(db),
+            crypto,
+            self.config.audit,
+            PageTokens(roots.derive(b"audit-page-tokens")),
+            clock=self.clock,
+            registry=self.metrics.registry,
+        )
+
+    def _audit_layer(self) -> AuditLayer | None:
+        if self.audit is None or not self.config.audit.enabled:
+            return None
+        return AuditLayer(self.audit, self._audit_digest_key, self.clock)
 
     @staticmethod
     async def _every(interval: float, job: Callable[[], Awaitable[None]]) -> None:
@@ -221,6 +319,11 @@ class App:
                 await job()
             except Exception:
                 _log.exception("background job failed", extra={"job": job.__qualname__})
+
+    @property
+    def is_embedded(self) -> bool:
+        """Whether this process started its own PostgreSQL (the zero-setup default)."""
+        return self._embedded is not None
 
     @property
     def address(self) -> str:
@@ -249,7 +352,7 @@ class App:
         for service in self._services:
             registry.add_service(service.descriptor)
         registry.require_permissions()
-        layers = build_layers(self.config, self.metrics, cache, security)
+        layers = build_layers(self.config, self.metrics, cache, security, self._audit_layer())
         self.chain = Chain(layers, registry)
         server = self._server = grpc.aio.server(
             interceptors=[self.chain], options=self._grpc_options()
@@ -273,6 +376,11 @@ class App:
             server,
         )
         self.metrics.add_gauges("trustplane_db_pool_connections", "Pool connections.", db.stats)
+        self.metrics.add_gauges(
+            "trustplane_audit_queue",
+            "Audit entries waiting for the writer.",
+            lambda: {"depth": self.audit.depth() if self.audit else 0},
+        )
         self.metrics.add_gauges(
             "trustplane_token_cache",
             "Verified-token cache: hits, misses, size.",
@@ -332,6 +440,9 @@ class App:
         if self.crypto is not None and self.db is not None:
             with contextlib.suppress(Exception):
                 await self.crypto.flush_usage()
+        audit, self.audit = self.audit, None
+        if audit is not None:
+            await audit.close()  # after the server stopped: every answered call is queued
         cache, self.cache = self.cache, None
         if cache is not None:
             await cache.close()

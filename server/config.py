@@ -87,6 +87,16 @@ class AuthConfig:
     revocation_staleness: float = 1.0
     # Longest lifetime of any token we accept; bounds how long deny-list entries are kept.
     max_token_ttl: float = 86_400.0
+    access_token_ttl: float = 900.0
+    refresh_token_ttl: float = 30 * 86_400.0
+    # Login attempts per account per window (per client address: four times as many); the
+    # window doubles each time it fills, up to an hour.
+    login_max_failures: int = 5
+    login_window: float = 60.0
+    # RFC 8693 delegated tokens: lifetime and the longest `act` chain.
+    delegation_ttl: float = 300.0
+    delegation_max_depth: int = 3
+    invitation_ttl: float = 7 * 86_400.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,19 @@ class CryptoConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit log's writer, checkpoints and retention (docs/audit.md)."""
+
+    # Off only for benchmarks that measure the audit layer's cost; never in production.
+    enabled: bool = True
+    queue_size: int = 10_000  # access entries waiting for the writer; full = back-pressure
+    batch_max: int = 256  # entries per group commit
+    linger: float = 0.001  # seconds the writer waits for more entries before a short batch
+    checkpoint_interval: float = 10.0  # seconds between automatic signed checkpoints
+    retention_days: int = 365  # bodies of older entries are removed; leaf hashes stay
+
+
+@dataclass(frozen=True)
 class ObservabilityConfig:
     metrics_listen: Address | None = Address("127.0.0.1", 9464)
     log_level: str = "INFO"
@@ -135,6 +158,7 @@ class Config:
     rate_limit: RateLimitConfig = RateLimitConfig()
     idempotency: IdempotencyConfig = IdempotencyConfig()
     crypto: CryptoConfig = CryptoConfig()
+    audit: AuditConfig = AuditConfig()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -159,6 +183,7 @@ class Config:
                 ),
             ),
             rate_limit=_rate_limit(env),
+            audit=_audit(env),
             idempotency=IdempotencyConfig(
                 ttl=env.get(
                     "TRUSTPLANE_IDEMPOTENCY_TTL", "86400", _float_range(60.0, 30 * 86400.0)
@@ -217,6 +242,17 @@ def _auth(env: _Env) -> AuthConfig:
         max_token_ttl=env.get(
             "TRUSTPLANE_MAX_TOKEN_TTL", "86400", _float_range(60.0, 30 * 86400.0)
         ),
+        access_token_ttl=env.get("TRUSTPLANE_ACCESS_TOKEN_TTL", "900", _float_range(60.0, 86400.0)),
+        refresh_token_ttl=env.get(
+            "TRUSTPLANE_REFRESH_TOKEN_TTL", str(30 * 86400), _float_range(300.0, 365 * 86400.0)
+        ),
+        login_max_failures=env.get("TRUSTPLANE_LOGIN_MAX_ATTEMPTS", "5", _int_range(1, 1000)),
+        login_window=env.get("TRUSTPLANE_LOGIN_WINDOW", "60", _float_range(1.0, 3600.0)),
+        delegation_ttl=env.get("TRUSTPLANE_DELEGATION_TTL", "300", _float_range(30.0, 3600.0)),
+        delegation_max_depth=env.get("TRUSTPLANE_DELEGATION_MAX_DEPTH", "3", _int_range(1, 8)),
+        invitation_ttl=env.get(
+            "TRUSTPLANE_INVITATION_TTL", str(7 * 86400), _float_range(60.0, 90 * 86400.0)
+        ),
     )
 
 
@@ -224,6 +260,19 @@ def _rate_limit(env: _Env) -> RateLimitConfig:
     return RateLimitConfig(
         per_minute=env.get("TRUSTPLANE_RATE_LIMIT", "100", _int_range(0, 10**9)),
         burst=env.get("TRUSTPLANE_RATE_BURST", "50", _int_range(1, 10**9)),
+    )
+
+
+def _audit(env: _Env) -> AuditConfig:
+    return AuditConfig(
+        enabled=env.get("TRUSTPLANE_AUDIT", "on", _choice("on", "off")) == "on",
+        queue_size=env.get("TRUSTPLANE_AUDIT_QUEUE_SIZE", "10000", _int_range(1, 10**7)),
+        batch_max=env.get("TRUSTPLANE_AUDIT_BATCH_MAX", "256", _int_range(1, 256)),
+        linger=env.get("TRUSTPLANE_AUDIT_LINGER", "0.001", _float_range(0.0, 0.1)),
+        checkpoint_interval=env.get(
+            "TRUSTPLANE_AUDIT_CHECKPOINT_INTERVAL", "10", _float_range(0.05, 86400.0)
+        ),
+        retention_days=env.get("TRUSTPLANE_AUDIT_RETENTION_DAYS", "365", _int_range(1, 36500)),
     )
 
 

@@ -71,7 +71,8 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration]) -> list
         pending = await _pending(conn, migrations)
         for migration in pending:
             async with conn.transaction():
-                await conn.execute(migration.sql)
+                if _has_statements(migration.sql):  # asyncpg fails on a comment-only query
+                    await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
                     migration.version,
@@ -81,6 +82,11 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration]) -> list
         return pending
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+
+
+def _has_statements(sql: str) -> bool:
+    code = "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
+    return bool(code.replace(";", "").strip())
 
 
 async def check(conn: asyncpg.Connection, migrations: list[Migration]) -> list[Migration]:

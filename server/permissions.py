@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from server.actor import ActorContext
 
-_READ = ("*.get", "*.list", "*.read", "*.watch", "auth.whoami")
+_READ = ("*.get", "*.list", "*.read", "*.watch", "auth.whoami", "auth.self.*")
 _WRITE = ("*.create", "*.update", "*.write", "*.use", "*.append", "*.check", "*.request")
 _ADMIN = ("*.delete", "*.manage", "*.admin", "*.revoke", "*.rotate", "*.explain", "*.approve")
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 
 import asyncpg
+from argon2 import PasswordHasher
 
 from server import migrate
 from server.app import App
+from server.auth import service as auth_service
+from server.auth.store import PgAuthStore
 from server.cache import MemoryCache
 from server.config import Config
 from server.crypto import hierarchy
@@ -19,7 +23,7 @@ from server.crypto.service import KeyManager
 from server.crypto.store import PgKeyStore
 from server.db import Database
 from server.embedded import EmbeddedPostgres
-from server.errors import Unavailable
+from server.errors import AlreadyExists, Unavailable
 
 _log = logging.getLogger("trustplane.main")
 
@@ -33,6 +37,14 @@ async def migrate_database(dsn: str) -> list[migrate.Migration]:
         await conn.close()
 
 
+async def _first_run(app: App) -> str | None:
+    """Zero-setup start on an empty embedded database: create a default tenant and owner."""
+    if app.auth is None or not app.is_embedded or await app.auth.has_tenants():
+        return None
+    _, _, password = await app.auth.bootstrap("default", "admin@localhost")
+    return _credentials("default", "admin@localhost", password, app.config)
+
+
 async def serve(config: Config, worker_index: int = 0) -> int:
     """Run one server process until SIGTERM or SIGINT, then shut down gracefully."""
     stop = asyncio.Event()
@@ -43,6 +55,9 @@ async def serve(config: Config, worker_index: int = 0) -> int:
         async with App(config, worker_index=worker_index) as app:
             if worker_index == 0:
                 _banner(app.address, app.metrics_port, config.server.tls is not None)
+                first = await _first_run(app)
+                if first:
+                    print(first, flush=True)
             await stop.wait()
             _log.info("shutting down", extra={"grace_period": config.server.grace_period})
     except (migrate.MigrationError, OSError, Unavailable) as exc:
@@ -99,3 +114,48 @@ async def _rewrap(config: Config, dsn: str) -> int:
     finally:
         await cache.close()
         await db.close()
+
+
+def bootstrap_command(config: Config, tenant: str, email: str) -> int:
+    """`python -m server bootstrap`: the first tenant and its owner, password printed once."""
+    embedded = None
+    dsn = config.database.url
+    if dsn is None:
+        embedded = EmbeddedPostgres(config.data_dir)
+        dsn = embedded.start()
+    try:
+        password = asyncio.run(_bootstrap(config, dsn, tenant, email))
+    except AlreadyExists as exc:
+        print(f"bootstrap: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(_credentials(tenant, email, password, config))
+    return 0
+
+
+async def _bootstrap(config: Config, dsn: str, tenant: str, email: str) -> str:
+    db = await Database.connect(dsn, config.database)
+    try:
+        async with db.acquire() as conn:
+            await migrate.migrate(conn, migrate.load())
+        _, _, password = await auth_service.bootstrap(
+            PgAuthStore(db), PasswordHasher(), tenant, email
+        )
+        return password
+    finally:
+        await db.close()
+
+
+def _credentials(tenant: str, email: str, password: str, config: Config) -> str:
+    address = str(config.server.listen)
+    login = json.dumps({"tenant": tenant, "email": email, "password": password})
+    return "\n".join(
+        [
+            f"created tenant {tenant!r} with owner {email}",
+            f"  password (shown once): {password}",
+            "  log in:",
+            f"  grpcurl -plaintext -d '{login}' {address} trustplane.auth.v1.AuthService/Login",
+        ]
+    )

@@ -14,6 +14,8 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2_grpc
 from tptest.v1 import test_service_pb2_grpc
+from trustplane.audit.v1 import audit_pb2_grpc
+from trustplane.auth.v1 import auth_pb2_grpc
 from trustplane.crypto.v1 import crypto_pb2_grpc
 
 from server.app import App
@@ -132,6 +134,14 @@ class Running:
     @property
     def crypto(self) -> crypto_pb2_grpc.CryptoServiceStub:
         return crypto_pb2_grpc.CryptoServiceStub(self.channel)
+
+    @property
+    def auth(self) -> auth_pb2_grpc.AuthServiceStub:
+        return auth_pb2_grpc.AuthServiceStub(self.channel)
+
+    @property
+    def audit(self) -> audit_pb2_grpc.AuditServiceStub:
+        return audit_pb2_grpc.AuditServiceStub(self.channel)
 
 
 @pytest.fixture

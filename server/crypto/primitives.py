@@ -11,6 +11,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 
 from server.crypto.model import Algorithm
@@ -40,6 +41,15 @@ def sign(algorithm: Algorithm, key: Any, message: bytes) -> bytes:
     if algorithm is Algorithm.ED25519:
         return bytes(key.sign(message))
     return bytes(key.sign(message, ec.ECDSA(hashes.SHA256())))
+
+
+def jws_signature(algorithm: Algorithm, key: Any, signing_input: bytes) -> bytes:
+    """A JWS signature (RFC 7515/7518): Ed25519 raw, ES256 as the 64-byte r || s."""
+    signature = sign(algorithm, key, signing_input)
+    if algorithm is Algorithm.ED25519:
+        return signature
+    r, s = decode_dss_signature(signature)
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
 def verify(algorithm: Algorithm, key: Any, message: bytes, signature: bytes) -> bool:

@@ -10,7 +10,9 @@ it every few seconds and at shutdown).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import os
 import time
@@ -418,14 +420,35 @@ class KeyManager:
 
     async def ensure_signing_key(self, tenant_id: str, name: str, algorithm: Algorithm) -> Key:
         """The signing key `name`, created on first use."""
+        return await self.ensure_key(tenant_id, name, Purpose.SIGN_VERIFY, algorithm)
+
+    async def ensure_key(
+        self, tenant_id: str, name: str, purpose: Purpose, algorithm: Algorithm | None = None
+    ) -> Key:
+        """The key `name`, created on first use (safe when several processes race)."""
         key = await self._store.get(tenant_id, name)
         if key is None:
             with contextlib.suppress(AlreadyExists):  # another process created it first
-                await self.create_key(
-                    tenant_id, name, Purpose.SIGN_VERIFY, algorithm, None, {}, None
-                )
+                await self.create_key(tenant_id, name, purpose, algorithm, None, {}, None)
             key = await self._store.require(tenant_id, name)
         return key
+
+    async def sign_jwt(self, tenant_id: str, name: str, claims: dict[str, Any]) -> str:
+        """A compact JWS over `claims`, signed by the primary version, `kid` in its header."""
+        key = await self._usable(tenant_id, name, Purpose.SIGN_VERIFY)
+        version = key.primary_version
+        header = {
+            "alg": primitives.JWS_ALG[key.algorithm],
+            "typ": "JWT",
+            "kid": f"{key.key_id}.{version}",
+        }
+        signing_input = f"{_b64(header)}.{_b64(claims)}".encode()
+        private = await self._object(key, version)
+        self._usage[(key.key_id, version, "sign")] += 1
+        signature = primitives.jws_signature(key.algorithm, private, signing_input)
+        return (
+            signing_input.decode() + "." + base64.urlsafe_b64encode(signature).decode().rstrip("=")
+        )
 
     async def jwks(self, tenant_id: str, name: str) -> dict[str, Any]:
         """Public JWKs of every usable version, for verifiers in any language."""
@@ -616,6 +639,11 @@ def _validate_new(
     if violations:
         raise InvalidArgument.fields(*violations)
     return chosen
+
+
+def _b64(value: dict[str, Any]) -> str:
+    raw = json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def _revision(etag: str) -> int:

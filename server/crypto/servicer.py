@@ -7,10 +7,9 @@ import os
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
 from trustplane.crypto.v1 import crypto_pb2, crypto_pb2_grpc
 
-from server import call_state
+from server import call_state, wire
 from server.crypto.model import Algorithm, Key, KeyPatch, KeyVersion, Purpose, VersionState
 from server.crypto.service import ItemResult, KeyManager
 from server.errors import FieldViolation, InvalidArgument, TrustplaneError, reason_name
@@ -57,7 +56,7 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
             request.name,
             _PURPOSES[request.purpose],
             _ALGORITHMS.get(request.algorithm),
-            _seconds(request, "rotation_period"),
+            wire.seconds(request, "rotation_period"),
             dict(request.labels),
             request.request_id or None,
         )
@@ -183,13 +182,6 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
         return crypto_pb2.GenerateRandomBytesResponse(data=os.urandom(request.length))
 
 
-def _seconds(message: Any, field: str) -> float | None:
-    if not message.HasField(field):
-        return None
-    value: duration_pb2.Duration = getattr(message, field)
-    return float(value.ToTimedelta().total_seconds())
-
-
 def _patch(request: Any) -> KeyPatch:
     paths = set(request.update_mask.paths)
     if not paths or not paths <= _MUTABLE:
@@ -197,7 +189,7 @@ def _patch(request: Any) -> KeyPatch:
             FieldViolation("update_mask", f"must name some of: {', '.join(sorted(_MUTABLE))}")
         )
     key = request.key
-    period = _seconds(key, "rotation_period") if "rotation_period" in paths else None
+    period = wire.seconds(key, "rotation_period") if "rotation_period" in paths else None
     return KeyPatch(
         labels=dict(key.labels) if "labels" in paths else None,
         rotation_period=period,
@@ -208,20 +200,12 @@ def _patch(request: Any) -> KeyPatch:
     )
 
 
-def _timestamp(value: float | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(value * 1e9))
-    return stamp
-
-
 def encode_version(key: Key, version: KeyVersion) -> crypto_pb2.KeyVersion:
     return crypto_pb2.KeyVersion(
         version=version.version,
         state=_STATES[version.state],
-        create_time=_timestamp(version.created_at),
-        destroy_time=_timestamp(version.destroy_at),
+        create_time=wire.timestamp(version.created_at),
+        destroy_time=wire.timestamp(version.destroy_at),
         usage={k: int(v) for k, v in version.usage.items()},
         kid=version.kid(key.key_id),
     )
@@ -243,9 +227,9 @@ def encode_key(key: Key, *, versions: bool = False) -> crypto_pb2.Key:
         min_decryption_version=key.min_decryption_version,
         labels=key.labels,
         etag=key.etag,
-        create_time=_timestamp(key.created_at),
-        update_time=_timestamp(key.updated_at),
-        next_rotation_time=_timestamp(key.next_rotation_at),
+        create_time=wire.timestamp(key.created_at),
+        update_time=wire.timestamp(key.updated_at),
+        next_rotation_time=wire.timestamp(key.next_rotation_at),
         versions=[encode_version(key, v) for v in key.versions] if versions else [],
     )
     if key.rotation_period is not None:

@@ -100,7 +100,7 @@ class PgKeyStore:
         try:
             async with self._db.transaction() as conn:
                 await conn.execute(
-                    f"INSERT INTO crypto_keys ({_KEY_COLUMNS}, request_id) "  # noqa: S608
+                    f"INSERT INTO crypto_keys ({_KEY_COLUMNS}, request_id) "
                     "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
                     *_key_values(key),
                     request_id,
@@ -132,8 +132,7 @@ class PgKeyStore:
     async def get(self, tenant_id: str, name: str) -> Key | None:
         async with self._db.acquire() as conn:
             row = await conn.fetchrow(
-                f"SELECT {_KEY_COLUMNS} FROM crypto_keys "  # noqa: S608
-                "WHERE tenant_id = $1 AND name = $2",
+                f"SELECT {_KEY_COLUMNS} FROM crypto_keys WHERE tenant_id = $1 AND name = $2",
                 tenant_id,
                 name,
             )
@@ -155,7 +154,7 @@ class PgKeyStore:
     async def list_keys(self, tenant_id: str, after: str, limit: int) -> list[Key]:
         async with self._db.acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT {_KEY_COLUMNS} FROM crypto_keys "  # noqa: S608
+                f"SELECT {_KEY_COLUMNS} FROM crypto_keys "
                 "WHERE tenant_id = $1 AND name > $2 ORDER BY name LIMIT $3",
                 tenant_id,
                 after,

@@ -37,6 +37,7 @@ import cel
 import yaml
 
 from server.errors import FieldViolation, InvalidArgument
+from server.permissions import ROLE_GRANTS
 from server.policy.model import (
     WILDCARD,
     BundleTest,
@@ -1088,10 +1089,6 @@ def _compile_error(exc: Exception) -> str:
 
 # --- the platform bundle ---------------------------------------------------------------------
 
-_READ = ["*.get", "*.list", "*.read", "*.watch", "auth.whoami"]
-_WRITE = ["*.create", "*.update", "*.write", "*.use", "*.append", "*.check", "*.request"]
-_ADMIN = ["*.delete", "*.manage", "*.admin", "*.revoke", "*.rotate", "*.explain", "*.approve"]
-
 
 def _platform_document() -> dict[str, Any]:
     def rule(name: str, actions: list[str], roles: list[str]) -> dict[str, Any]:
@@ -1112,12 +1109,9 @@ def _platform_document() -> dict[str, Any]:
         "resource_policies": [
             {
                 "resource": "trustplane.method",
-                "rules": [
-                    rule("read", _READ, ["viewer", "member", "admin"]),
-                    rule("write", _WRITE, ["member", "admin"]),
-                    rule("administer", _ADMIN, ["admin"]),
-                    rule("own", ["*"], ["owner"]),
-                ],
+                # One rule per tenant role, straight from the built-in table, so the two
+                # can never disagree.
+                "rules": [rule(role, list(grants), [role]) for role, grants in ROLE_GRANTS.items()],
             }
         ],
         "tests": [

@@ -21,6 +21,7 @@ from trustplane.crypto.v1 import crypto_pb2 as pb
 
 from interceptors.idempotency import scope_key
 from server.actor import ActorContext, AuthMethod, PrincipalType
+from server.crypto.hierarchy import RootKeyUnavailable
 from server.crypto.model import Algorithm
 from server.methods import spec_from_descriptor
 from tests.support.process import server_env
@@ -203,7 +204,8 @@ async def test_destruction_schedule_cancel_and_execution(start_server, idp):
         assert status.code is grpc.StatusCode.FAILED_PRECONDITION
         assert (await expect_error(decrypt(running, admin, old))).reason == "KEY_VERSION_DESTROYED"
         material = await running.app.db.fetchval(
-            "SELECT wrapped_material FROM crypto_key_versions WHERE version = 1"
+            "SELECT v.wrapped_material FROM crypto_key_versions v JOIN crypto_keys k "
+            "ON k.id = v.key_id WHERE v.version = 1 AND k.name = 'k'"
         )
         assert material is None
 
@@ -389,8 +391,14 @@ async def test_random_bytes(server, admin):
 async def test_material_is_stored_wrapped(server, admin):
     await create(server, admin, purpose=MAC)
     tag = (await server.crypto.Mac(pb.MacRequest(name="k", data=b"d"), metadata=admin)).mac
-    rows = await server.app.db.pool.fetch("SELECT wrapped_material FROM crypto_key_versions")
-    kek = await server.app.db.fetchval("SELECT wrapped_kek FROM crypto_tenant_keks")
+    rows = await server.app.db.pool.fetch(
+        "SELECT v.wrapped_material FROM crypto_key_versions v JOIN crypto_keys k "
+        "ON k.id = v.key_id WHERE k.tenant_id = $1",
+        TENANT,
+    )
+    kek = await server.app.db.fetchval(
+        "SELECT wrapped_kek FROM crypto_tenant_keks WHERE tenant_id = $1", TENANT
+    )
     import hashlib
     import hmac
 
@@ -412,7 +420,8 @@ async def test_root_key_rotation_keeps_data_readable(start_server, idp, tmp_path
         admin = bearer(idp.token(roles=["admin"]))
         await create(running, admin)
         sealed = (await encrypt(running, admin)).ciphertext
-        before = await running.app.db.fetchval("SELECT root_key_id FROM crypto_tenant_keks")
+        keks = "SELECT root_key_id FROM crypto_tenant_keks WHERE tenant_id = $1"
+        before = await running.app.db.fetchval(keks, TENANT)
         cli = server_env(
             DATABASE_URL=running.app.config.database.url, TRUSTPLANE_ROOT_KEY_FILE=str(key_file)
         )
@@ -426,8 +435,9 @@ async def test_root_key_rotation_keeps_data_readable(start_server, idp, tmp_path
             timeout=60,
         )
         assert done.returncode == 0, done.stderr
-        assert "rewrapped 1 tenant" in done.stdout
-        after = await running.app.db.fetchval("SELECT root_key_id FROM crypto_tenant_keks")
+        total = await running.app.db.fetchval("SELECT count(*) FROM crypto_tenant_keks")
+        assert f"rewrapped {total} tenant" in done.stdout  # ours and the server's own
+        after = await running.app.db.fetchval(keks, TENANT)
         assert after != before
         # The running server (caches off) meets a KEK under a root key it has not loaded.
         assert (await decrypt(running, admin, sealed)).plaintext == b"secret"
@@ -449,12 +459,11 @@ async def test_wrong_root_key_fails_closed(start_server, idp):
             config.crypto, root_key=base64.b64encode(os.urandom(32)).decode()
         ),
     )
-    async with start_server(config=other) as b:
-        status = await expect_error(encrypt(b, admin))
-        assert (status.code, status.reason) == (
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "ROOT_KEY_UNAVAILABLE",
-        )
+    # The server's own keys (token signing) are unwrapped at start-up: it refuses to start
+    # rather than serve with a root key that cannot read its data.
+    with pytest.raises(RootKeyUnavailable):
+        async with start_server(config=other):
+            pass
 
 
 async def test_disable_reaches_another_process_at_once(start_server, idp):

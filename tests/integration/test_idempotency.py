@@ -190,6 +190,7 @@ async def test_replay_through_a_second_server_process(start_server, idp, make_co
             TRUSTPLANE_LISTEN="127.0.0.1:0",
             TRUSTPLANE_METRICS_LISTEN="off",
             TRUSTPLANE_TRUSTED_ISSUERS_FILE=str(config.auth.trusted_issuers_file),
+            TRUSTPLANE_DATA_DIR=str(config.data_dir),  # the same root key as the first process
         )
         env["PYTHONPATH"] += f":{ROOT}/tests/generated"
         other = subprocess.Popen(

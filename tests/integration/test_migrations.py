@@ -104,3 +104,14 @@ def test_migrate_command(empty_db):
     assert "applied" in first.stdout
     again = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert again.stdout.strip() == "database is up to date"
+
+
+async def test_comment_only_migration_is_recorded(empty_db, tmp_path):
+    (tmp_path / "0001_reserved.sql").write_text("-- reserved for later\n")
+    conn = await asyncpg.connect(empty_db)
+    try:
+        applied = await migrate.migrate(conn, migrate.load(tmp_path))
+        assert [m.version for m in applied] == [1]
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 1
+    finally:
+        await conn.close()

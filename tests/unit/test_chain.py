@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from tptest.v1 import test_service_pb2
 
+from interceptors.audit import AuditLayer
 from interceptors.authenticate import AuthenticateLayer
 from interceptors.authorize import AuthorizeLayer
 from interceptors.chain import Chain
@@ -25,9 +26,11 @@ def test_layer_order_is_pinned():
     config = Config.from_environ({})
     cache = MemoryCache()
     security = build_security(config, cache, LocalKeySource())
-    layers = build_layers(config, Metrics(), cache, security)
+    audit = AuditLayer(sink=None, digest_key=b"k")  # the sink is never called here
+    layers = build_layers(config, Metrics(), cache, security, audit)
     assert [type(layer) for layer in layers] == [
         ObserveLayer,
+        AuditLayer,
         StatusLayer,
         AuthenticateLayer,
         RateLimitLayer,

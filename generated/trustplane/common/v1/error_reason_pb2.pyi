@@ -109,6 +109,25 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The key's purpose does not allow the operation (e.g. Sign with an ENCRYPT_DECRYPT key)."""
     ERROR_REASON_ROOT_KEY_UNAVAILABLE: _ErrorReason.ValueType  # 405
     """The key material cannot be unwrapped with any configured root key."""
+    ERROR_REASON_LOGIN_FAILED: _ErrorReason.ValueType  # 500
+    """--- auth (500-599) ---
+
+    Login failed: unknown tenant or email, or wrong password (deliberately indistinguishable).
+    """
+    ERROR_REASON_LOGIN_THROTTLED: _ErrorReason.ValueType  # 501
+    """Too many failed logins for this account or client; `RetryInfo` says when to try again."""
+    ERROR_REASON_REFRESH_TOKEN_INVALID: _ErrorReason.ValueType  # 502
+    """The refresh token is unknown, expired, or its session was revoked."""
+    ERROR_REASON_REFRESH_TOKEN_REUSED: _ErrorReason.ValueType  # 503
+    """The refresh token was already used: its whole session has been revoked."""
+    ERROR_REASON_DELEGATION_TOO_DEEP: _ErrorReason.ValueType  # 504
+    """The delegation chain would be longer than allowed (TRUSTPLANE_DELEGATION_MAX_DEPTH)."""
+    ERROR_REASON_MFA_REQUIRED: _ErrorReason.ValueType  # 505
+    """The user has MFA enabled: send `totp_code` or `recovery_code` with the password."""
+    ERROR_REASON_MFA_CODE_INVALID: _ErrorReason.ValueType  # 506
+    """The TOTP or recovery code is wrong, expired, or already used."""
+    ERROR_REASON_INVITATION_INVALID: _ErrorReason.ValueType  # 507
+    """The invitation token is unknown, expired, already used or revoked."""
     ERROR_REASON_AUDIT_UNAVAILABLE: _ErrorReason.ValueType  # 600
     """--- audit (600-699) ---
 
@@ -215,6 +234,25 @@ ERROR_REASON_KEY_PURPOSE_MISMATCH: ErrorReason.ValueType  # 404
 """The key's purpose does not allow the operation (e.g. Sign with an ENCRYPT_DECRYPT key)."""
 ERROR_REASON_ROOT_KEY_UNAVAILABLE: ErrorReason.ValueType  # 405
 """The key material cannot be unwrapped with any configured root key."""
+ERROR_REASON_LOGIN_FAILED: ErrorReason.ValueType  # 500
+"""--- auth (500-599) ---
+
+Login failed: unknown tenant or email, or wrong password (deliberately indistinguishable).
+"""
+ERROR_REASON_LOGIN_THROTTLED: ErrorReason.ValueType  # 501
+"""Too many failed logins for this account or client; `RetryInfo` says when to try again."""
+ERROR_REASON_REFRESH_TOKEN_INVALID: ErrorReason.ValueType  # 502
+"""The refresh token is unknown, expired, or its session was revoked."""
+ERROR_REASON_REFRESH_TOKEN_REUSED: ErrorReason.ValueType  # 503
+"""The refresh token was already used: its whole session has been revoked."""
+ERROR_REASON_DELEGATION_TOO_DEEP: ErrorReason.ValueType  # 504
+"""The delegation chain would be longer than allowed (TRUSTPLANE_DELEGATION_MAX_DEPTH)."""
+ERROR_REASON_MFA_REQUIRED: ErrorReason.ValueType  # 505
+"""The user has MFA enabled: send `totp_code` or `recovery_code` with the password."""
+ERROR_REASON_MFA_CODE_INVALID: ErrorReason.ValueType  # 506
+"""The TOTP or recovery code is wrong, expired, or already used."""
+ERROR_REASON_INVITATION_INVALID: ErrorReason.ValueType  # 507
+"""The invitation token is unknown, expired, already used or revoked."""
 ERROR_REASON_AUDIT_UNAVAILABLE: ErrorReason.ValueType  # 600
 """--- audit (600-699) ---
 

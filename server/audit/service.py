@@ -1,0 +1,538 @@
+"""AuditLog: the audit domain — group commit, checkpoints, proofs, queries, export.
+
+Two ways in. `offer`/`put` take an access entry into a bounded in-memory queue: `offer` never
+waits (the hot path), `put` waits while the queue is full (back-pressure; counted). `commit`
+takes entries and returns only once they are durably committed, with their indexes ("no audit,
+no action" for security-class calls and appended events).
+
+One writer task per process drains the queue: it takes what is waiting (up to `batch_max`
+entries, lingering `linger` seconds for a short batch) and appends it in one transaction
+(`AuditStore.append`: a per-tenant advisory lock, the entries, the completed Merkle nodes, the
+new size). Then it resolves the waiting callers. A failed batch fails its durable callers with
+AUDIT_UNAVAILABLE and is retried with back-off (its entries are never dropped), so an entry a
+client was told about is never lost, and the queue bound turns a long outage into back-pressure.
+
+Proofs are read from stored perfect-subtree nodes. The `merkle` functions take a synchronous
+`node(level, index)` reader, and which nodes they read depends only on the sizes and indexes,
+never on the hashes: `_with_nodes` runs a computation once with a recording reader to learn the
+nodes it needs, fetches them in one query, and runs it again with the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import prometheus_client as prom
+from trustplane.common.v1 import error_reason_pb2 as reasons
+
+from server.actor import ActorContext
+from server.audit import merkle
+from server.audit.model import (
+    EVENT,
+    SECURITY,
+    EntryFilter,
+    EventInput,
+    Record,
+    StoredEntry,
+    log_id,
+)
+from server.config import AuditConfig
+from server.crypto.model import Algorithm, Key
+from server.errors import FieldViolation, InvalidArgument, TrustplaneError, Unavailable
+from server.page_token import PageTokens, page_size
+
+_log = logging.getLogger("trustplane.audit")
+_T = TypeVar("_T")
+
+SIGNING_TENANT = "_audit"
+SIGNING_KEY = "checkpoints"
+MAX_EVENTS = 1000
+MAX_ATTRIBUTE_BYTES = 64 * 1024
+EXPORT_CHUNK = 256
+_EVENT_TYPE = re.compile(r"^[a-z0-9._-]{1,64}$")
+_CODES = {code.name for code in grpc.StatusCode}
+_DUMMY = bytes(merkle.HASH_SIZE)
+_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
+
+
+class AuditUnavailable(Unavailable):
+    reason = reasons.ERROR_REASON_AUDIT_UNAVAILABLE
+    default_message = "the audit entry could not be committed; retry with the same request id"
+
+
+class LogInconsistent(TrustplaneError):
+    code = grpc.StatusCode.DATA_LOSS
+    reason = reasons.ERROR_REASON_AUDIT_LOG_INCONSISTENT
+    default_message = "the audit log does not match an earlier signed checkpoint"
+
+
+class AuditStore(Protocol):
+    """What AuditLog needs from storage (PgAuditStore)."""
+
+    async def append(self, groups: Mapping[str, Sequence[Record]]) -> dict[str, int]: ...
+    async def size(self, tenant_id: str) -> int: ...
+    async def nodes(
+        self, tenant_id: str, wanted: Collection[tuple[int, int]]
+    ) -> dict[tuple[int, int], bytes]: ...
+    async def entries(
+        self, tenant_id: str, where: EntryFilter, after: int, limit: int
+    ) -> list[StoredEntry]: ...
+    async def range(self, tenant_id: str, start: int, end: int) -> list[StoredEntry]: ...
+    async def latest_checkpoint(self, tenant_id: str) -> merkle.SignedCheckpoint | None: ...
+    async def save_checkpoint(self, tenant_id: str, signed: merkle.SignedCheckpoint) -> None: ...
+    async def stale_logs(self) -> list[str]: ...
+    async def expire(self, before_ms: int) -> int: ...
+
+
+class Signer(Protocol):
+    """The Crypto service's signing API (KeyManager)."""
+
+    async def ensure_signing_key(self, tenant_id: str, name: str, algorithm: Algorithm) -> Key: ...
+    async def sign(self, tenant_id: str, name: str, message: bytes) -> tuple[bytes, int, str]: ...
+    async def public_key(
+        self, tenant_id: str, name: str, version: int
+    ) -> tuple[str, dict[str, Any], Key, int]: ...
+
+
+@dataclass
+class _Item:
+    records: Sequence[Record]
+    done: asyncio.Future[int] | None = None  # set: a durable caller waits for the first index
+
+
+@dataclass(frozen=True)
+class InclusionProof:
+    index: int
+    tree_size: int
+    leaf_hash: bytes
+    hashes: list[bytes]
+    root: bytes
+    checkpoint: merkle.SignedCheckpoint | None = None
+
+
+@dataclass(frozen=True)
+class ConsistencyProof:
+    first_size: int
+    second_size: int
+    hashes: list[bytes]
+    first_root: bytes
+    second_root: bytes
+    checkpoint: merkle.SignedCheckpoint | None = None
+
+
+@dataclass
+class _Metrics:
+    registry: prom.CollectorRegistry | None
+    batch: prom.Histogram = field(init=False)
+    commit: prom.Histogram = field(init=False)
+    waits: prom.Counter = field(init=False)
+    failures: prom.Counter = field(init=False)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.batch = prom.Histogram(
+            "trustplane_audit_batch_entries",
+            "Entries per audit group commit.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+            registry=r,
+        )
+        self.commit = prom.Histogram(
+            "trustplane_audit_commit_seconds",
+            "Audit group commit latency.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2),
+            registry=r,
+        )
+        self.waits = prom.Counter(
+            "trustplane_audit_backpressure_waits",
+            "Access entries that waited for room in the full audit queue.",
+            registry=r,
+        )
+        self.failures = prom.Counter(
+            "trustplane_audit_commit_failures", "Audit batches that failed to commit.", registry=r
+        )
+
+
+class AuditLog:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        store: AuditStore,
+        signer: Signer,
+        config: AuditConfig,
+        page_tokens: PageTokens,
+        *,
+        clock: Callable[[], float] = time.time,
+        registry: prom.CollectorRegistry | None = None,
+    ) -> None:
+        self._store = store
+        self._signer = signer
+        self._config = config
+        self._page_tokens = page_tokens
+        self._clock = clock
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(config.queue_size)
+        self._writer: asyncio.Task[None] | None = None
+        self._metrics = _Metrics(registry)
+        self._key_ready = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_forever(), name="audit-writer")
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Flush what is queued (for at most `timeout` seconds), then stop the writer."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            _log.error("audit queue not flushed at shutdown", extra={"queued": self.depth()})
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        await self._queue.join()
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    # --- recording ------------------------------------------------------------------------
+
+    def offer(self, record: Record) -> bool:
+        """Queue an access entry without waiting; False when the queue is full."""
+        try:
+            self._queue.put_nowait(_Item((record,)))
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def put(self, record: Record) -> None:
+        """Queue an access entry, waiting for room (back-pressure)."""
+        self._metrics.waits.inc()
+        await self._queue.put(_Item((record,)))
+
+    async def commit(self, records: Sequence[Record]) -> list[int]:
+        """Append `records` (one tenant, in order); return once durable, with their indexes."""
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Item(records, done))
+        first = await done
+        return list(range(first, first + len(records)))
+
+    async def _write_forever(self) -> None:
+        retry: list[_Item] = []
+        failures = 0
+        while True:
+            batch = retry or await self._take()
+            try:
+                await self._write(batch)
+            except Exception:
+                self._metrics.failures.inc()
+                _log.exception("audit commit failed; will retry", extra={"entries": len(batch)})
+                _fail(batch)
+                retry = batch
+                await asyncio.sleep(_RETRY_DELAYS[min(failures, len(_RETRY_DELAYS) - 1)])
+                failures += 1
+                continue
+            retry, failures = [], 0
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _take(self) -> list[_Item]:
+        batch = [await self._queue.get()]
+        count = len(batch[0].records)
+        count = self._drain(batch, count)
+        if count < self._config.batch_max and self._config.linger > 0:
+            await asyncio.sleep(self._config.linger)
+            self._drain(batch, count)
+        return batch
+
+    def _drain(self, batch: list[_Item], count: int) -> int:
+        while count < self._config.batch_max and not self._queue.empty():
+            item = self._queue.get_nowait()
+            batch.append(item)
+            count += len(item.records)
+        return count
+
+    async def _write(self, batch: list[_Item]) -> None:
+        groups: dict[str, list[Record]] = {}
+        offsets = []
+        for item in batch:
+            group = groups.setdefault(item.records[0].tenant_id, [])
+            offsets.append(len(group))
+            group.extend(item.records)
+        started = time.perf_counter()
+        firsts = await self._store.append(groups)
+        self._metrics.commit.observe(time.perf_counter() - started)
+        self._metrics.batch.observe(sum(len(g) for g in groups.values()))
+        for item, offset in zip(batch, offsets, strict=True):
+            if item.done is not None and not item.done.done():
+                item.done.set_result(firsts[item.records[0].tenant_id] + offset)
+
+    # --- appended events --------------------------------------------------------------------
+
+    async def append_events(
+        self,
+        actor: ActorContext,
+        events: Sequence[EventInput],
+        *,
+        method: str,
+        request_id: str,
+        peer: str,
+        include_checkpoint: bool,
+    ) -> tuple[list[int], merkle.SignedCheckpoint | None]:
+        """Validate and durably append a runtime's events; the actor comes from its credential."""
+        _check_events(events)
+        now = self.now_ms()
+        records = [_event_record(actor, e, now, method, request_id, peer) for e in events]
+        indexes = await self.commit(records)
+        checkpoint = await self.checkpoint(actor.tenant_id) if include_checkpoint else None
+        return indexes, checkpoint
+
+    # --- checkpoints and proofs -----------------------------------------------------------
+
+    async def checkpoint(self, tenant_id: str) -> merkle.SignedCheckpoint:
+        """A signed checkpoint at the log's current size (reused if nothing was added).
+
+        Before signing a new one, the stored tree must still produce the root of the latest
+        checkpoint: a tree edited in the database is never signed over.
+        """
+        size = await self._store.size(tenant_id)
+        latest = await self._store.latest_checkpoint(tenant_id)
+        if latest is not None and latest.checkpoint.size == size:
+            return latest
+        if latest is not None:
+            await self._require_root(tenant_id, latest.checkpoint, size)
+        root = await self._with_nodes(tenant_id, lambda node: merkle.root_from_nodes(size, node))
+        body = merkle.Checkpoint(log_id(tenant_id), size, root, self.now_ms())
+        signature, kid = await self._sign(body.body())
+        signed = merkle.SignedCheckpoint(body, kid, signature)
+        await self._store.save_checkpoint(tenant_id, signed)
+        return signed
+
+    async def _sign(self, body: bytes) -> tuple[bytes, str]:
+        """Sign with the server's checkpoint key, created on first use."""
+        if not self._key_ready:
+            await self._signer.ensure_signing_key(SIGNING_TENANT, SIGNING_KEY, Algorithm.ED25519)
+            self._key_ready = True
+        signature, _version, kid = await self._signer.sign(SIGNING_TENANT, SIGNING_KEY, body)
+        return signature, kid
+
+    async def _require_root(self, tenant_id: str, earlier: merkle.Checkpoint, size: int) -> None:
+        if earlier.size > size:
+            raise LogInconsistent()
+        root = await self._with_nodes(
+            tenant_id, lambda node: merkle.root_from_nodes(earlier.size, node)
+        )
+        if root != earlier.root:
+            raise LogInconsistent()
+
+    async def public_key_pem(self, key_id: str) -> str:
+        """The PEM of the key version named by a checkpoint's key id ("<key id>.<version>")."""
+        version = int(key_id.rpartition(".")[2] or 0)
+        pem, _jwk, _key, _version = await self._signer.public_key(
+            SIGNING_TENANT, SIGNING_KEY, version
+        )
+        return pem
+
+    async def checkpoints_due(self) -> None:
+        """Sign a checkpoint for every log that grew (the periodic job)."""
+        for tenant_id in await self._store.stale_logs():
+            await self.checkpoint(tenant_id)
+
+    async def inclusion_proof(self, tenant_id: str, index: int, size: int) -> InclusionProof:
+        signed, size = await self._size_or_checkpoint(tenant_id, size, "tree_size")
+        if not 0 <= index < size:
+            raise InvalidArgument.fields(FieldViolation("index", f"must be in 0..{size - 1}"))
+
+        def compute(node: merkle.NodeReader) -> tuple[bytes, list[bytes], bytes]:
+            path = merkle.inclusion_proof(index, size, node)
+            return node(0, index), path, merkle.root_from_nodes(size, node)
+
+        leaf, path, root = await self._with_nodes(tenant_id, compute)
+        return InclusionProof(index, size, leaf, path, root, signed)
+
+    async def consistency_proof(self, tenant_id: str, first: int, second: int) -> ConsistencyProof:
+        signed, second = await self._size_or_checkpoint(tenant_id, second, "second_tree_size")
+        if not 0 <= first <= second:
+            raise InvalidArgument.fields(
+                FieldViolation("first_tree_size", f"must be in 0..{second}")
+            )
+
+        def compute(node: merkle.NodeReader) -> tuple[list[bytes], bytes, bytes]:
+            path = merkle.consistency_proof(first, second, node)
+            return path, merkle.root_from_nodes(first, node), merkle.root_from_nodes(second, node)
+
+        path, first_root, second_root = await self._with_nodes(tenant_id, compute)
+        return ConsistencyProof(first, second, path, first_root, second_root, signed)
+
+    async def _size_or_checkpoint(
+        self, tenant_id: str, size: int, name: str
+    ) -> tuple[merkle.SignedCheckpoint | None, int]:
+        """0 means "now": a fresh checkpoint names the size. Otherwise it must exist."""
+        if size == 0:
+            signed = await self.checkpoint(tenant_id)
+            return signed, signed.checkpoint.size
+        current = await self._store.size(tenant_id)
+        if not 0 < size <= current:
+            raise InvalidArgument.fields(FieldViolation(name, f"must be in 1..{current}"))
+        return None, size
+
+    async def _with_nodes(self, tenant_id: str, compute: Callable[[merkle.NodeReader], _T]) -> _T:
+        wanted: set[tuple[int, int]] = set()
+
+        def record(level: int, index: int) -> bytes:
+            wanted.add((level, index))
+            return _DUMMY
+
+        compute(record)
+        found = await self._store.nodes(tenant_id, wanted)
+
+        def read(level: int, index: int) -> bytes:
+            try:
+                return found[(level, index)]
+            except KeyError:
+                raise LogInconsistent() from None
+
+        return compute(read)
+
+    # --- queries and export -----------------------------------------------------------------
+
+    async def list_entries(
+        self, tenant_id: str, where: EntryFilter, size: int, token: str
+    ) -> tuple[list[StoredEntry], str]:
+        start, end = where.start_ms, where.end_ms
+        if start is not None and end is not None and end < start:
+            raise InvalidArgument.fields(FieldViolation("end_time", "must not precede start_time"))
+        limit = page_size(size)
+        query = f"audit.ListEntries\0{tenant_id}\0{where.fingerprint()}"
+        after = int(self._page_tokens.decode(query, token)["after"]) if token else -1
+        entries = await self._store.entries(tenant_id, where, after, limit + 1)
+        if len(entries) <= limit:
+            return entries, ""
+        return entries[:limit], self._page_tokens.encode(query, {"after": entries[limit - 1].index})
+
+    async def export(self, tenant_id: str, start: int) -> AsyncIterator[list[str]]:
+        """NDJSON lines (docs/audit-format.md): a checkpoint, then entries with their proofs."""
+        if start < 0:
+            raise InvalidArgument.fields(FieldViolation("start_index", "must not be negative"))
+        signed = await self.checkpoint(tenant_id)
+        size = signed.checkpoint.size
+        header = {"type": "checkpoint", "start_index": start, "complete": start == 0}
+        yield [_line({**header, **signed.to_dict()})]
+        for low in range(start, size, EXPORT_CHUNK):
+            high = min(low + EXPORT_CHUNK, size)
+            entries = await self._store.range(tenant_id, low, high)
+            yield await self._export_lines(tenant_id, entries, size)
+
+    async def _export_lines(
+        self, tenant_id: str, entries: Sequence[StoredEntry], size: int
+    ) -> list[str]:
+        def compute(node: merkle.NodeReader) -> list[list[bytes]]:
+            return [merkle.inclusion_proof(e.index, size, node) for e in entries]
+
+        proofs = await self._with_nodes(tenant_id, compute)
+        return [_entry_line(e, p) for e, p in zip(entries, proofs, strict=True)]
+
+    async def expire(self) -> None:
+        """Retention: remove the bodies of entries older than `retention_days`."""
+        cutoff = self.now_ms() - self._config.retention_days * 86_400_000
+        removed = await self._store.expire(cutoff)
+        if removed:
+            _log.info("audit retention removed entry bodies", extra={"entries": removed})
+
+
+def _fail(batch: Sequence[_Item]) -> None:
+    for item in batch:
+        if item.done is not None and not item.done.done():
+            item.done.set_exception(AuditUnavailable())
+            item.done = None  # retried in the background; nobody waits any more
+
+
+def _line(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _entry_line(entry: StoredEntry, proof: Sequence[bytes]) -> str:
+    return _line(
+        {
+            "type": "entry",
+            "index": entry.index,
+            "leaf_hash": _b64(entry.leaf_hash),
+            "proof": [_b64(h) for h in proof],
+            "body": entry.body,
+        }
+    )
+
+
+def _check_events(events: Sequence[EventInput]) -> None:
+    if not events:
+        raise InvalidArgument.fields(FieldViolation("events", "at least one event is required"))
+    if len(events) > MAX_EVENTS:
+        raise InvalidArgument.fields(
+            FieldViolation("events", f"at most {MAX_EVENTS} events per call")
+        ).with_reason(reasons.ERROR_REASON_REQUEST_TOO_LARGE)
+    violations = [v for i, e in enumerate(events) for v in _event_violations(i, e)]
+    if violations:
+        too_large = any(v.description.startswith("larger") for v in violations)
+        error = InvalidArgument.fields(*violations)
+        raise error.with_reason(reasons.ERROR_REASON_REQUEST_TOO_LARGE) if too_large else error
+
+
+def _event_violations(i: int, event: EventInput) -> list[FieldViolation]:
+    at = f"events[{i}]"
+    found = []
+    if not _EVENT_TYPE.match(event.event_type):
+        found.append(FieldViolation(f"{at}.event_type", "must be 1-64 of [a-z0-9._-]"))
+    if len(event.resource) > 256:
+        found.append(FieldViolation(f"{at}.resource", "at most 256 characters"))
+    if len(event.session_id) > 128:
+        found.append(FieldViolation(f"{at}.session_id", "at most 128 characters"))
+    if event.code and event.code not in _CODES:
+        found.append(FieldViolation(f"{at}.code", "must be a gRPC status code name"))
+    if any(not 1 <= len(k) <= 64 for k in event.attributes):
+        found.append(FieldViolation(f"{at}.attributes", "keys must be 1-64 characters"))
+    if sum(len(k) + len(v) for k, v in event.attributes.items()) > MAX_ATTRIBUTE_BYTES:
+        found.append(FieldViolation(f"{at}.attributes", "larger than 64 KiB"))
+    return found
+
+
+def _event_record(
+    actor: ActorContext, event: EventInput, now: int, method: str, request_id: str, peer: str
+) -> Record:
+    return Record(
+        tenant_id=actor.tenant_id,
+        kind=EVENT,
+        time_ms=now,
+        method=method,
+        code=event.code or "OK",
+        subject=actor.subject,
+        subject_type=actor.subject_type.value,
+        actors=tuple(link.subject for link in actor.act),
+        session_id=actor.session_id or event.session_id,
+        request_id=request_id,
+        peer=peer,
+        resource=event.resource,
+        event_type=event.event_type,
+        attributes=dict(event.attributes),
+        audit_class=SECURITY,
+        occurred_at_ms=event.occurred_at_ms,
+    )

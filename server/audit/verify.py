@@ -1,0 +1,249 @@
+"""The offline verifier: check an NDJSON export (docs/audit-format.md) with only a public key.
+
+`verify_export(lines, public_key)` never trusts the export: it checks the checkpoint's
+signature, recomputes every leaf hash from its body, checks every inclusion proof against the
+signed root, and that each body names its own log and index. A complete export (from index 0)
+must also hold every index below the checkpoint's size exactly once, and its leaves must
+rebuild the signed root. Every problem is reported with the index it concerns:
+
+* an edited entry no longer hashes to a leaf in the signed tree;
+* a deleted entry leaves its index missing;
+* an inserted entry repeats an index, lies beyond the checkpoint, or fails its proof;
+* reordered entries arrive out of index order (and a body moved to another index names the
+  wrong index).
+
+With `trusted` (a checkpoint saved earlier), a complete export must also extend it: same log,
+at least as large, and its first `trusted.size` leaves rebuild the trusted root — a log that
+was truncated or rewritten since, and re-signed, fails here.
+
+`python -m server audit verify <export> --public-key <pem> [--checkpoint <json>]` wraps it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from server.audit import merkle
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding; `index` is the entry it concerns (None: the export as a whole)."""
+
+    index: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = "export" if self.index is None else f"entry {self.index}"
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class Report:
+    """The outcome of a verification."""
+
+    checkpoint: merkle.SignedCheckpoint | None = None
+    entries: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.checkpoint is not None
+
+    def add(self, index: int | None, message: str) -> None:
+        self.problems.append(Problem(index, message))
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def verify_export(
+    lines: Iterable[str],
+    public_key: merkle.PublicKey,
+    trusted: merkle.SignedCheckpoint | None = None,
+) -> Report:
+    """Verify an export; see the module docstring. Never raises on bad input."""
+    report = Report()
+    rows = (line for line in lines if line.strip())
+    header = _header(next(rows, ""), public_key, report)
+    if header is None:
+        return report
+    signed, start, complete = header
+    leaves: dict[int, bytes] = {}
+    previous = start - 1
+    for number, line in enumerate(rows, start=2):
+        index = _entry(line, number, signed, leaves, previous, report)
+        previous = max(previous, index if index is not None else previous)
+    report.entries = len(leaves)
+    if complete:
+        _check_complete(signed, leaves, report)
+        if trusted is not None:
+            _check_trusted(signed, trusted, public_key, leaves, report)
+    return report
+
+
+def _header(
+    line: str, public_key: merkle.PublicKey, report: Report
+) -> tuple[merkle.SignedCheckpoint, int, bool] | None:
+    try:
+        data = _json(line)
+        if data.get("type") != "checkpoint":
+            raise _Malformed("the first line is not a checkpoint")
+        signed = merkle.SignedCheckpoint.from_dict(data)
+        start, complete = data.get("start_index", 0), data.get("complete") is True
+        if not isinstance(start, int) or start < 0:
+            raise _Malformed("start_index is not a non-negative integer")
+    except ValueError as exc:
+        report.add(None, f"checkpoint unreadable: {exc}")
+        return None
+    report.checkpoint = signed
+    if not merkle.verify_checkpoint(signed, public_key):
+        report.add(None, "the checkpoint signature does not verify with this public key")
+    return signed, start, complete and start == 0
+
+
+def _entry(
+    line: str,
+    number: int,
+    signed: merkle.SignedCheckpoint,
+    leaves: dict[int, bytes],
+    previous: int,
+    report: Report,
+) -> int | None:
+    try:
+        index, leaf, proof, body = _parse_entry(line)
+    except ValueError as exc:
+        report.add(None, f"line {number} unreadable: {exc}")
+        return None
+    cp = signed.checkpoint
+    if index in leaves:
+        report.add(index, "appears more than once (inserted)")
+        return index
+    if index <= previous:
+        report.add(index, "out of order (reordered)")
+    if index >= cp.size:
+        report.add(index, f"beyond the checkpoint's {cp.size} entries (inserted)")
+        return index
+    if body is not None:
+        _check_body(body, index, cp.log_id, report)
+    if not merkle.verify_inclusion(leaf, index, cp.size, proof, cp.root):
+        report.add(index, "does not verify against the signed checkpoint (edited or inserted)")
+    leaves[index] = leaf
+    return index
+
+
+def _parse_entry(line: str) -> tuple[int, bytes, list[bytes], str | None]:
+    data = _json(line)
+    index, body, proof = data.get("index"), data.get("body"), data.get("proof")
+    if data.get("type") != "entry" or not isinstance(index, int) or isinstance(index, bool):
+        raise _Malformed("not an entry with an integer index")
+    if body is not None and not isinstance(body, str):
+        raise _Malformed("body is neither a string nor null")
+    if not isinstance(proof, list) or not all(isinstance(p, str) for p in proof):
+        raise _Malformed("proof is not a list of base64 strings")
+    # A body removed by retention leaves only its leaf hash; otherwise the hash is recomputed.
+    leaf = _b64(data.get("leaf_hash")) if body is None else merkle.leaf_hash(body.encode())
+    return index, leaf, [_b64(p) for p in proof], body
+
+
+def _check_body(body: str, index: int, log_id: str, report: Report) -> None:
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        report.add(index, "body is not JSON (edited)")
+        return
+    if not isinstance(fields, dict) or fields.get("index") != index:
+        report.add(index, "body names another index (moved or reordered)")
+    elif fields.get("log") != log_id:
+        report.add(index, "body names another log (moved from another tenant)")
+
+
+def _check_complete(
+    signed: merkle.SignedCheckpoint, leaves: dict[int, bytes], report: Report
+) -> None:
+    size = signed.checkpoint.size
+    for index in range(size):
+        if index not in leaves:
+            report.add(index, "missing (deleted or truncated)")
+    if len(leaves) < size or report.problems:
+        return  # the rebuilt root would only repeat what was already found
+    if merkle.root([leaves[i] for i in range(size)]) != signed.checkpoint.root:
+        report.add(None, "the entries do not rebuild the signed root")
+
+
+def _check_trusted(
+    signed: merkle.SignedCheckpoint,
+    trusted: merkle.SignedCheckpoint,
+    public_key: merkle.PublicKey,
+    leaves: dict[int, bytes],
+    report: Report,
+) -> None:
+    old = trusted.checkpoint
+    if not merkle.verify_checkpoint(trusted, public_key):
+        report.add(None, "the trusted checkpoint's signature does not verify")
+    elif old.log_id != signed.checkpoint.log_id:
+        report.add(None, "the trusted checkpoint is of another log")
+    elif old.size > signed.checkpoint.size:
+        report.add(old.size - 1, "the log is shorter than the trusted checkpoint (truncated)")
+    elif all(i in leaves for i in range(old.size)) and (
+        merkle.root([leaves[i] for i in range(old.size)]) != old.root
+    ):
+        report.add(None, "the log is not an extension of the trusted checkpoint (rewritten)")
+
+
+def _json(line: str) -> dict[str, Any]:
+    try:
+        data = json.loads(line)
+    except ValueError as exc:
+        raise _Malformed("not JSON") from exc
+    if not isinstance(data, dict):
+        raise _Malformed("not a JSON object")
+    return data
+
+
+def _b64(value: object) -> bytes:
+    if not isinstance(value, str):
+        raise _Malformed("expected a base64 string")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error) as exc:
+        raise _Malformed("invalid base64") from exc
+
+
+def load_public_key(pem: bytes) -> merkle.PublicKey:
+    """An Ed25519 or ECDSA P-256 public key from PEM (SubjectPublicKeyInfo)."""
+    key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, Ed25519PublicKey | ec.EllipticCurvePublicKey):
+        raise ValueError("the public key is neither Ed25519 nor ECDSA P-256")
+    return key
+
+
+def main(export: Path, public_key: Path, checkpoint: Path | None) -> int:
+    """The CLI: print the findings; exit 0 when the export verifies, 1 when it does not."""
+    try:
+        key = load_public_key(public_key.read_bytes())
+        trusted = None
+        if checkpoint is not None:
+            trusted = merkle.SignedCheckpoint.from_dict(json.loads(checkpoint.read_text()))
+        with export.open(encoding="utf-8") as lines:
+            report = verify_export(lines, key, trusted)
+    except (OSError, ValueError) as exc:
+        print(f"cannot verify: {exc}")
+        return 2
+    for problem in report.problems:
+        print(problem)
+    size = report.checkpoint.checkpoint.size if report.checkpoint else 0
+    verdict = "OK" if report.ok else "FAILED"
+    print(f"{verdict}: {report.entries} entries checked against a checkpoint of {size}")
+    return 0 if report.ok else 1

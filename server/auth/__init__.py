@@ -1,0 +1,1 @@
+"""The Auth feature: principals, login, tokens, auth sessions."""

@@ -1,0 +1,346 @@
+"""AuditService and the audit layer through the real server: every outcome recorded once,
+durability of security-class calls, receipts, proofs, queries, isolation, export."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+from tptest.v1 import test_service_pb2
+from trustplane.audit.v1 import audit_pb2 as pb
+from trustplane.crypto.v1 import crypto_pb2
+
+from server.audit import merkle
+from server.audit.model import SYSTEM_TENANT, EntryFilter, decode
+from server.audit.verify import verify_export
+from tests.support.status import expect_error
+from tests.support.tokens import OTHER_TENANT, TENANT, bearer
+
+TEST = "/tptest.v1.TestService/"
+
+
+@pytest.fixture
+def member(idp):
+    return bearer(idp.token(roles=["member"], sub="user-1"))
+
+
+async def tenant_entries(running, tenant=TENANT, **filters):
+    """Every committed entry of a tenant's log, read past the API (no entry for the read)."""
+    await running.app.audit.flush()
+    entries, _ = await running.app.audit.list_entries(tenant, EntryFilter(**filters), 1000, "")
+    return [decode(e.body) for e in entries]
+
+
+async def by_method(running, method, tenant=TENANT):
+    return await tenant_entries(running, tenant, method=TEST + method)
+
+
+def event(event_type="tool.invoke", **kw):
+    return pb.AuditEvent(event_type=event_type, **kw)
+
+
+async def append(running, metadata, events, **kw):
+    return await running.audit.AppendEntries(
+        pb.AppendEntriesRequest(events=events, **kw), metadata=metadata
+    )
+
+
+async def test_each_outcome_is_recorded_exactly_once(server, idp, member):
+    token = idp.token(roles=["member"], sub="user-1", sid="sess-1")
+    meta = (*bearer(token), ("x-request-id", "req-42"))
+    await server.test.WhoAmI(test_service_pb2.WhoAmIRequest(), metadata=meta)
+    await expect_error(server.test.WhoAmI(test_service_pb2.WhoAmIRequest()))
+    await expect_error(server.test.Administer(test_service_pb2.EchoRequest(), metadata=member))
+    write = test_service_pb2.WriteRequest(name="w1", kind="not_found")
+    await expect_error(server.test.Write(write, metadata=member))
+    await server.test.Echo(test_service_pb2.EchoRequest(message="body-never-stored"))
+    await expect_error(server.test.Fail(test_service_pb2.FailRequest(kind="unexpected")))
+
+    [who] = await by_method(server, "WhoAmI")
+    assert (who["code"], who["reason"], who["subject"], who["session_id"]) == (
+        "OK",
+        "",
+        "user-1",
+        "sess-1",
+    )
+    assert who["request_id"] == "req-42" and who["kind"] == "call"
+    assert who["peer"].startswith("ipv4:127.0.0.1:") and who["latency_us"] >= 0
+    assert len(who["request_digest"]) == 64 and who["audit_class"] == "access"
+    assert who["subject_type"] == "user" and who["log"] == f"trustplane.audit/{TENANT}"
+    [denied] = await by_method(server, "Administer")
+    assert (denied["code"], denied["reason"]) == ("PERMISSION_DENIED", "PERMISSION_DENIED")
+    [missing] = await by_method(server, "Write")
+    assert (missing["code"], missing["reason"], missing["resource"]) == (
+        "NOT_FOUND",
+        "NOT_FOUND",
+        "w1",
+    )
+    system = await tenant_entries(server, SYSTEM_TENANT)
+    unauthenticated = [e for e in system if e["method"] == TEST + "WhoAmI"]
+    assert [(e["code"], e["reason"], e["subject"]) for e in unauthenticated] == [
+        ("UNAUTHENTICATED", "CREDENTIALS_MISSING", "")
+    ]
+    assert [e["code"] for e in system if e["method"] == TEST + "Echo"] == ["OK"]
+    assert [(e["code"], e["reason"]) for e in system if e["method"] == TEST + "Fail"] == [
+        ("INTERNAL", "INTERNAL")
+    ]
+    every = json.dumps(await tenant_entries(server)) + json.dumps(system)
+    assert token not in every and "body-never-stored" not in every
+
+
+async def test_rejected_token_and_rate_limit_are_recorded(start_server, idp):
+    async with start_server(TRUSTPLANE_RATE_LIMIT="1", TRUSTPLANE_RATE_BURST="1") as running:
+        expired = bearer(idp.token(exp=1, iat=0))
+        status = await expect_error(
+            running.test.WhoAmI(test_service_pb2.WhoAmIRequest(), metadata=expired)
+        )
+        assert status.reason == "TOKEN_EXPIRED"
+        member = bearer(idp.token())
+        outcomes = []
+        for _ in range(3):
+            try:
+                await running.test.WhoAmI(test_service_pb2.WhoAmIRequest(), metadata=member)
+                outcomes.append("OK")
+            except grpc.aio.AioRpcError as error:
+                outcomes.append(error.code().name)
+        assert "RESOURCE_EXHAUSTED" in outcomes
+        recorded = await by_method(running, "WhoAmI")
+        assert [e["code"] for e in recorded] == outcomes
+        assert {e["reason"] for e in recorded if e["code"] != "OK"} == {"RATE_LIMITED"}
+        system = await tenant_entries(running, SYSTEM_TENANT, method=TEST + "WhoAmI")
+        assert [(e["code"], e["reason"]) for e in system] == [("UNAUTHENTICATED", "TOKEN_EXPIRED")]
+
+
+async def test_idempotent_replay_is_recorded_with_its_key(server, member):
+    key = str(uuid.uuid4())
+    request = test_service_pb2.WriteRequest(request_id=key, name="r")
+    first = await server.test.Write(request, metadata=member)
+    again = await server.test.Write(request, metadata=member)
+    assert first.execution == again.execution == 1
+    recorded = await by_method(server, "Write")
+    assert [(e["idempotency_key"], e["replayed"], e["code"]) for e in recorded] == [
+        (key, False, "OK"),
+        (key, True, "OK"),
+    ]
+    assert recorded[0]["request_digest"] == recorded[1]["request_digest"]
+
+
+async def test_security_call_is_committed_before_it_is_answered(server, idp):
+    admin = bearer(idp.token(roles=["admin"]))
+    request = crypto_pb2.CreateKeyRequest(
+        request_id=str(uuid.uuid4()), name="k", purpose=crypto_pb2.KEY_PURPOSE_ENCRYPT_DECRYPT
+    )
+    await server.crypto.CreateKey(request, metadata=admin)
+    body = await server.app.db.fetchval(
+        "SELECT body FROM audit_entries WHERE method = $1",
+        "/trustplane.crypto.v1.CryptoService/CreateKey",
+    )  # no flush: it must already be there
+    fields = decode(body)
+    assert (fields["audit_class"], fields["code"], fields["resource"]) == ("security", "OK", "k")
+
+
+async def test_security_call_fails_closed_when_the_log_is_down(server, idp, monkeypatch):
+    admin = bearer(idp.token(roles=["admin"]))
+    store = server.app.audit._store
+    real = store.append
+
+    async def broken(groups):
+        raise ConnectionResetError("database gone")
+
+    monkeypatch.setattr(store, "append", broken)
+    request = crypto_pb2.CreateKeyRequest(
+        request_id=str(uuid.uuid4()), name="k", purpose=crypto_pb2.KEY_PURPOSE_ENCRYPT_DECRYPT
+    )
+    status = await expect_error(server.crypto.CreateKey(request, metadata=admin))
+    assert (status.code, status.reason) == (grpc.StatusCode.UNAVAILABLE, "AUDIT_UNAVAILABLE")
+    monkeypatch.setattr(store, "append", real)
+    await asyncio.wait_for(server.app.audit.flush(), 10)  # retried, never dropped
+    created = await tenant_entries(server, method="/trustplane.crypto.v1.CryptoService/CreateKey")
+    assert [e["code"] for e in created] == ["OK"]
+
+
+async def test_append_receipt_checkpoint_and_proofs(server, idp):
+    token = idp.token(roles=["member"], sub="user-1", act={"sub": "agent-7", "ptype": "agent"})
+    events = [event(resource=f"tool-{i}", attributes={"n": str(i)}) for i in range(5)]
+    receipt = await append(server, bearer(token), events, include_checkpoint=True)
+    first = receipt.indexes[0]
+    assert list(receipt.indexes) == list(range(first, first + 5))
+    checkpoint = receipt.checkpoint
+    assert checkpoint.tree_size >= first + 5
+    viewer = bearer(idp.token(roles=["viewer"]))
+    head = await server.audit.GetCheckpoint(pb.GetCheckpointRequest(), metadata=viewer)
+    key = serialization.load_pem_public_key(head.public_key_pem.encode())
+    signed = merkle.SignedCheckpoint(
+        merkle.Checkpoint.from_body(checkpoint.body), checkpoint.key_id, checkpoint.signature
+    )
+    assert merkle.verify_checkpoint(signed, key)
+    listed = await server.audit.ListEntries(
+        pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT), metadata=viewer
+    )
+    assert [e.index for e in listed.entries] == list(receipt.indexes)
+    entry = listed.entries[2]
+    assert (entry.subject, list(entry.actors), entry.resource) == ("user-1", ["agent-7"], "tool-2")
+    assert entry.event_type == "tool.invoke" and entry.attributes["n"] == "2"
+    assert entry.leaf_hash == merkle.leaf_hash(entry.body.encode())
+    proof = await server.audit.GetInclusionProof(
+        pb.GetInclusionProofRequest(index=entry.index, tree_size=checkpoint.tree_size),
+        metadata=viewer,
+    )
+    assert proof.root_hash == checkpoint.root_hash
+    assert merkle.verify_inclusion(
+        entry.leaf_hash, entry.index, checkpoint.tree_size, list(proof.hashes), checkpoint.root_hash
+    )
+    await append(server, bearer(token), [event()])
+    later = await server.audit.GetConsistencyProof(
+        pb.GetConsistencyProofRequest(first_tree_size=checkpoint.tree_size), metadata=viewer
+    )
+    assert later.second_tree_size > checkpoint.tree_size
+    assert later.first_root_hash == checkpoint.root_hash
+    assert merkle.verify_consistency(
+        checkpoint.tree_size,
+        later.second_tree_size,
+        checkpoint.root_hash,
+        later.checkpoint.root_hash,
+        list(later.hashes),
+    )
+
+
+async def test_append_validation_and_permissions(server, idp, member):
+    cases = [
+        ([], "INVALID_ARGUMENT", "events"),
+        ([event("Bad Type")], "INVALID_ARGUMENT", "events[0].event_type"),
+        ([event(code="NOPE")], "INVALID_ARGUMENT", "events[0].code"),
+        ([event()] * 1001, "REQUEST_TOO_LARGE", "events"),
+        ([event(attributes={"a": "x" * 70_000})], "REQUEST_TOO_LARGE", "events[0].attributes"),
+    ]
+    for events, reason, field in cases:
+        status = await expect_error(append(server, member, events))
+        assert (status.code, status.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
+        assert [f for f, _ in status.field_violations] == [field]
+    viewer = bearer(idp.token(roles=["viewer"]))
+    status = await expect_error(append(server, viewer, [event()]))
+    assert (status.code, status.reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
+    bad = await expect_error(
+        server.audit.GetInclusionProof(pb.GetInclusionProofRequest(index=99), metadata=viewer)
+    )
+    assert (bad.code, bad.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+
+
+async def test_list_filters_and_page_tokens(server, idp, member):
+    events = [event(resource=f"r{i % 2}", session_id=f"s{i % 3}") for i in range(9)]
+    await append(server, member, events)
+    viewer = bearer(idp.token(roles=["viewer"]))
+
+    async def listed(**kw):
+        return await server.audit.ListEntries(pb.ListEntriesRequest(**kw), metadata=viewer)
+
+    assert len((await listed(resource="r0")).entries) == 5
+    assert len((await listed(kind=pb.ENTRY_KIND_EVENT, session_id="s1")).entries) == 3
+    seen, token = [], ""
+    while True:
+        page = await listed(kind=pb.ENTRY_KIND_EVENT, page_size=4, page_token=token)
+        seen += [e.index for e in page.entries]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == 9 and seen == sorted(seen)
+    first = await listed(kind=pb.ENTRY_KIND_EVENT, page_size=4)
+    for tampered in (first.next_page_token[:-2] + "AA", "garbage"):
+        status = await expect_error(listed(kind=pb.ENTRY_KIND_EVENT, page_token=tampered))
+        assert (status.code, status.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "PAGE_TOKEN_INVALID",
+        )
+    other_query = await expect_error(listed(resource="r1", page_token=first.next_page_token))
+    assert other_query.reason == "PAGE_TOKEN_INVALID"
+    assert not (await listed(subject="somebody-else")).entries
+
+
+async def test_cross_tenant_queries_see_nothing(server, idp, member):
+    receipt = await append(server, member, [event(resource="secret-tool")] * 3)
+    other = bearer(idp.token(roles=["owner"], tid=OTHER_TENANT))
+    listed = await server.audit.ListEntries(pb.ListEntriesRequest(), metadata=other)
+    assert all(e.resource != "secret-tool" for e in listed.entries)
+    assert all(TENANT not in e.body for e in listed.entries)
+    status = await expect_error(
+        server.audit.GetInclusionProof(
+            pb.GetInclusionProofRequest(
+                index=receipt.indexes[-1], tree_size=receipt.indexes[-1] + 1
+            ),
+            metadata=other,
+        )
+    )
+    assert (status.code, status.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    lines = await export(server, other)
+    assert all("secret-tool" not in line for line in lines)
+    head = json.loads(lines[0])
+    assert head["log_id"] == f"trustplane.audit/{OTHER_TENANT}"
+
+
+async def export(running, metadata, start=0):
+    lines = []
+    async for chunk in running.audit.ExportEntries(
+        pb.ExportEntriesRequest(start_index=start), metadata=metadata
+    ):
+        lines += chunk.lines
+    return lines
+
+
+async def test_two_servers_append_one_consistent_tree(start_server, make_config, idp, member):
+    config = make_config()
+    async with start_server(config) as one, start_server(config) as two:
+        calls = [
+            append(running, member, [event(resource=f"{n}-{i}") for i in range(20)])
+            for n, running in enumerate([one, two] * 10)
+        ]
+        receipts = await asyncio.gather(*calls)
+        indexes = sorted(i for r in receipts for i in r.indexes)
+        assert len(indexes) == len(set(indexes)) == 400
+        for r in receipts:  # each batch is contiguous: one writer per log at a time
+            assert list(r.indexes) == list(range(r.indexes[0], r.indexes[0] + 20))
+        owner = bearer(idp.token(roles=["owner"]))
+        lines = await export(one, owner)
+        key = await public_key(two, owner)
+        report = verify_export(lines, key)
+        assert report.ok, report.problems
+        assert report.entries == json.loads(lines[0])["size"] >= 400
+
+
+async def public_key(running, metadata):
+    head = await running.audit.GetCheckpoint(pb.GetCheckpointRequest(), metadata=metadata)
+    return serialization.load_pem_public_key(head.public_key_pem.encode())
+
+
+async def test_retention_keeps_proofs_valid(start_server, idp, member):
+    now = [time.time() - 400 * 86_400]
+    async with start_server(clock=lambda: now[0]) as running:
+        old = await append(running, member, [event(resource="old")] * 4)
+        now[0] = time.time()
+        await append(running, member, [event(resource="new")] * 2)
+        await running.app.audit.flush()
+        await running.app.audit.expire()
+        owner = bearer(idp.token(roles=["owner"]))
+        listed = await running.audit.ListEntries(
+            pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT), metadata=owner
+        )
+        redacted = [e.index for e in listed.entries if not e.body]
+        assert redacted == list(old.indexes)
+        assert all(len(e.leaf_hash) == 32 for e in listed.entries)
+        lines = await export(running, owner)
+        report = verify_export(lines, await public_key(running, owner))
+        assert report.ok, report.problems
+        proof = await running.audit.GetInclusionProof(
+            pb.GetInclusionProofRequest(index=old.indexes[0]), metadata=owner
+        )
+        assert merkle.verify_inclusion(
+            proof.leaf_hash,
+            proof.index,
+            proof.tree_size,
+            list(proof.hashes),
+            proof.checkpoint.root_hash,
+        )
