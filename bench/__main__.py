@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -79,7 +80,11 @@ async def run_bench(settings: Settings, placement: Placement, workdir: Path) -> 
     async with contextlib.AsyncExitStack() as stack:
         server = await stack.enter_async_context(servers.trustplane(placement, workdir))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
-        built = await cases.build_cases(BenchContext(server.address, channel, server.idp))
+        built = await cases.build_cases(
+            BenchContext(
+                server.address, channel, server.idp, server.tenant, server.email, server.password
+            )
+        )
         wanted = os.environ.get("BENCH_CASES", "")
         if wanted:  # the first case stays: the echo ceiling sends its bytes
             built = built[:1] + [
@@ -113,9 +118,10 @@ async def _measure_case(
     target = Target(
         case.name, server.address, case.path, case.request, case.headers, server.metrics_url
     )
-    measured = await measure(
-        target, settings.shape, settings.runs, workdir, placement.load_prefix()
-    )
+    shape = settings.shape
+    if case.requests is not None:
+        shape = dataclasses.replace(shape, requests=max(case.requests, shape.in_flight))
+    measured = await measure(target, shape, settings.runs, workdir, placement.load_prefix())
     return Scored(measured, case.target_ratio, case.items, case.target_items_per_s)
 
 

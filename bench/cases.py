@@ -16,14 +16,16 @@ ceiling sends the first case's request bytes, so keep the small `Health/Check` f
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc.aio
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2
 from tptest.v1 import test_service_pb2
 from trustplane.audit.v1 import audit_pb2
+from trustplane.auth.v1 import auth_pb2, auth_pb2_grpc
 from trustplane.crypto.v1 import crypto_pb2, crypto_pb2_grpc
 
 from tests.support.tokens import TestIdP
@@ -38,6 +40,9 @@ class BenchContext:
     address: str  # host:port of the gRPC listener (plaintext)
     channel: grpc.aio.Channel  # an open channel to `address`
     idp: TestIdP  # issues tokens the server trusts
+    tenant: str  # a bootstrapped tenant and its owner (for Auth cases)
+    email: str
+    password: str
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Case:
     request: bytes  # the serialized request message (the bench adds the gRPC frame)
     target_ratio: float  # minimum req/s relative to the bare echo ceiling
     headers: Headers = ()  # extra request headers, e.g. authorization
+    requests: int | None = None  # fewer requests than BENCH_REQUESTS, for slow RPCs
     items: int = 1  # items per request, for batch RPCs (the table shows items/s)
     target_items_per_s: float = 0.0  # a throughput target replacing the ratio target
 
@@ -154,6 +160,54 @@ async def _audit_append(ctx: BenchContext) -> Case:
     )
 
 
+async def _login(ctx: BenchContext) -> Case:
+    """Login: argon2id verification (~tens of ms of CPU by design); reported, no target."""
+    request = auth_pb2.LoginRequest(tenant=ctx.tenant, email=ctx.email, password=ctx.password)
+    return Case(
+        name="AuthService/Login (argon2id)",
+        path="/trustplane.auth.v1.AuthService/Login",
+        request=request.SerializeToString(),
+        target_ratio=0.0,
+        requests=200,
+    )
+
+
+async def _owner_token(ctx: BenchContext) -> str:
+    stub = auth_pb2_grpc.AuthServiceStub(ctx.channel)
+    request = auth_pb2.LoginRequest(tenant=ctx.tenant, email=ctx.email, password=ctx.password)
+    return str((await stub.Login(request)).tokens.access_token)
+
+
+async def _whoami_jwt(ctx: BenchContext) -> Case:
+    """WhoAmI with an access token trustplane issued (EdDSA, verified-token cache warm)."""
+    token = await _owner_token(ctx)
+    return Case(
+        name="AuthService/WhoAmI (own JWT)",
+        path="/trustplane.auth.v1.AuthService/WhoAmI",
+        request=auth_pb2.WhoAmIRequest().SerializeToString(),
+        target_ratio=0.5,
+        headers=(("authorization", f"Bearer {token}"),),
+    )
+
+
+async def _whoami_api_key(ctx: BenchContext) -> Case:
+    """WhoAmI with an API key (checksum, HMAC under the keyring's MAC key, cached 30 s)."""
+    token = await _owner_token(ctx)
+    stub = auth_pb2_grpc.AuthServiceStub(ctx.channel)
+    expires = timestamp_pb2.Timestamp(seconds=int(time.time()) + 86400)
+    created = await stub.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(request_id=str(uuid.uuid4()), expire_time=expires),
+        metadata=(("authorization", f"Bearer {token}"),),
+    )
+    return Case(
+        name="AuthService/WhoAmI (API key)",
+        path="/trustplane.auth.v1.AuthService/WhoAmI",
+        request=auth_pb2.WhoAmIRequest().SerializeToString(),
+        target_ratio=0.5,
+        headers=(("x-api-key", created.api_key),),
+    )
+
+
 BUILDERS: list[CaseBuilder] = [
     _health_check,
     _authenticated,
@@ -161,6 +215,9 @@ BUILDERS: list[CaseBuilder] = [
     _batch_encrypt,
     _audited_mutation,
     _audit_append,
+    _login,
+    _whoami_jwt,
+    _whoami_api_key,
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -74,6 +75,9 @@ class Trustplane:
     address: str
     metrics_url: str
     idp: TestIdP  # the token issuer the server trusts
+    tenant: str  # a tenant made by `python -m server bootstrap`, and its owner's credentials
+    email: str
+    password: str
 
 
 def free_port() -> int:
@@ -115,6 +119,10 @@ def trustplane_env(
         "TRUSTPLANE_TRUSTED_ISSUERS_FILE": str(idp.issuers_file),
         "TRUSTPLANE_RATE_LIMIT": "1000000000",
         "TRUSTPLANE_RATE_BURST": "1000000000",
+        # Login is measured too: let it run into argon2, not into the brute-force limiter.
+        "TRUSTPLANE_LOGIN_MAX_ATTEMPTS": "1000",
+        "TRUSTPLANE_LOGIN_WINDOW": "1",
+        "TRUSTPLANE_ACCESS_TOKEN_TTL": "3600",
     }
     for source, target in _PASSED_THROUGH:
         if os.environ.get(source):
@@ -148,16 +156,41 @@ async def trustplane(placement: Placement, workdir: Path) -> AsyncIterator[Trust
     idp_dir = workdir / "idp"
     idp_dir.mkdir()
     idp = TestIdP(idp_dir)
+    env = trustplane_env(address, metrics, data_dir, idp)
+    tenant, email = f"bench-{os.urandom(4).hex()}", "bench@localhost"
+    password = await _bootstrap(env, tenant, email)
     args = [*placement.server_prefix(), sys.executable, "-m", "tests.support.app_process"]
     log_path = workdir / "trustplane.log"
     with log_path.open("wb") as log:
-        proc = await _spawn(args, trustplane_env(address, metrics, data_dir, idp), log)
+        proc = await _spawn(args, env, log)
         try:
             await _await_serving(proc, address, log_path)
             _unpin_postgres(proc.pid)
-            yield Trustplane(address, f"http://{metrics}/metrics", idp)
+            yield Trustplane(address, f"http://{metrics}/metrics", idp, tenant, email, password)
         finally:
             await stop(proc)
+
+
+async def _bootstrap(env: Mapping[str, str], tenant: str, email: str) -> str:
+    """`python -m server bootstrap` against the server's database; the owner's password."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "bootstrap",
+        "--tenant",
+        tenant,
+        "--email",
+        email,
+        env=dict(env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    found = re.search(rb"password \(shown once\): (\S+)", out)
+    if proc.returncode != 0 or found is None:
+        raise ServerError(f"bootstrap failed ({proc.returncode}): {err.decode()[-500:]}")
+    return found.group(1).decode()
 
 
 def _unpin_postgres(server_pid: int) -> None:
