@@ -123,6 +123,7 @@ async def _batch_encrypt(ctx: BenchContext) -> Case:
         headers=await _crypto_key(ctx),
         items=100,
         target_items_per_s=100_000,
+        requests=5000,
     )
 
 
@@ -139,6 +140,7 @@ async def _audited_mutation(ctx: BenchContext) -> Case:
         request=request.SerializeToString(),
         target_ratio=0.0,
         headers=await _crypto_key(ctx),
+        requests=5000,
     )
 
 
@@ -157,6 +159,7 @@ async def _audit_append(ctx: BenchContext) -> Case:
         headers=(("authorization", f"Bearer {token}"),),
         items=100,
         target_items_per_s=20_000,
+        requests=2000,
     )
 
 

@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import sys
+import time
+import uuid
 
 import asyncpg
 from argon2 import PasswordHasher
@@ -15,6 +17,8 @@ from argon2 import PasswordHasher
 from server import migrate
 from server.app import App
 from server.auth import service as auth_service
+from server.auth.api_keys import ApiKeys
+from server.auth.model import Principal
 from server.auth.store import PgAuthStore
 from server.cache import MemoryCache
 from server.config import Config
@@ -41,8 +45,10 @@ async def _first_run(app: App) -> str | None:
     """Zero-setup start on an empty embedded database: create a default tenant and owner."""
     if app.auth is None or not app.is_embedded or await app.auth.has_tenants():
         return None
-    _, _, password = await app.auth.bootstrap("default", "admin@localhost")
-    return _credentials("default", "admin@localhost", password, app.config)
+    _, owner, password = await app.auth.bootstrap("default", "admin@localhost")
+    assert app.api_keys is not None
+    key = await _owner_api_key(app.api_keys, owner)
+    return _credentials("default", "admin@localhost", password, key, app.config)
 
 
 async def serve(config: Config, worker_index: int = 0) -> int:
@@ -124,38 +130,57 @@ def bootstrap_command(config: Config, tenant: str, email: str) -> int:
         embedded = EmbeddedPostgres(config.data_dir)
         dsn = embedded.start()
     try:
-        password = asyncio.run(_bootstrap(config, dsn, tenant, email))
+        password, key = asyncio.run(_bootstrap(config, dsn, tenant, email))
     except AlreadyExists as exc:
         print(f"bootstrap: {exc.message}", file=sys.stderr)
         return 1
     finally:
         if embedded is not None:
             embedded.stop()
-    print(_credentials(tenant, email, password, config))
+    print(_credentials(tenant, email, password, key, config))
     return 0
 
 
-async def _bootstrap(config: Config, dsn: str, tenant: str, email: str) -> str:
+async def _bootstrap(config: Config, dsn: str, tenant: str, email: str) -> tuple[str, str]:
+    """The tenant, its owner and an owner API key; returns (password, API key)."""
     db = await Database.connect(dsn, config.database)
+    cache = MemoryCache()
     try:
         async with db.acquire() as conn:
             await migrate.migrate(conn, migrate.load())
-        _, _, password = await auth_service.bootstrap(
-            PgAuthStore(db), PasswordHasher(), tenant, email
+        store = PgAuthStore(db)
+        _, owner, password = await auth_service.bootstrap(store, PasswordHasher(), tenant, email)
+        crypto = config.crypto
+        roots = hierarchy.RootKeys.from_config(
+            crypto.root_key, crypto.root_key_file, config.data_dir
         )
-        return password
+        api_keys = ApiKeys(store, KeyManager(PgKeyStore(db), roots, cache))
+        await api_keys.start()
+        return password, await _owner_api_key(api_keys, owner)
     finally:
+        await cache.close()
         await db.close()
 
 
-def _credentials(tenant: str, email: str, password: str, config: Config) -> str:
+async def _owner_api_key(api_keys: ApiKeys, owner: Principal) -> str:
+    """A 90-day API key for the first owner, for scripts and grpcurl."""
+    key, _ = await api_keys.create(
+        owner, (), time.time() + 89 * 86_400.0, "bootstrap", str(uuid.uuid4())
+    )
+    return key
+
+
+def _credentials(tenant: str, email: str, password: str, key: str, config: Config) -> str:
     address = str(config.server.listen)
     login = json.dumps({"tenant": tenant, "email": email, "password": password})
     return "\n".join(
         [
             f"created tenant {tenant!r} with owner {email}",
             f"  password (shown once): {password}",
-            "  log in:",
+            f"  API key (shown once, 89 days): {key}",
+            "  log in, or call with the key:",
             f"  grpcurl -plaintext -d '{login}' {address} trustplane.auth.v1.AuthService/Login",
+            f"  grpcurl -plaintext -H 'x-api-key: {key}' {address} "
+            "trustplane.auth.v1.AuthService/WhoAmI",
         ]
     )

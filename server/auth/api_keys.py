@@ -115,7 +115,7 @@ class ApiKeys:
         request_id: str,
     ) -> tuple[str, ApiKeyRecord]:
         now = self._clock()
-        _check_expiry(expires_at, now)
+        _check_expiry(expires_at, now, await self._cap(owner.tenant_id))
         checked = _check_scopes(owner, scopes)
         key_id, secret = secrets.token_hex(8), _random(32)
         tag, version = await self._keys.mac(SYSTEM_TENANT, MAC_KEY, secret.encode())
@@ -141,6 +141,12 @@ class ApiKeys:
             )
         return format_key(self._env, key_id, secret), stored
 
+    async def _cap(self, tenant_id: str) -> float:
+        """The tenant's maximum key lifetime (`api_key_max_ttl_days`, never above 90 days)."""
+        found = await self._store.tenant(tenant_id)
+        days = found[2].get("api_key_max_ttl_days", 90) if found else 90
+        return min(MAX_TTL, float(days) * 86_400.0) if isinstance(days, int) else MAX_TTL
+
     async def rotate(
         self, owner: Principal, old: ApiKeyRecord, overlap: float, request_id: str
     ) -> tuple[str, ApiKeyRecord, ApiKeyRecord]:
@@ -151,7 +157,7 @@ class ApiKeys:
                 FieldViolation("overlap_seconds", "at most 7 days (604800)")
             )
         now = self._clock()
-        lifetime = min(old.expires_at - old.created_at, MAX_TTL)
+        lifetime = min(old.expires_at - old.created_at, await self._cap(owner.tenant_id))
         key, record = await self.create(
             owner, old.scopes or (), now + lifetime, old.display_name, request_id
         )
@@ -237,10 +243,13 @@ def _expired(principal: Principal, now: float) -> bool:
     return principal.expires_at is not None and principal.expires_at <= now
 
 
-def _check_expiry(expires_at: float, now: float) -> None:
-    if not now < expires_at <= now + MAX_TTL:
+def _check_expiry(expires_at: float, now: float, cap: float) -> None:
+    if not now < expires_at <= now + cap:
+        days = round(cap / 86_400)
         raise InvalidArgument.fields(
-            FieldViolation("expire_time", "required, in the future, at most 90 days ahead")
+            FieldViolation(
+                "expire_time", f"required, in the future, at most {days} days ahead (tenant cap)"
+            )
         )
 
 

@@ -43,6 +43,7 @@ from server.auth.model import (
     AuthSession,
     IssuedTokens,
     Principal,
+    Tenant,
 )
 from server.auth.store import PgAuthStore, RefreshOutcome
 from server.cache import Cache
@@ -90,6 +91,7 @@ class InvitationInvalid(Unauthenticated):
 
 
 _ROLE_RANK = {"viewer": 1, "member": 2, "admin": 3, "owner": 4}
+_MANAGED = (PrincipalType.AGENT, PrincipalType.SERVICE_ACCOUNT)
 _INVITE_PREFIX = "tpinv_"
 
 
@@ -337,6 +339,7 @@ class Authenticator:
 
     async def create_agent(
         self,
+        kind: PrincipalType,
         actor: ActorContext,
         display_name: str,
         purpose: str,
@@ -356,7 +359,12 @@ class Authenticator:
                 metadata={"roles": ",".join(lacking)},
             )
         owner = await self._own_principal(actor)
+        if kind not in _MANAGED:
+            raise InvalidArgument.fields(
+                FieldViolation("principal_type", "AGENT or SERVICE_ACCOUNT")
+            )
         return await self._store.create_agent(
+            kind,
             actor.tenant_id,
             owner.id,
             display_name,
@@ -369,17 +377,18 @@ class Authenticator:
 
     async def agent(self, actor: ActorContext, agent_id: str) -> Principal:
         found = await self._store.principal(actor.tenant_id, agent_id)
-        if found is None or found.type is not PrincipalType.AGENT:
+        if found is None or found.type not in _MANAGED:
             raise NotFound("agent not found")
         return found
 
     async def list_agents(
-        self, actor: ActorContext, size: int, token: str
+        self, actor: ActorContext, size: int, token: str, kind: PrincipalType | None = None
     ) -> tuple[list[Principal], str]:
         limit = page_size(size)
-        query = f"auth.ListAgents\0{actor.tenant_id}"
+        kinds = (kind,) if kind in _MANAGED else _MANAGED
+        query = f"auth.ListAgents\0{actor.tenant_id}\0{','.join(k.value for k in kinds)}"
         after = self._page_tokens.decode(query, token)["after"] if token else ""
-        agents = await self._store.list_agents(actor.tenant_id, after, limit + 1)
+        agents = await self._store.list_agents(actor.tenant_id, kinds, after, limit + 1)
         if len(agents) <= limit:
             return agents, ""
         return agents[:limit], self._page_tokens.encode(query, {"after": agents[limit - 1].id})
@@ -426,7 +435,7 @@ class Authenticator:
         self, actor: ActorContext, agent_id: str, changes: dict[str, Any], etag: str
     ) -> Principal:
         agent = await self.managed_principal(actor, agent_id)
-        if agent.type is not PrincipalType.AGENT:
+        if agent.type not in _MANAGED:
             raise NotFound("agent not found")
         lacking = [r for r in changes.get("roles", ()) if r not in actor.roles]
         if lacking and not _is_admin(actor):
@@ -435,7 +444,7 @@ class Authenticator:
         if expires is not None and expires <= self._clock():
             raise InvalidArgument.fields(FieldViolation("agent.expire_time", "in the future"))
         return await self._store.update_principal(
-            actor.tenant_id, agent.id, PrincipalType.AGENT, changes, _revision(etag)
+            actor.tenant_id, agent.id, agent.type, changes, _revision(etag)
         )
 
     async def user(self, actor: ActorContext, user_id: str) -> Principal:
@@ -550,6 +559,31 @@ class Authenticator:
             raise InvitationInvalid(f"invitation is {why}")
         return user, await self._store.tenant_name(user.tenant_id)
 
+    # --- tenant -----------------------------------------------------------------------------
+
+    async def tenant(self, actor: ActorContext) -> tuple[Tenant, str, int]:
+        found = await self._store.tenant(actor.tenant_id)
+        if found is None:
+            raise NotFound("the caller's tenant is not registered with this server")
+        tenant, display_name, settings = found
+        return tenant, display_name, _ttl_days(settings)
+
+    async def update_tenant(
+        self, actor: ActorContext, display_name: str | None, api_key_days: int | None
+    ) -> tuple[Tenant, str, int]:
+        if "owner" not in actor.roles:
+            raise PermissionDenied("only the tenant's owners may change it")
+        if api_key_days is not None and not 0 <= api_key_days <= 90:
+            raise InvalidArgument.fields(
+                FieldViolation("tenant.api_key_max_ttl_days", "0 to 90 (0 means 90)")
+            )
+        settings: dict[str, object] = (
+            {} if api_key_days is None else {"api_key_max_ttl_days": api_key_days or 90}
+        )
+        await self.tenant(actor)
+        await self._store.update_tenant(actor.tenant_id, display_name, settings)
+        return await self.tenant(actor)
+
     # --- administration ---------------------------------------------------------------------
 
     async def bootstrap(self, tenant_name: str, email: str) -> tuple[str, Principal, str]:
@@ -570,6 +604,11 @@ async def bootstrap(
     hashed = await asyncio.to_thread(hasher.hash, password)
     owner = await store.create_user(tenant.id, email, hashed, ["owner"], "Owner")
     return tenant.id, owner, password
+
+
+def _ttl_days(settings: dict[str, object]) -> int:
+    value = settings.get("api_key_max_ttl_days", 90)
+    return value if isinstance(value, int) and 1 <= value <= 90 else 90
 
 
 def _revision(etag: str) -> int | None:

@@ -12,7 +12,7 @@ from server import call_state, wire
 from server.actor import ActorContext, PrincipalType
 from server.auth.api_keys import ApiKeys
 from server.auth.mfa import Mfa
-from server.auth.model import ApiKeyRecord, AuthSession, IssuedTokens, Principal
+from server.auth.model import ApiKeyRecord, AuthSession, IssuedTokens, Principal, Tenant
 from server.auth.service import Authenticator
 from server.errors import FieldViolation, InvalidArgument, Unauthenticated
 
@@ -54,6 +54,16 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             _actor(), request.agent.agent_id, changes, request.agent.etag
         )
         return auth_pb2.UpdateAgentResponse(agent=_agent(agent))
+
+    async def GetTenant(self, request: Any, context: Any) -> Any:
+        return auth_pb2.GetTenantResponse(tenant=_tenant(*await self._auth.tenant(_actor())))
+
+    async def UpdateTenant(self, request: Any, context: Any) -> Any:
+        changes = _changes(request.tenant, request.update_mask, _TENANT_FIELDS, "tenant")
+        updated = await self._auth.update_tenant(
+            _actor(), changes.get("display_name"), changes.get("api_key_max_ttl_days")
+        )
+        return auth_pb2.UpdateTenantResponse(tenant=_tenant(*updated))
 
     async def GetUser(self, request: Any, context: Any) -> Any:
         return auth_pb2.GetUserResponse(
@@ -190,6 +200,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def CreateAgent(self, request: Any, context: Any) -> Any:
         agent = await self._auth.create_agent(
+            _MANAGED_TYPES.get(request.principal_type, PrincipalType.AGENT),
             _actor(),
             request.display_name,
             request.purpose,
@@ -207,7 +218,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def ListAgents(self, request: Any, context: Any) -> Any:
         agents, token = await self._auth.list_agents(
-            _actor(), request.page_size, request.page_token
+            _actor(),
+            request.page_size,
+            request.page_token,
+            _MANAGED_TYPES.get(request.principal_type),
         )
         return auth_pb2.ListAgentsResponse(
             agents=[_agent(a) for a in agents], next_page_token=token
@@ -256,6 +270,11 @@ _AGENT_FIELDS = {
     "scopes": "scopes",
     "expire_time": "expires_at",
 }
+_TENANT_FIELDS = {"display_name": "display_name", "api_key_max_ttl_days": "api_key_max_ttl_days"}
+_MANAGED_TYPES = {
+    actor_pb2.PRINCIPAL_TYPE_AGENT: PrincipalType.AGENT,
+    actor_pb2.PRINCIPAL_TYPE_SERVICE_ACCOUNT: PrincipalType.SERVICE_ACCOUNT,
+}
 _USER_FIELDS = {"display_name": "display_name", "roles": "roles", "disabled": "disabled"}
 
 
@@ -278,6 +297,12 @@ def _changes(message: Any, mask: Any, fields: dict[str, str], prefix: str) -> di
     if prefix == "agent" and "display_name" in changes and not changes["display_name"]:
         raise InvalidArgument.fields(FieldViolation("agent.display_name", "required"))
     return changes
+
+
+def _tenant(tenant: Tenant, display_name: str, days: int) -> auth_pb2.Tenant:
+    return auth_pb2.Tenant(
+        tenant_id=tenant.id, name=tenant.name, display_name=display_name, api_key_max_ttl_days=days
+    )
 
 
 def _user(user: Principal) -> auth_pb2.User:
@@ -313,6 +338,7 @@ def _agent(agent: Principal) -> auth_pb2.Agent:
         last_seen_time=wire.timestamp(agent.last_seen_at),
         create_time=wire.timestamp(agent.created_at),
         etag=agent.etag,
+        principal_type=_TYPES[agent.type],
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 
@@ -47,6 +48,28 @@ class PgAuthStore:
         async with self._db.acquire() as conn:
             row = await conn.fetchrow("SELECT id, name FROM tenants WHERE name = $1", name)
         return None if row is None else Tenant(row["id"], row["name"])
+
+    async def tenant(self, tenant_id: str) -> tuple[Tenant, str, dict[str, object]] | None:
+        """The tenant, its display name and its settings."""
+        async with self._db.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT id, name, display_name, settings FROM tenants WHERE id = $1", tenant_id
+            )
+        if row is None:
+            return None
+        return Tenant(row["id"], row["name"]), row["display_name"], json.loads(row["settings"])
+
+    async def update_tenant(
+        self, tenant_id: str, display_name: str | None, settings: dict[str, object]
+    ) -> None:
+        async with self._db.acquire() as conn:
+            await conn.execute(
+                "UPDATE tenants SET display_name = COALESCE($2, display_name), "
+                "settings = settings || $3::jsonb, updated_at = now() WHERE id = $1",
+                tenant_id,
+                display_name,
+                json.dumps(settings),
+            )
 
     async def count_tenants(self) -> int:
         async with self._db.acquire() as conn:
@@ -99,6 +122,7 @@ class PgAuthStore:
 
     async def create_agent(
         self,
+        kind: PrincipalType,
         tenant_id: str,
         owner_id: str,
         display_name: str,
@@ -113,7 +137,7 @@ class PgAuthStore:
         async with self._db.acquire() as conn:
             created = await conn.fetchval(
                 "INSERT INTO principals (id, tenant_id, type, display_name, roles, scopes, "
-                "owner_id, purpose, expires_at, request_id) VALUES ($1, $2, 'agent', $3, $4, "
+                "owner_id, purpose, expires_at, request_id) VALUES ($1, $2, $10, $3, $4, "
                 "$5, $6, $7, $8, $9) ON CONFLICT (tenant_id, request_id) DO NOTHING RETURNING id",
                 agent_id,
                 tenant_id,
@@ -124,6 +148,7 @@ class PgAuthStore:
                 purpose,
                 None if expires_at is None else _ts(expires_at),
                 request_id,
+                kind.value,
             )
             if created is None:
                 created = await conn.fetchval(
@@ -135,12 +160,15 @@ class PgAuthStore:
         assert found is not None
         return found
 
-    async def list_agents(self, tenant_id: str, after: str, limit: int) -> list[Principal]:
+    async def list_agents(
+        self, tenant_id: str, kinds: tuple[PrincipalType, ...], after: str, limit: int
+    ) -> list[Principal]:
         async with self._db.acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT {_PRINCIPAL} FROM principals WHERE tenant_id = $1 AND type = 'agent' "
-                "AND id::text > $2 ORDER BY id::text LIMIT $3",
+                f"SELECT {_PRINCIPAL} FROM principals WHERE tenant_id = $1 AND type = ANY($2) "
+                "AND id::text > $3 ORDER BY id::text LIMIT $4",
                 tenant_id,
+                [k.value for k in kinds],
                 after,
                 limit,
             )

@@ -17,6 +17,7 @@ import pyotp
 import pytest
 from google.protobuf import field_mask_pb2
 from trustplane.auth.v1 import auth_pb2 as pb
+from trustplane.common.v1 import actor_pb2
 
 from tests.support.process import server_env
 from tests.support.status import expect_error
@@ -174,7 +175,8 @@ async def test_concurrent_wrong_guesses_cannot_exceed_the_limit(start_server):
 
 
 async def test_bootstrap_command_then_login(start_server, database_url, tmp_path):
-    env = server_env(DATABASE_URL=database_url)
+    # The same data directory (and so root key) as the server started below.
+    env = server_env(DATABASE_URL=database_url, TRUSTPLANE_DATA_DIR=str(tmp_path / "data"))
     done = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "server", "bootstrap", "--tenant", "acme", "--email", EMAIL],
@@ -197,8 +199,12 @@ async def test_bootstrap_command_then_login(start_server, database_url, tmp_path
         timeout=60,
     )
     assert again.returncode == 1 and "already exists" in again.stderr
+    key = re.search(r"API key \(shown once, 89 days\): (\S+)", done.stdout).group(1)
+    assert key not in done.stderr
     async with start_server() as running:
         assert (await login(running, password)).tokens.access_token
+        who = await running.auth.WhoAmI(pb.WhoAmIRequest(), metadata=_api(key))
+        assert who.auth_method == "api_key" and list(who.roles) == ["owner"]
 
 
 async def test_a_viewer_manages_its_own_sessions(server, tenant):
@@ -821,3 +827,69 @@ async def test_api_key_rotation_overlaps(start_server):
             )
         )
         assert gone.code is grpc.StatusCode.NOT_FOUND
+
+
+async def test_service_accounts_and_tenant_key_cap(server, tenant):
+    _, password = tenant
+    me = await _owner_token(server, password)
+    account = (
+        await server.auth.CreateAgent(
+            pb.CreateAgentRequest(
+                request_id=str(uuid.uuid4()),
+                display_name="ci-runner",
+                roles=["member"],
+                principal_type=actor_pb2.PRINCIPAL_TYPE_SERVICE_ACCOUNT,
+            ),
+            metadata=me,
+        )
+    ).agent
+    await server.auth.CreateAgent(
+        pb.CreateAgentRequest(request_id=str(uuid.uuid4()), display_name="bot", roles=[]),
+        metadata=me,
+    )
+    assert account.principal_type == actor_pb2.PRINCIPAL_TYPE_SERVICE_ACCOUNT
+    only = await server.auth.ListAgents(
+        pb.ListAgentsRequest(principal_type=actor_pb2.PRINCIPAL_TYPE_SERVICE_ACCOUNT), metadata=me
+    )
+    assert [a.agent_id for a in only.agents] == [account.agent_id]
+    both = await server.auth.ListAgents(pb.ListAgentsRequest(), metadata=me)
+    assert len(both.agents) == 2
+    key = (
+        await server.auth.CreateApiKey(
+            pb.CreateApiKeyRequest(
+                request_id=str(uuid.uuid4()),
+                principal_id=account.agent_id,
+                expire_time=_later(3600),
+            ),
+            metadata=me,
+        )
+    ).api_key
+    who = await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=_api(key))
+    assert who.actor.subject_type == actor_pb2.PRINCIPAL_TYPE_SERVICE_ACCOUNT
+    # The tenant caps API-key lifetimes.
+    tenant_info = (await server.auth.GetTenant(pb.GetTenantRequest(), metadata=me)).tenant
+    assert (tenant_info.name, tenant_info.api_key_max_ttl_days) == ("acme", 90)
+    updated = (
+        await server.auth.UpdateTenant(
+            pb.UpdateTenantRequest(
+                tenant=pb.Tenant(api_key_max_ttl_days=7),
+                update_mask=field_mask_pb2.FieldMask(paths=["api_key_max_ttl_days"]),
+            ),
+            metadata=me,
+        )
+    ).tenant
+    assert updated.api_key_max_ttl_days == 7
+    too_long = await expect_error(
+        server.auth.CreateApiKey(
+            pb.CreateApiKeyRequest(request_id=str(uuid.uuid4()), expire_time=_later(8 * 86400)),
+            metadata=me,
+        )
+    )
+    assert too_long.field_violations[0][0] == "expire_time"
+    assert "7 days" in too_long.field_violations[0][1]
+    assert (
+        await server.auth.CreateApiKey(
+            pb.CreateApiKeyRequest(request_id=str(uuid.uuid4()), expire_time=_later(6 * 86400)),
+            metadata=me,
+        )
+    ).api_key

@@ -45,8 +45,9 @@ def test_zero_setup_serves_health_and_reflection(tmp_path):
     assert "created tenant 'default' with owner admin@localhost" in out
     assert "password (shown once): " in out
     password = out.split("password (shown once): ")[1].split()[0]
+    key = out.split("API key (shown once, 89 days): ")[1].split()[0]
     log_lines = [line for line in out.splitlines() if line.startswith('{"ts"')]
-    assert log_lines and not any(password in line for line in log_lines)
+    assert log_lines and not any(password in line or key in line for line in log_lines)
     assert '"msg":"stopped"' in out
 
 

@@ -93,6 +93,16 @@ class AuthServiceStub:
                 request_serializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateAgentRequest.SerializeToString,
                 response_deserializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateAgentResponse.FromString,
                 _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/trustplane.auth.v1.AuthService/GetTenant',
+                request_serializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.GetTenantResponse.FromString,
+                _registered_method=True)
+        self.UpdateTenant = channel.unary_unary(
+                '/trustplane.auth.v1.AuthService/UpdateTenant',
+                request_serializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateTenantRequest.SerializeToString,
+                response_deserializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateTenantResponse.FromString,
+                _registered_method=True)
         self.GetUser = channel.unary_unary(
                 '/trustplane.auth.v1.AuthService/GetUser',
                 request_serializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.GetUserRequest.SerializeToString,
@@ -271,6 +281,21 @@ class AuthServiceServicer:
         etag from a read). Only the owner or an admin may; roles must be ones the caller holds.
         Errors: NOT_FOUND / NOT_FOUND, INVALID_ARGUMENT / INVALID_ARGUMENT (mask, values),
         ABORTED / ETAG_MISMATCH, PERMISSION_DENIED / PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """Returns the caller's tenant and its settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTenant(self, request, context):
+        """Updates the caller's tenant (field mask: display_name, api_key_max_ttl_days). Owners only.
+        Errors: PERMISSION_DENIED / PERMISSION_DENIED, INVALID_ARGUMENT / INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -482,6 +507,16 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.UpdateAgent,
                     request_deserializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateAgentRequest.FromString,
                     response_serializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateAgentResponse.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.GetTenantRequest.FromString,
+                    response_serializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.GetTenantResponse.SerializeToString,
+            ),
+            'UpdateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTenant,
+                    request_deserializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateTenantRequest.FromString,
+                    response_serializer=trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateTenantResponse.SerializeToString,
             ),
             'GetUser': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUser,
@@ -870,6 +905,60 @@ class AuthService:
             '/trustplane.auth.v1.AuthService/UpdateAgent',
             trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateAgentRequest.SerializeToString,
             trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustplane.auth.v1.AuthService/GetTenant',
+            trustplane_dot_auth_dot_v1_dot_auth__pb2.GetTenantRequest.SerializeToString,
+            trustplane_dot_auth_dot_v1_dot_auth__pb2.GetTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustplane.auth.v1.AuthService/UpdateTenant',
+            trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateTenantRequest.SerializeToString,
+            trustplane_dot_auth_dot_v1_dot_auth__pb2.UpdateTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,12 @@ class AuthServiceStub:
     Errors: NOT_FOUND / NOT_FOUND, INVALID_ARGUMENT / INVALID_ARGUMENT (mask, values),
     ABORTED / ETAG_MISMATCH, PERMISSION_DENIED / PERMISSION_DENIED.
     """
+    GetTenant: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetTenantRequest, _auth_pb2.GetTenantResponse]
+    """Returns the caller's tenant and its settings."""
+    UpdateTenant: _grpc.UnaryUnaryMultiCallable[_auth_pb2.UpdateTenantRequest, _auth_pb2.UpdateTenantResponse]
+    """Updates the caller's tenant (field mask: display_name, api_key_max_ttl_days). Owners only.
+    Errors: PERMISSION_DENIED / PERMISSION_DENIED, INVALID_ARGUMENT / INVALID_ARGUMENT.
+    """
     GetUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetUserRequest, _auth_pb2.GetUserResponse]
     """Returns a user of the caller's tenant. Errors: NOT_FOUND / NOT_FOUND."""
     ListUsers: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]
@@ -204,6 +210,12 @@ class AuthServiceAsyncStub(AuthServiceStub):
     etag from a read). Only the owner or an admin may; roles must be ones the caller holds.
     Errors: NOT_FOUND / NOT_FOUND, INVALID_ARGUMENT / INVALID_ARGUMENT (mask, values),
     ABORTED / ETAG_MISMATCH, PERMISSION_DENIED / PERMISSION_DENIED.
+    """
+    GetTenant: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetTenantRequest, _auth_pb2.GetTenantResponse]  # type: ignore[assignment]
+    """Returns the caller's tenant and its settings."""
+    UpdateTenant: _aio.UnaryUnaryMultiCallable[_auth_pb2.UpdateTenantRequest, _auth_pb2.UpdateTenantResponse]  # type: ignore[assignment]
+    """Updates the caller's tenant (field mask: display_name, api_key_max_ttl_days). Owners only.
+    Errors: PERMISSION_DENIED / PERMISSION_DENIED, INVALID_ARGUMENT / INVALID_ARGUMENT.
     """
     GetUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetUserRequest, _auth_pb2.GetUserResponse]  # type: ignore[assignment]
     """Returns a user of the caller's tenant. Errors: NOT_FOUND / NOT_FOUND."""
@@ -393,6 +405,24 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         etag from a read). Only the owner or an admin may; roles must be ones the caller holds.
         Errors: NOT_FOUND / NOT_FOUND, INVALID_ARGUMENT / INVALID_ARGUMENT (mask, values),
         ABORTED / ETAG_MISMATCH, PERMISSION_DENIED / PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTenant(
+        self,
+        request: _auth_pb2.GetTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetTenantResponse, _abc.Awaitable[_auth_pb2.GetTenantResponse]]:
+        """Returns the caller's tenant and its settings."""
+
+    @_abc_1.abstractmethod
+    def UpdateTenant(
+        self,
+        request: _auth_pb2.UpdateTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.UpdateTenantResponse, _abc.Awaitable[_auth_pb2.UpdateTenantResponse]]:
+        """Updates the caller's tenant (field mask: display_name, api_key_max_ttl_days). Owners only.
+        Errors: PERMISSION_DENIED / PERMISSION_DENIED, INVALID_ARGUMENT / INVALID_ARGUMENT.
         """
 
     @_abc_1.abstractmethod
