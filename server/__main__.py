@@ -12,7 +12,6 @@ from pathlib import Path
 from server import logs, migrate, runner, workers
 from server.audit import verify as audit_verify
 from server.config import Config, ConfigError
-from server.embedded import EmbeddedPostgres
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,19 +78,12 @@ def _with_workers(config: Config, workers: int) -> Config:
 
 def run_migrations(config: Config) -> int:
     """Apply pending migrations to DATABASE_URL, or to the embedded cluster."""
-    embedded = None
-    dsn = config.database.url
-    if dsn is None:
-        embedded = EmbeddedPostgres(config.data_dir)
-        dsn = embedded.start()
     try:
-        applied = asyncio.run(runner.migrate_database(dsn))
+        with runner.database(config) as dsn:
+            applied = asyncio.run(runner.migrate_database(dsn))
     except migrate.MigrationError as exc:
         print(f"migration error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        if embedded is not None:
-            embedded.stop()
     print(f"applied {len(applied)} migration(s)" if applied else "database is up to date")
     return 0
 

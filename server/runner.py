@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 
 import asyncpg
 from argon2 import PasswordHasher
@@ -30,6 +32,19 @@ from server.embedded import EmbeddedPostgres
 from server.errors import AlreadyExists, Unavailable
 
 _log = logging.getLogger("trustplane.main")
+
+
+@contextlib.contextmanager
+def database(config: Config) -> Iterator[str]:
+    """DATABASE_URL, or the embedded cluster started for the duration (admin commands)."""
+    if config.database.url is not None:
+        yield config.database.url
+        return
+    embedded = EmbeddedPostgres(config.data_dir)
+    try:
+        yield embedded.start()
+    finally:
+        embedded.stop()
 
 
 async def migrate_database(dsn: str) -> list[migrate.Migration]:
@@ -94,16 +109,8 @@ def rotate_root(config: Config, *, generate: bool) -> int:
             )
             return 2
         hierarchy.add_primary_key(crypto.root_key_file or config.data_dir / "root.key")
-    embedded = None
-    dsn = config.database.url
-    if dsn is None:
-        embedded = EmbeddedPostgres(config.data_dir)
-        dsn = embedded.start()
-    try:
+    with database(config) as dsn:
         count = asyncio.run(_rewrap(config, dsn))
-    finally:
-        if embedded is not None:
-            embedded.stop()
     print(f"rewrapped {count} tenant key-encryption key(s) under the primary root key")
     return 0
 
@@ -124,19 +131,12 @@ async def _rewrap(config: Config, dsn: str) -> int:
 
 def bootstrap_command(config: Config, tenant: str, email: str) -> int:
     """`python -m server bootstrap`: the first tenant and its owner, password printed once."""
-    embedded = None
-    dsn = config.database.url
-    if dsn is None:
-        embedded = EmbeddedPostgres(config.data_dir)
-        dsn = embedded.start()
     try:
-        password, key = asyncio.run(_bootstrap(config, dsn, tenant, email))
+        with database(config) as dsn:
+            password, key = asyncio.run(_bootstrap(config, dsn, tenant, email))
     except AlreadyExists as exc:
         print(f"bootstrap: {exc.message}", file=sys.stderr)
         return 1
-    finally:
-        if embedded is not None:
-            embedded.stop()
     print(_credentials(tenant, email, password, key, config))
     return 0
 
