@@ -38,6 +38,7 @@ from server import migrate
 from server.audit.service import AuditLog
 from server.audit.servicer import AuditServicer
 from server.audit.store import PgAuditStore
+from server.audit.subjects import Subjects
 from server.auth.api_keys import ApiKeys
 from server.auth.mfa import Mfa
 from server.auth.service import Authenticator
@@ -296,13 +297,15 @@ class App:
         keys = self.config.crypto
         roots = RootKeys.from_config(keys.root_key, keys.root_key_file, self.config.data_dir)
         self._audit_digest_key = roots.derive(b"audit-request-digest")
+        store = PgAuditStore(db)
         return AuditLog(
-            PgAuditStore(db),
+            store,
             crypto,
             self.config.audit,
             PageTokens(roots.derive(b"audit-page-tokens")),
             clock=self.clock,
             registry=self.metrics.registry,
+            subjects=Subjects(crypto, store),
         )
 
     def _audit_layer(self) -> AuditLayer | None:

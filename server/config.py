@@ -135,7 +135,11 @@ class AuditConfig:
     batch_max: int = 256  # entries per group commit
     linger: float = 0.001  # seconds the writer waits for more entries before a short batch
     checkpoint_interval: float = 10.0  # seconds between automatic signed checkpoints
-    retention_days: int = 365  # bodies of older entries are removed; leaf hashes stay
+    checkpoint_entries: int = 10_000  # also sign one whenever a log passes a multiple of this
+    retention_days: int = 365  # default per tenant; bodies of older entries are removed
+    # A full queue makes access-class calls wait ("block") or drops their entries and records a
+    # gap entry with the count ("drop"); security-class entries are never dropped.
+    overflow: str = "block"
 
 
 @dataclass(frozen=True)
@@ -272,7 +276,11 @@ def _audit(env: _Env) -> AuditConfig:
         checkpoint_interval=env.get(
             "TRUSTPLANE_AUDIT_CHECKPOINT_INTERVAL", "10", _float_range(0.05, 86400.0)
         ),
-        retention_days=env.get("TRUSTPLANE_AUDIT_RETENTION_DAYS", "365", _int_range(1, 36500)),
+        checkpoint_entries=env.get(
+            "TRUSTPLANE_AUDIT_CHECKPOINT_ENTRIES", "10000", _int_range(0, 10**9)
+        ),
+        retention_days=env.get("TRUSTPLANE_AUDIT_RETENTION_DAYS", "365", _int_range(1, 3650)),
+        overflow=env.get("TRUSTPLANE_AUDIT_OVERFLOW", "block", _choice("block", "drop")),
     )
 
 

@@ -19,6 +19,7 @@ SYSTEM_TENANT = "_system"
 
 CALL = "call"
 EVENT = "event"
+GAP = "gap"
 ACCESS = "access"
 SECURITY = "security"
 
@@ -53,6 +54,8 @@ class Record:
     attributes: Mapping[str, str] = field(default_factory=dict)
     audit_class: str = ACCESS
     occurred_at_ms: int = 0
+    data_subject: str = ""  # the opaque reference of the subject `personal` is about
+    personal: str = ""  # base64 ciphertext of the personal data under that subject's key
 
     @property
     def actor(self) -> str:
@@ -66,33 +69,37 @@ def encode(record: Record, index: int) -> bytes:
     Keys are written already sorted (cheaper than `sort_keys` on the hot path; a unit test
     checks the result equals `canonical_json` of the same fields).
     """
-    return _ENCODER.encode(
-        {
-            "actors": list(record.actors),
-            "attributes": dict(sorted(record.attributes.items())),
-            "audit_class": record.audit_class,
-            "code": record.code,
-            "event_type": record.event_type,
-            "idempotency_key": record.idempotency_key,
-            "index": index,
-            "kind": record.kind,
-            "latency_us": record.latency_us,
-            "log": log_id(record.tenant_id),
-            "method": record.method,
-            "occurred_at_ms": record.occurred_at_ms,
-            "peer": record.peer,
-            "reason": record.reason,
-            "replayed": record.replayed,
-            "request_digest": record.request_digest,
-            "request_id": record.request_id,
-            "resource": record.resource,
-            "session_id": record.session_id,
-            "subject": record.subject,
-            "subject_type": record.subject_type,
-            "time_ms": record.time_ms,
-            "v": FORMAT_VERSION,
-        }
-    ).encode()
+    fields = {
+        "actors": list(record.actors),
+        "attributes": dict(sorted(record.attributes.items())),
+        "audit_class": record.audit_class,
+        "code": record.code,
+        "event_type": record.event_type,
+        "idempotency_key": record.idempotency_key,
+        "index": index,
+        "kind": record.kind,
+        "latency_us": record.latency_us,
+        "log": log_id(record.tenant_id),
+        "method": record.method,
+        "occurred_at_ms": record.occurred_at_ms,
+        "peer": record.peer,
+        "personal": None,
+        "reason": record.reason,
+        "replayed": record.replayed,
+        "request_digest": record.request_digest,
+        "request_id": record.request_id,
+        "resource": record.resource,
+        "session_id": record.session_id,
+        "subject": record.subject,
+        "subject_type": record.subject_type,
+        "time_ms": record.time_ms,
+        "v": FORMAT_VERSION,
+    }
+    if record.data_subject:
+        fields["personal"] = {"ciphertext": record.personal, "subject": record.data_subject}
+    else:
+        del fields["personal"]
+    return _ENCODER.encode(fields).encode()
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, check_circular=False)
@@ -136,6 +143,14 @@ class EntryFilter:
 
 
 @dataclass(frozen=True)
+class Settings:
+    """A tenant's audit settings (`revision` backs the etag)."""
+
+    retention_days: int
+    revision: int
+
+
+@dataclass(frozen=True)
 class EventInput:
     """One event as an agent runtime reports it (validated by `AuditLog.append_events`)."""
 
@@ -145,3 +160,5 @@ class EventInput:
     session_id: str = ""
     attributes: Mapping[str, str] = field(default_factory=dict)
     occurred_at_ms: int = 0
+    data_subject: str = ""
+    personal_data: Mapping[str, str] = field(default_factory=dict)

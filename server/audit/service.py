@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -34,20 +35,32 @@ import grpc
 import prometheus_client as prom
 from trustplane.common.v1 import error_reason_pb2 as reasons
 
+from server import wire
 from server.actor import ActorContext
 from server.audit import merkle
 from server.audit.model import (
+    ACCESS,
     EVENT,
+    GAP,
     SECURITY,
     EntryFilter,
     EventInput,
     Record,
+    Settings,
     StoredEntry,
     log_id,
 )
+from server.audit.subjects import Subjects
 from server.config import AuditConfig
 from server.crypto.model import Algorithm, Key
-from server.errors import FieldViolation, InvalidArgument, TrustplaneError, Unavailable
+from server.errors import (
+    EtagMismatch,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    TrustplaneError,
+    Unavailable,
+)
 from server.page_token import PageTokens, page_size
 
 _log = logging.getLogger("trustplane.audit")
@@ -56,6 +69,8 @@ _T = TypeVar("_T")
 SIGNING_TENANT = "_audit"
 SIGNING_KEY = "checkpoints"
 MAX_EVENTS = 1000
+MAX_STREAM_EVENTS = 100_000
+MAX_SUBJECT = 256
 MAX_ATTRIBUTE_BYTES = 64 * 1024
 EXPORT_CHUNK = 256
 _EVENT_TYPE = re.compile(r"^[a-z0-9._-]{1,64}$")
@@ -90,7 +105,14 @@ class AuditStore(Protocol):
     async def latest_checkpoint(self, tenant_id: str) -> merkle.SignedCheckpoint | None: ...
     async def save_checkpoint(self, tenant_id: str, signed: merkle.SignedCheckpoint) -> None: ...
     async def stale_logs(self) -> list[str]: ...
-    async def expire(self, before_ms: int) -> int: ...
+    async def expire(self, now_ms: int, default_days: int) -> int: ...
+    async def subject_entries(
+        self, tenant_id: str, ref: str | None, principal: str, after: int, limit: int
+    ) -> list[tuple[StoredEntry, str]]: ...
+    async def settings(self, tenant_id: str) -> Settings | None: ...
+    async def put_settings(
+        self, tenant_id: str, retention_days: int, expected_revision: int | None
+    ) -> Settings | None: ...
 
 
 class Signer(Protocol):
@@ -107,6 +129,26 @@ class Signer(Protocol):
 class _Item:
     records: Sequence[Record]
     done: asyncio.Future[int] | None = None  # set: a durable caller waits for the first index
+    queued: bool = True  # False: a gap entry the writer added itself (no task_done)
+
+
+@dataclass
+class _Drops:
+    """Access entries of one tenant dropped since the last gap entry."""
+
+    count: int
+    first_ms: int
+    last_ms: int
+
+
+@dataclass(frozen=True)
+class SubjectEntry:
+    """An entry about a data subject, with its personal data decrypted when still readable."""
+
+    entry: StoredEntry
+    data_subject_ref: str
+    personal_data: dict[str, str] | None
+    erased: bool
 
 
 @dataclass(frozen=True)
@@ -136,6 +178,7 @@ class _Metrics:
     commit: prom.Histogram = field(init=False)
     waits: prom.Counter = field(init=False)
     failures: prom.Counter = field(init=False)
+    dropped: prom.Counter = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -159,6 +202,12 @@ class _Metrics:
         self.failures = prom.Counter(
             "trustplane_audit_commit_failures", "Audit batches that failed to commit.", registry=r
         )
+        self.dropped = prom.Counter(
+            "trustplane_audit_dropped_entries",
+            "Access entries dropped because the queue was full (TRUSTPLANE_AUDIT_OVERFLOW=drop);"
+            " each run of drops leaves a gap entry in the log.",
+            registry=r,
+        )
 
 
 class AuditLog:
@@ -173,8 +222,12 @@ class AuditLog:
         *,
         clock: Callable[[], float] = time.time,
         registry: prom.CollectorRegistry | None = None,
+        subjects: Subjects | None = None,
     ) -> None:
         self._store = store
+        self._subjects = subjects
+        self._drops: dict[str, _Drops] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._signer = signer
         self._config = config
         self._page_tokens = page_tokens
@@ -199,7 +252,7 @@ class AuditLog:
         except TimeoutError:
             _log.error("audit queue not flushed at shutdown", extra={"queued": self.depth()})
         writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        await asyncio.gather(writer, *self._background, return_exceptions=True)
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
@@ -222,16 +275,36 @@ class AuditLog:
         return True
 
     async def put(self, record: Record) -> None:
-        """Queue an access entry, waiting for room (back-pressure)."""
+        """Queue an access entry, waiting for room (back-pressure); with overflow "drop", a
+        full queue drops it instead and the writer later records a gap entry."""
+        if self._config.overflow == "drop" and self._queue.full():
+            self._drop(record)
+            return
         self._metrics.waits.inc()
         await self._queue.put(_Item((record,)))
 
+    def _drop(self, record: Record) -> None:
+        self._metrics.dropped.inc()
+        drops = self._drops.get(record.tenant_id)
+        if drops is None:
+            self._drops[record.tenant_id] = _Drops(1, record.time_ms, record.time_ms)
+        else:
+            drops.count += 1
+            drops.last_ms = record.time_ms
+
     async def commit(self, records: Sequence[Record]) -> list[int]:
         """Append `records` (one tenant, in order); return once durable, with their indexes."""
+        return await self._committed(await self._enqueue(records), len(records))
+
+    async def _enqueue(self, records: Sequence[Record]) -> asyncio.Future[int]:
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Item(records, done))
+        return done
+
+    @staticmethod
+    async def _committed(done: asyncio.Future[int], count: int) -> list[int]:
         first = await done
-        return list(range(first, first + len(records)))
+        return list(range(first, first + count))
 
     async def _write_forever(self) -> None:
         retry: list[_Item] = []
@@ -249,8 +322,9 @@ class AuditLog:
                 failures += 1
                 continue
             retry, failures = [], 0
-            for _ in batch:
-                self._queue.task_done()
+            for item in batch:
+                if item.queued:
+                    self._queue.task_done()
 
     async def _take(self) -> list[_Item]:
         batch = [await self._queue.get()]
@@ -259,7 +333,27 @@ class AuditLog:
         if count < self._config.batch_max and self._config.linger > 0:
             await asyncio.sleep(self._config.linger)
             self._drain(batch, count)
+        if self._drops:
+            batch.extend(_Item((self._gap(t, d),), queued=False) for t, d in self._drops.items())
+            self._drops = {}
         return batch
+
+    def _gap(self, tenant_id: str, drops: _Drops) -> Record:
+        """The entry that says where access entries are missing and how many."""
+        return Record(
+            tenant_id=tenant_id,
+            kind=GAP,
+            time_ms=self.now_ms(),
+            method="",
+            code="",
+            reason="AUDIT_QUEUE_FULL",
+            attributes={
+                "dropped": str(drops.count),
+                "first_dropped_ms": str(drops.first_ms),
+                "last_dropped_ms": str(drops.last_ms),
+            },
+            audit_class=ACCESS,
+        )
 
     def _drain(self, batch: list[_Item], count: int) -> int:
         while count < self._config.batch_max and not self._queue.empty():
@@ -282,6 +376,23 @@ class AuditLog:
         for item, offset in zip(batch, offsets, strict=True):
             if item.done is not None and not item.done.done():
                 item.done.set_result(firsts[item.records[0].tenant_id] + offset)
+        every = self._config.checkpoint_entries
+        for tenant_id, group in groups.items():
+            first = firsts[tenant_id]
+            if every and (first + len(group)) // every > first // every:
+                self._spawn(self._checkpoint_quietly(tenant_id))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _checkpoint_quietly(self, tenant_id: str) -> None:
+        """A checkpoint because the log passed a multiple of `checkpoint_entries`."""
+        try:
+            await self.checkpoint(tenant_id)
+        except Exception:  # the periodic job signs it later; never break the writer
+            _log.exception("audit checkpoint failed", extra={"tenant": tenant_id})
 
     # --- appended events --------------------------------------------------------------------
 
@@ -296,12 +407,129 @@ class AuditLog:
         include_checkpoint: bool,
     ) -> tuple[list[int], merkle.SignedCheckpoint | None]:
         """Validate and durably append a runtime's events; the actor comes from its credential."""
-        _check_events(events)
-        now = self.now_ms()
-        records = [_event_record(actor, e, now, method, request_id, peer) for e in events]
+        records = await self._event_records(actor, events, "", method, request_id, peer)
         indexes = await self.commit(records)
         checkpoint = await self.checkpoint(actor.tenant_id) if include_checkpoint else None
         return indexes, checkpoint
+
+    async def append_stream(
+        self,
+        actor: ActorContext,
+        messages: AsyncIterator[tuple[Sequence[EventInput], bool]],
+        *,
+        method: str,
+        request_id: str,
+        peer: str,
+    ) -> tuple[list[int], merkle.SignedCheckpoint | None]:
+        """Append each message's events as it arrives, in order, without waiting for earlier
+        ones to commit; answer once all are durable. A rejected message stops the stream, after
+        what was already accepted is committed."""
+        pending: list[tuple[asyncio.Future[int], int]] = []
+        include_checkpoint = False
+        total = 0
+        try:
+            i = 0
+            async for events, wants_checkpoint in messages:
+                if i == 0:
+                    include_checkpoint = wants_checkpoint
+                total += len(events)
+                if total > MAX_STREAM_EVENTS:
+                    raise InvalidArgument.fields(
+                        FieldViolation("messages", f"at most {MAX_STREAM_EVENTS} events per stream")
+                    ).with_reason(reasons.ERROR_REASON_REQUEST_TOO_LARGE)
+                records = await self._event_records(
+                    actor, events, f"messages[{i}].", method, request_id, peer
+                )
+                pending.append((await self._enqueue(records), len(records)))
+                i += 1
+        finally:
+            results = await asyncio.gather(
+                *(self._committed(done, count) for done, count in pending), return_exceptions=True
+            )
+        indexes: list[int] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            indexes.extend(result)
+        if not indexes:
+            raise InvalidArgument.fields(FieldViolation("events", "at least one event is required"))
+        checkpoint = await self.checkpoint(actor.tenant_id) if include_checkpoint else None
+        return indexes, checkpoint
+
+    async def _event_records(
+        self,
+        actor: ActorContext,
+        events: Sequence[EventInput],
+        prefix: str,
+        method: str,
+        request_id: str,
+        peer: str,
+    ) -> list[Record]:
+        _check_events(events, prefix)
+        now = self.now_ms()
+        records = [_event_record(actor, e, now, method, request_id, peer) for e in events]
+        if any(e.data_subject for e in events):
+            subjects = self._require_subjects()
+            for i, event in enumerate(events):
+                if event.data_subject:
+                    ref, sealed = await subjects.seal(
+                        actor.tenant_id, event.data_subject, event.personal_data, now
+                    )
+                    records[i] = dataclasses.replace(records[i], data_subject=ref, personal=sealed)
+        return records
+
+    def _require_subjects(self) -> Subjects:
+        if self._subjects is None:
+            raise FailedPrecondition("personal data is not enabled on this server")
+        return self._subjects
+
+    # --- data subjects ------------------------------------------------------------------------
+
+    async def erase_subject(self, tenant_id: str, subject: str) -> tuple[int, int]:
+        """Crypto-shred a data subject's personal data; returns (entries affected, time ms)."""
+        _check_subject(subject)
+        now = self.now_ms()
+        return await self._require_subjects().erase(tenant_id, subject, now), now
+
+    async def export_subject(
+        self, tenant_id: str, subject: str
+    ) -> AsyncIterator[list[SubjectEntry]]:
+        """Every entry about `subject`, in index order, personal data decrypted where readable."""
+        _check_subject(subject)
+        subjects = self._require_subjects()
+        ref = await subjects.ref(tenant_id, subject)
+        after = -1
+        while True:
+            rows = await self._store.subject_entries(tenant_id, ref, subject, after, EXPORT_CHUNK)
+            if not rows:
+                return
+            chunk = []
+            for entry, entry_ref in rows:
+                personal = None
+                sealed = _personal(entry)
+                if entry_ref and sealed is not None:
+                    personal = await subjects.open(tenant_id, entry_ref, sealed)
+                erased = bool(entry_ref) and personal is None
+                chunk.append(SubjectEntry(entry, entry_ref, personal, erased))
+            yield chunk
+            after = rows[-1][0].index
+
+    # --- settings -----------------------------------------------------------------------------
+
+    async def settings(self, tenant_id: str) -> Settings:
+        found = await self._store.settings(tenant_id)
+        return found or Settings(self._config.retention_days, 0)
+
+    async def update_settings(self, tenant_id: str, retention_days: int, etag: str) -> Settings:
+        if not 1 <= retention_days <= 3650:
+            raise InvalidArgument.fields(
+                FieldViolation("settings.retention_days", "must be between 1 and 3650")
+            )
+        revision = wire.revision(etag, "settings.etag")
+        updated = await self._store.put_settings(tenant_id, retention_days, revision)
+        if updated is None:
+            raise EtagMismatch()
+        return updated
 
     # --- checkpoints and proofs -----------------------------------------------------------
 
@@ -449,11 +677,25 @@ class AuditLog:
         return [_entry_line(e, p) for e, p in zip(entries, proofs, strict=True)]
 
     async def expire(self) -> None:
-        """Retention: remove the bodies of entries older than `retention_days`."""
-        cutoff = self.now_ms() - self._config.retention_days * 86_400_000
-        removed = await self._store.expire(cutoff)
+        """Retention: remove the bodies of entries older than their tenant's retention."""
+        removed = await self._store.expire(self.now_ms(), self._config.retention_days)
         if removed:
             _log.info("audit retention removed entry bodies", extra={"entries": removed})
+
+
+def _check_subject(subject: str) -> None:
+    if not 1 <= len(subject) <= MAX_SUBJECT:
+        raise InvalidArgument.fields(
+            FieldViolation("data_subject", f"must be 1-{MAX_SUBJECT} characters")
+        )
+
+
+def _personal(entry: StoredEntry) -> str | None:
+    """The sealed personal data in an entry's body (None once retention removed the body)."""
+    if entry.body is None:
+        return None
+    personal = json.loads(entry.body).get("personal")
+    return None if personal is None else str(personal["ciphertext"])
 
 
 def _fail(batch: Sequence[_Item]) -> None:
@@ -483,22 +725,24 @@ def _entry_line(entry: StoredEntry, proof: Sequence[bytes]) -> str:
     )
 
 
-def _check_events(events: Sequence[EventInput]) -> None:
+def _check_events(events: Sequence[EventInput], prefix: str = "") -> None:
     if not events:
-        raise InvalidArgument.fields(FieldViolation("events", "at least one event is required"))
+        raise InvalidArgument.fields(
+            FieldViolation(f"{prefix}events", "at least one event is required")
+        )
     if len(events) > MAX_EVENTS:
         raise InvalidArgument.fields(
-            FieldViolation("events", f"at most {MAX_EVENTS} events per call")
+            FieldViolation(f"{prefix}events", f"at most {MAX_EVENTS} events per call")
         ).with_reason(reasons.ERROR_REASON_REQUEST_TOO_LARGE)
-    violations = [v for i, e in enumerate(events) for v in _event_violations(i, e)]
+    violations = [v for i, e in enumerate(events) for v in _event_violations(prefix, i, e)]
     if violations:
         too_large = any(v.description.startswith("larger") for v in violations)
         error = InvalidArgument.fields(*violations)
         raise error.with_reason(reasons.ERROR_REASON_REQUEST_TOO_LARGE) if too_large else error
 
 
-def _event_violations(i: int, event: EventInput) -> list[FieldViolation]:
-    at = f"events[{i}]"
+def _event_violations(prefix: str, i: int, event: EventInput) -> list[FieldViolation]:
+    at = f"{prefix}events[{i}]"
     found = []
     if not _EVENT_TYPE.match(event.event_type):
         found.append(FieldViolation(f"{at}.event_type", "must be 1-64 of [a-z0-9._-]"))
@@ -512,6 +756,14 @@ def _event_violations(i: int, event: EventInput) -> list[FieldViolation]:
         found.append(FieldViolation(f"{at}.attributes", "keys must be 1-64 characters"))
     if sum(len(k) + len(v) for k, v in event.attributes.items()) > MAX_ATTRIBUTE_BYTES:
         found.append(FieldViolation(f"{at}.attributes", "larger than 64 KiB"))
+    if len(event.data_subject) > MAX_SUBJECT:
+        found.append(FieldViolation(f"{at}.data_subject", f"at most {MAX_SUBJECT} characters"))
+    if event.personal_data and not event.data_subject:
+        found.append(FieldViolation(f"{at}.data_subject", "required with personal_data"))
+    if any(not 1 <= len(k) <= 64 for k in event.personal_data):
+        found.append(FieldViolation(f"{at}.personal_data", "keys must be 1-64 characters"))
+    if sum(len(k) + len(v) for k, v in event.personal_data.items()) > MAX_ATTRIBUTE_BYTES:
+        found.append(FieldViolation(f"{at}.personal_data", "larger than 64 KiB"))
     return found
 
 

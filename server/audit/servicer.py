@@ -8,12 +8,26 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from trustplane.audit.v1 import audit_pb2, audit_pb2_grpc
 
-from server import call_state
+from server import call_state, wire
 from server.audit import merkle
-from server.audit.model import CALL, EVENT, EntryFilter, EventInput, StoredEntry, decode
-from server.audit.service import AuditLog
+from server.audit.model import (
+    CALL,
+    EVENT,
+    GAP,
+    EntryFilter,
+    EventInput,
+    Settings,
+    StoredEntry,
+    decode,
+)
+from server.audit.service import AuditLog, SubjectEntry
+from server.errors import FieldViolation, InvalidArgument
 
-_KINDS = {audit_pb2.ENTRY_KIND_CALL: CALL, audit_pb2.ENTRY_KIND_EVENT: EVENT}
+_KINDS = {
+    audit_pb2.ENTRY_KIND_CALL: CALL,
+    audit_pb2.ENTRY_KIND_EVENT: EVENT,
+    audit_pb2.ENTRY_KIND_GAP: GAP,
+}
 _KINDS_OUT = {v: k for k, v in _KINDS.items()}
 
 
@@ -89,6 +103,67 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         async for lines in self._log.export(_tenant(), request.start_index):
             yield audit_pb2.ExportEntriesResponse(lines=lines)
 
+    async def StreamAppendEntries(self, requests: AsyncIterator[Any], context: Any) -> Any:
+        state = call_state.current()
+
+        async def messages() -> AsyncIterator[tuple[list[EventInput], bool]]:
+            async for request in requests:
+                yield [_event(e) for e in request.events], request.include_checkpoint
+
+        indexes, signed = await self._log.append_stream(
+            state.require_actor(),
+            messages(),
+            method=state.method.path,
+            request_id=state.request_id,
+            peer=context.peer() or "",
+        )
+        response = audit_pb2.StreamAppendEntriesResponse(indexes=indexes)
+        if signed is not None:
+            response.checkpoint.CopyFrom(encode_checkpoint(signed))
+        return response
+
+    async def EraseSubject(self, request: Any, context: Any) -> Any:
+        entries, erased_ms = await self._log.erase_subject(_tenant(), request.data_subject)
+        response = audit_pb2.EraseSubjectResponse(entries=entries)
+        response.erase_time.FromMilliseconds(erased_ms)
+        return response
+
+    async def ExportSubject(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        async for chunk in self._log.export_subject(_tenant(), request.data_subject):
+            yield audit_pb2.ExportSubjectResponse(entries=[_subject_entry(e) for e in chunk])
+
+    async def GetSettings(self, request: Any, context: Any) -> Any:
+        settings = await self._log.settings(_tenant())
+        return audit_pb2.GetSettingsResponse(settings=_settings(settings))
+
+    async def UpdateSettings(self, request: Any, context: Any) -> Any:
+        paths = set(request.update_mask.paths) if request.HasField("update_mask") else set()
+        unknown = paths - {"retention_days"}
+        if unknown or not paths:
+            raise InvalidArgument.fields(
+                FieldViolation("update_mask", "must name exactly: retention_days")
+            )
+        settings = await self._log.update_settings(
+            _tenant(), request.settings.retention_days, request.settings.etag
+        )
+        return audit_pb2.UpdateSettingsResponse(settings=_settings(settings))
+
+
+def _settings(settings: Settings) -> audit_pb2.AuditSettings:
+    return audit_pb2.AuditSettings(
+        retention_days=settings.retention_days, etag=wire.etag("audit", settings.revision)
+    )
+
+
+def _subject_entry(item: SubjectEntry) -> audit_pb2.SubjectEntry:
+    out = audit_pb2.SubjectEntry(
+        entry=encode_entry(item.entry, item.data_subject_ref),
+        personal_data_erased=item.erased,
+    )
+    if item.personal_data:
+        out.personal_data.update(item.personal_data)
+    return out
+
 
 def _filter(request: Any) -> EntryFilter:
     return EntryFilter(
@@ -119,14 +194,18 @@ def _event(event: Any) -> EventInput:
         session_id=event.session_id,
         attributes=dict(event.attributes),
         occurred_at_ms=_millis(event, "occurred_at") or 0,
+        data_subject=event.data_subject,
+        personal_data=dict(event.personal_data),
     )
 
 
-def encode_entry(entry: StoredEntry) -> audit_pb2.AuditEntry:
+def encode_entry(entry: StoredEntry, data_subject_ref: str = "") -> audit_pb2.AuditEntry:
     out = audit_pb2.AuditEntry(index=entry.index, leaf_hash=entry.leaf_hash, body=entry.body or "")
     if entry.body is None:
         return out
     fields = decode(entry.body)
+    personal = fields.get("personal")
+    out.data_subject_ref = personal["subject"] if personal else data_subject_ref
     out.time.FromMilliseconds(fields["time_ms"])
     out.latency.FromMicroseconds(fields["latency_us"])
     out.kind = _KINDS_OUT.get(fields["kind"], audit_pb2.ENTRY_KIND_UNSPECIFIED)

@@ -11,13 +11,14 @@ is one consistent sequence; it is released by the commit.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import asyncpg
 
 from server.audit import merkle
-from server.audit.model import EntryFilter, Record, StoredEntry, encode, log_id
+from server.audit.model import EntryFilter, Record, Settings, StoredEntry, encode, log_id
 from server.db import Database
 
 _LOCK_CLASS = 0x61756474  # "audt": the first key of every audit advisory lock
@@ -164,15 +165,107 @@ class PgAuditStore:
             )
         return [r["tenant_id"] for r in rows]
 
-    async def expire(self, before_ms: int) -> int:
-        """Remove bodies (and personal filter columns) of entries recorded before the cut-off."""
+    async def expire(self, now_ms: int, default_days: int) -> int:
+        """Remove bodies (and personal filter columns) of entries older than their tenant's
+        retention (`audit_settings`, else `default_days`)."""
         async with self._db.acquire() as conn:
             status = await conn.execute(
-                "UPDATE audit_entries SET body = NULL, subject = '', actor = '',"
-                " session_id = '', resource = '' WHERE recorded_at < $1 AND body IS NOT NULL",
-                _time(before_ms),
+                "UPDATE audit_entries e SET body = NULL, subject = '', actor = '',"
+                " session_id = '', resource = '', data_subject = ''"
+                " WHERE e.body IS NOT NULL AND e.recorded_at < $1::timestamptz - make_interval("
+                " days => COALESCE((SELECT s.retention_days FROM audit_settings s"
+                " WHERE s.tenant_id = e.tenant_id), $2))",
+                _time(now_ms),
+                default_days,
             )
         return int(status.split()[-1])
+
+    # --- data subjects ----------------------------------------------------------------------
+
+    async def subject_ref(self, tenant_id: str, subject_mac: bytes, *, create: bool) -> str | None:
+        """The reference of a (not erased) data subject, created with a random one if asked."""
+        async with self._db.acquire() as conn:
+            ref = await conn.fetchval(_SUBJECT_REF, tenant_id, subject_mac)
+            if ref is not None or not create:
+                return str(ref) if ref is not None else None
+            ref = await conn.fetchval(
+                "INSERT INTO audit_subjects (tenant_id, ref, subject_mac) VALUES ($1, $2, $3)"
+                " ON CONFLICT (tenant_id, subject_mac) WHERE subject_mac IS NOT NULL DO NOTHING"
+                " RETURNING ref",
+                tenant_id,
+                secrets.token_hex(16),
+                subject_mac,
+            )
+            if ref is None:  # another writer created it first
+                ref = await conn.fetchval(_SUBJECT_REF, tenant_id, subject_mac)
+        return str(ref)
+
+    async def forget_subject(self, tenant_id: str, ref: str, now_ms: int) -> int:
+        """Unlink an erased subject from its reference; returns its entries' count."""
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "UPDATE audit_subjects SET subject_mac = NULL, erased_at = $3"
+                " WHERE tenant_id = $1 AND ref = $2 AND erased_at IS NULL",
+                tenant_id,
+                ref,
+                _time(now_ms),
+            )
+            count = await conn.fetchval(
+                "SELECT count(*) FROM audit_entries WHERE tenant_id = $1 AND data_subject = $2",
+                tenant_id,
+                ref,
+            )
+        return int(count)
+
+    async def subject_entries(
+        self, tenant_id: str, ref: str | None, principal: str, after: int, limit: int
+    ) -> list[tuple[StoredEntry, str]]:
+        """Entries whose personal data is `ref`'s, or where `principal` is the subject or the
+        actor, in index order after `after`; with each entry's data-subject reference."""
+        query = (
+            "SELECT e.idx, e.body, n.hash, e.data_subject FROM audit_entries e"
+            " JOIN audit_nodes n ON n.tenant_id = e.tenant_id AND n.level = 0 AND n.idx = e.idx"
+            " WHERE e.tenant_id = $1 AND e.idx > $4 AND (e.data_subject = $2"
+            " OR e.subject = $3 OR e.actor = $3) ORDER BY e.idx LIMIT $5"
+        )
+        async with self._db.acquire() as conn:
+            rows = await conn.fetch(query, tenant_id, ref or "-", principal, after, limit)
+        return [(_stored(r), r["data_subject"]) for r in rows]
+
+    # --- settings ---------------------------------------------------------------------------
+
+    async def settings(self, tenant_id: str) -> Settings | None:
+        async with self._db.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT retention_days, revision FROM audit_settings WHERE tenant_id = $1",
+                tenant_id,
+            )
+        return None if row is None else Settings(row["retention_days"], row["revision"])
+
+    async def put_settings(
+        self, tenant_id: str, retention_days: int, expected_revision: int | None
+    ) -> Settings | None:
+        """Write the settings; None when `expected_revision` (0: no row yet) is not current."""
+        async with self._db.transaction() as conn:
+            current = await conn.fetchval(
+                "SELECT revision FROM audit_settings WHERE tenant_id = $1 FOR UPDATE", tenant_id
+            )
+            if expected_revision is not None and expected_revision != (current or 0):
+                return None
+            row = await conn.fetchrow(
+                "INSERT INTO audit_settings (tenant_id, retention_days) VALUES ($1, $2)"
+                " ON CONFLICT (tenant_id) DO UPDATE SET retention_days = EXCLUDED.retention_days,"
+                " revision = audit_settings.revision + 1, updated_at = now()"
+                " RETURNING retention_days, revision",
+                tenant_id,
+                retention_days,
+            )
+        return Settings(row["retention_days"], row["revision"])
+
+
+_SUBJECT_REF = (
+    "SELECT ref FROM audit_subjects WHERE tenant_id = $1 AND subject_mac = $2 AND erased_at IS NULL"
+)
 
 
 def _edge(size: int) -> list[tuple[int, int]]:
@@ -196,6 +289,7 @@ _COLUMNS = (
     "actor",
     "session_id",
     "resource",
+    "data_subject",
     "body",
 )
 
@@ -215,6 +309,7 @@ def _entry_rows(
             _column(r.actor),
             _column(r.session_id),
             _column(r.resource),
+            r.data_subject,
             body.decode(),
         )
         for i, (r, body) in enumerate(zip(records, bodies, strict=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server import wire
 from server.actor import PrincipalType
 
 # Server-owned records live in tenants whose id starts with "_"; no token may name one.
@@ -38,7 +39,7 @@ class Principal:
 
     @property
     def etag(self) -> str:
-        return f'"{self.id[:8]}-{self.revision}"'
+        return wire.etag(self.id[:8], self.revision)
 
 
 @dataclass(frozen=True)

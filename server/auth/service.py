@@ -34,6 +34,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from trustplane.common.v1 import error_reason_pb2 as reasons
 
+from server import wire
 from server.actor import ActorContext, PrincipalType
 from server.auth.mfa import Mfa, MfaCodeInvalid, MfaRequired
 from server.auth.model import (
@@ -444,7 +445,7 @@ class Authenticator:
         if expires is not None and expires <= self._clock():
             raise InvalidArgument.fields(FieldViolation("agent.expire_time", "in the future"))
         return await self._store.update_principal(
-            actor.tenant_id, agent.id, agent.type, changes, _revision(etag)
+            actor.tenant_id, agent.id, agent.type, changes, wire.revision(etag)
         )
 
     async def user(self, actor: ActorContext, user_id: str) -> Principal:
@@ -478,7 +479,7 @@ class Authenticator:
             raise PermissionDenied("cannot grant a role above your own")
         target = await self.user(actor, user_id)
         updated = await self._store.update_principal(
-            actor.tenant_id, target.id, PrincipalType.USER, changes, _revision(etag)
+            actor.tenant_id, target.id, PrincipalType.USER, changes, wire.revision(etag)
         )
         if changes.get("disabled"):
             await self._store.revoke_sessions(actor.tenant_id, target.id, self._clock())
@@ -609,15 +610,6 @@ async def bootstrap(
 def _ttl_days(settings: dict[str, object]) -> int:
     value = settings.get("api_key_max_ttl_days", 90)
     return value if isinstance(value, int) and 1 <= value <= 90 else 90
-
-
-def _revision(etag: str) -> int | None:
-    if not etag:
-        return None
-    try:
-        return int(etag.strip('"').rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        raise InvalidArgument.fields(FieldViolation("etag", "malformed etag")) from None
 
 
 def _check_delegation(subject: ActorContext, actor: ActorContext, max_depth: int) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from server import wire
+
 
 class Purpose(enum.Enum):
     ENCRYPT_DECRYPT = "encrypt_decrypt"
@@ -69,7 +71,7 @@ class Key:
 
     @property
     def etag(self) -> str:
-        return f'"{self.key_id[:8]}-{self.revision}"'
+        return wire.etag(self.key_id[:8], self.revision)
 
     def version(self, number: int) -> KeyVersion | None:
         for candidate in self.versions:

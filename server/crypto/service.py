@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Protocol
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from trustplane.common.v1 import error_reason_pb2 as reasons
 
+from server import wire
 from server.cache import Cache, CacheUnavailable
 from server.crypto import ciphertext, primitives
 from server.crypto.hierarchy import RootKeys, kek_context, seal, unseal, version_context
@@ -120,6 +121,7 @@ class KeyStore(Protocol):
     ) -> Key: ...
     async def due_rotations(self, now: float) -> list[tuple[str, str]]: ...
     async def destroy_due(self, now: float) -> list[tuple[str, str, int]]: ...
+    async def destroy_all(self, tenant_id: str, name: str, now: float) -> int: ...
     async def add_usage(self, counts: dict[tuple[str, int], dict[str, int]]) -> None: ...
 
 
@@ -232,7 +234,7 @@ class KeyManager:
             raise InvalidArgument.fields(
                 FieldViolation("key.min_decryption_version", "must be at least 1")
             )
-        revision = _revision(etag) if etag else None
+        revision = wire.revision(etag, "key.etag")
         key = await self._store.update(tenant_id, name, patch, revision, self._clock())
         await self._invalidate(tenant_id, name)
         return key
@@ -278,6 +280,14 @@ class KeyManager:
             tenant_id, name, version, (VersionState.DESTROY_SCHEDULED,), VersionState.DISABLED
         )
 
+    async def shred(self, tenant_id: str, name: str) -> int:
+        """Destroy every version of a key now, for good (crypto-shredding for other services,
+        e.g. the audit log's per-subject keys). Not reachable over RPC, where destruction is
+        always scheduled and cancellable. Returns the number of versions destroyed now."""
+        destroyed = await self._store.destroy_all(tenant_id, name, self._clock())
+        await self._invalidate(tenant_id, name)
+        return destroyed
+
     async def _set_state(
         self,
         tenant_id: str,
@@ -300,6 +310,7 @@ class KeyManager:
     ) -> tuple[bytes, int]:
         _check_size(plaintext, "plaintext")
         key = await self._usable(tenant_id, name, Purpose.ENCRYPT_DECRYPT)
+        self._check_readable(key, key.primary_version)
         sealer = await self._sealer(key)
         self._usage[(key.key_id, key.primary_version, "encrypt")] += 1
         return sealer.seal(tenant_id, plaintext, aad), key.primary_version
@@ -644,13 +655,6 @@ def _validate_new(
 def _b64(value: dict[str, Any]) -> str:
     raw = json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _revision(etag: str) -> int:
-    try:
-        return int(etag.strip('"').rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        raise InvalidArgument.fields(FieldViolation("key.etag", "malformed etag")) from None
 
 
 def _check_size(data: bytes, field: str) -> None:

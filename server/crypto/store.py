@@ -284,6 +284,30 @@ class PgKeyStore:
             )
         return [(r["tenant_id"], r["name"]) for r in rows]
 
+    async def destroy_all(self, tenant_id: str, name: str, now: float) -> int:
+        """Erase the material of every version of a key at once (crypto-shredding); returns how
+        many versions were erased now (0 when the key was already shredded or is unknown)."""
+        async with self._db.transaction() as conn:
+            row = await conn.fetchrow(
+                "SELECT id FROM crypto_keys WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
+                tenant_id,
+                name,
+            )
+            if row is None:
+                return 0
+            status = await conn.execute(
+                "UPDATE crypto_key_versions SET state = 'destroyed', wrapped_material = NULL,"
+                " destroy_at = NULL, destroyed_at = $2 WHERE key_id = $1 AND state <> 'destroyed'",
+                row["id"],
+                _ts(now),
+            )
+            await conn.execute(
+                "UPDATE crypto_keys SET revision = revision + 1, updated_at = $2 WHERE id = $1",
+                row["id"],
+                _ts(now),
+            )
+        return int(status.split()[-1])
+
     async def destroy_due(self, now: float) -> list[tuple[str, str, int]]:
         """Erase the material of versions whose scheduled destruction is due."""
         async with self._db.acquire() as conn:

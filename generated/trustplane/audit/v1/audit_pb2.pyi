@@ -10,6 +10,7 @@ inclusion and consistency proofs, and an NDJSON export that verifies offline
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -37,6 +38,10 @@ class _EntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntryKind.V
     """A call through the server, recorded by the audit interceptor."""
     ENTRY_KIND_EVENT: _EntryKind.ValueType  # 2
     """An event appended by an agent runtime through AppendEntries."""
+    ENTRY_KIND_GAP: _EntryKind.ValueType  # 3
+    """A gap marker: the server dropped access entries because its queue was full (only with
+    TRUSTPLANE_AUDIT_OVERFLOW=drop); `attributes` says how many and when.
+    """
 
 class EntryKind(_EntryKind, metaclass=_EntryKindEnumTypeWrapper):
     """EntryKind says where an entry came from."""
@@ -47,6 +52,10 @@ ENTRY_KIND_CALL: EntryKind.ValueType  # 1
 """A call through the server, recorded by the audit interceptor."""
 ENTRY_KIND_EVENT: EntryKind.ValueType  # 2
 """An event appended by an agent runtime through AppendEntries."""
+ENTRY_KIND_GAP: EntryKind.ValueType  # 3
+"""A gap marker: the server dropped access entries because its queue was full (only with
+TRUSTPLANE_AUDIT_OVERFLOW=drop); `attributes` says how many and when.
+"""
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
 
 @_typing.final
@@ -99,6 +108,7 @@ class AuditEntry(_message.Message):
     AUDIT_CLASS_FIELD_NUMBER: _builtins.int
     LEAF_HASH_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
+    DATA_SUBJECT_REF_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position in the tenant's log, from 0; also the leaf index in the Merkle tree."""
     kind: Global___EntryKind.ValueType
@@ -141,6 +151,10 @@ class AuditEntry(_message.Message):
     """The canonical JSON the leaf hash covers (docs/audit-format.md); empty once retention has
     removed the entry's body (the leaf hash stays).
     """
+    data_subject_ref: _builtins.str
+    """The opaque reference of the data subject whose personal data the entry carries, encrypted
+    under that subject's key (the ciphertext is in `body`); empty when it carries none.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the server recorded the entry."""
@@ -182,10 +196,11 @@ class AuditEntry(_message.Message):
         audit_class: _builtins.str = ...,
         leaf_hash: _builtins.bytes = ...,
         body: _builtins.str = ...,
+        data_subject_ref: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actors", b"actors", "attributes", b"attributes", "audit_class", b"audit_class", "body", b"body", "code", b"code", "event_type", b"event_type", "idempotency_key", b"idempotency_key", "index", b"index", "kind", b"kind", "latency", b"latency", "leaf_hash", b"leaf_hash", "method", b"method", "peer", b"peer", "reason", b"reason", "replayed", b"replayed", "request_digest", b"request_digest", "request_id", b"request_id", "resource", b"resource", "session_id", b"session_id", "subject", b"subject", "subject_type", b"subject_type", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actors", b"actors", "attributes", b"attributes", "audit_class", b"audit_class", "body", b"body", "code", b"code", "data_subject_ref", b"data_subject_ref", "event_type", b"event_type", "idempotency_key", b"idempotency_key", "index", b"index", "kind", b"kind", "latency", b"latency", "leaf_hash", b"leaf_hash", "method", b"method", "peer", b"peer", "reason", b"reason", "replayed", b"replayed", "request_digest", b"request_digest", "request_id", b"request_id", "resource", b"resource", "session_id", b"session_id", "subject", b"subject", "subject_type", b"subject_type", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -311,12 +326,34 @@ class AuditEvent(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class PersonalDataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     EVENT_TYPE_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    DATA_SUBJECT_FIELD_NUMBER: _builtins.int
+    PERSONAL_DATA_FIELD_NUMBER: _builtins.int
     event_type: _builtins.str
     """What happened, e.g. "tool.invoke", "model.call": 1-64 of [a-z0-9._-]."""
     resource: _builtins.str
@@ -325,6 +362,10 @@ class AuditEvent(_message.Message):
     """The outcome as a gRPC code name ("OK" when empty)."""
     session_id: _builtins.str
     """The session the event belongs to; at most 128 characters."""
+    data_subject: _builtins.str
+    """The person `personal_data` is about (a user id, an email, a customer number): 1-256
+    characters. It is never stored as given: the log holds an opaque reference instead.
+    """
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form details (never secrets); keys 1-64 characters, 64 KiB in all."""
@@ -332,6 +373,13 @@ class AuditEvent(_message.Message):
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
         """When the runtime says it happened (recorded as given; the entry's time is the server's)."""
+
+    @_builtins.property
+    def personal_data(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Personal data, stored encrypted under the subject's own key so EraseSubject can make it
+        unreadable without breaking the log; requires `data_subject`. Keys 1-64 characters,
+        64 KiB in all.
+        """
 
     def __init__(
         self,
@@ -342,10 +390,12 @@ class AuditEvent(_message.Message):
         session_id: _builtins.str = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        data_subject: _builtins.str = ...,
+        personal_data: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "code", b"code", "event_type", b"event_type", "occurred_at", b"occurred_at", "resource", b"resource", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "code", b"code", "data_subject", b"data_subject", "event_type", b"event_type", "occurred_at", b"occurred_at", "personal_data", b"personal_data", "resource", b"resource", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -695,3 +745,342 @@ class ExportEntriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportEntriesResponse: _TypeAlias = ExportEntriesResponse  # noqa: Y015
+
+@_typing.final
+class EraseSubjectRequest(_message.Message):
+    """Input of EraseSubject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DATA_SUBJECT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Makes a retry safe (AIP-155); optional."""
+    data_subject: _builtins.str
+    """The data subject, as given in AuditEvent.data_subject."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        data_subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_subject", b"data_subject", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseSubjectRequest: _TypeAlias = EraseSubjectRequest  # noqa: Y015
+
+@_typing.final
+class EraseSubjectResponse(_message.Message):
+    """Output of EraseSubject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    ERASE_TIME_FIELD_NUMBER: _builtins.int
+    entries: _builtins.int
+    """Entries whose personal data became unreadable."""
+    @_builtins.property
+    def erase_time(self) -> _timestamp_pb2.Timestamp:
+        """When the subject's key was destroyed (the first erasure's time on a retry)."""
+
+    def __init__(
+        self,
+        *,
+        entries: _builtins.int = ...,
+        erase_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["erase_time", b"erase_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "erase_time", b"erase_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseSubjectResponse: _TypeAlias = EraseSubjectResponse  # noqa: Y015
+
+@_typing.final
+class ExportSubjectRequest(_message.Message):
+    """Input of ExportSubject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_SUBJECT_FIELD_NUMBER: _builtins.int
+    data_subject: _builtins.str
+    """The data subject, as given in AuditEvent.data_subject, or a principal id."""
+    def __init__(
+        self,
+        *,
+        data_subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_subject", b"data_subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSubjectRequest: _TypeAlias = ExportSubjectRequest  # noqa: Y015
+
+@_typing.final
+class SubjectEntry(_message.Message):
+    """One entry about the subject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PersonalDataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    PERSONAL_DATA_FIELD_NUMBER: _builtins.int
+    PERSONAL_DATA_ERASED_FIELD_NUMBER: _builtins.int
+    personal_data_erased: _builtins.bool
+    """The entry's personal data was erased (EraseSubject) or removed by retention."""
+    @_builtins.property
+    def entry(self) -> Global___AuditEntry:
+        """The entry as ListEntries returns it."""
+
+    @_builtins.property
+    def personal_data(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Its personal data, decrypted; empty when it has none or it was erased."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___AuditEntry | None = ...,
+        personal_data: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        personal_data_erased: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "personal_data", b"personal_data", "personal_data_erased", b"personal_data_erased"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubjectEntry: _TypeAlias = SubjectEntry  # noqa: Y015
+
+@_typing.final
+class ExportSubjectResponse(_message.Message):
+    """Output of ExportSubject: a run of entries in index order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubjectEntry]:
+        """Entries about the subject."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___SubjectEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSubjectResponse: _TypeAlias = ExportSubjectResponse  # noqa: Y015
+
+@_typing.final
+class GetSettingsRequest(_message.Message):
+    """Input of GetSettings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettingsRequest: _TypeAlias = GetSettingsRequest  # noqa: Y015
+
+@_typing.final
+class GetSettingsResponse(_message.Message):
+    """Output of GetSettings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___AuditSettings:
+        """The tenant's settings."""
+
+    def __init__(
+        self,
+        *,
+        settings: Global___AuditSettings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettingsResponse: _TypeAlias = GetSettingsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateSettingsResponse(_message.Message):
+    """Output of UpdateSettings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___AuditSettings:
+        """The settings after the update."""
+
+    def __init__(
+        self,
+        *,
+        settings: Global___AuditSettings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSettingsResponse: _TypeAlias = UpdateSettingsResponse  # noqa: Y015
+
+@_typing.final
+class AuditSettings(_message.Message):
+    """AuditSettings are the tenant's audit-log settings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETENTION_DAYS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    retention_days: _builtins.int
+    """Entry bodies older than this many days are removed (leaf hashes stay, so every proof still
+    verifies); 1-3650, default TRUSTPLANE_AUDIT_RETENTION_DAYS (365).
+    """
+    etag: _builtins.str
+    """Changes whenever the settings change (AIP-154)."""
+    def __init__(
+        self,
+        *,
+        retention_days: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "retention_days", b"retention_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditSettings: _TypeAlias = AuditSettings  # noqa: Y015
+
+@_typing.final
+class UpdateSettingsRequest(_message.Message):
+    """Input of UpdateSettings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Makes a retry safe (AIP-155); optional."""
+    @_builtins.property
+    def settings(self) -> Global___AuditSettings:
+        """The new values of the fields named in `update_mask`; `etag` guards the update when set."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: `retention_days`."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        settings: Global___AuditSettings | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "settings", b"settings", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSettingsRequest: _TypeAlias = UpdateSettingsRequest  # noqa: Y015
+
+@_typing.final
+class StreamAppendEntriesRequest(_message.Message):
+    """One message of StreamAppendEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    INCLUDE_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    include_checkpoint: _builtins.bool
+    """Only read from the first message: answer with a signed checkpoint covering every event."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
+        """Events to append, in order; at most 1000 per message."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AuditEvent] | None = ...,
+        include_checkpoint: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "include_checkpoint", b"include_checkpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamAppendEntriesRequest: _TypeAlias = StreamAppendEntriesRequest  # noqa: Y015
+
+@_typing.final
+class StreamAppendEntriesResponse(_message.Message):
+    """Output of StreamAppendEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEXES_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The index of every appended event, in the order sent."""
+
+    @_builtins.property
+    def checkpoint(self) -> Global___Checkpoint:
+        """Present when the first message set `include_checkpoint`."""
+
+    def __init__(
+        self,
+        *,
+        indexes: _abc.Iterable[_builtins.int] | None = ...,
+        checkpoint: Global___Checkpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "indexes", b"indexes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamAppendEntriesResponse: _TypeAlias = StreamAppendEntriesResponse  # noqa: Y015

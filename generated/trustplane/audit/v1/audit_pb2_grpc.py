@@ -68,6 +68,31 @@ class AuditServiceStub:
                 request_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportEntriesRequest.SerializeToString,
                 response_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportEntriesResponse.FromString,
                 _registered_method=True)
+        self.StreamAppendEntries = channel.stream_unary(
+                '/trustplane.audit.v1.AuditService/StreamAppendEntries',
+                request_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.StreamAppendEntriesRequest.SerializeToString,
+                response_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.StreamAppendEntriesResponse.FromString,
+                _registered_method=True)
+        self.EraseSubject = channel.unary_unary(
+                '/trustplane.audit.v1.AuditService/EraseSubject',
+                request_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.EraseSubjectRequest.SerializeToString,
+                response_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.EraseSubjectResponse.FromString,
+                _registered_method=True)
+        self.ExportSubject = channel.unary_stream(
+                '/trustplane.audit.v1.AuditService/ExportSubject',
+                request_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportSubjectRequest.SerializeToString,
+                response_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportSubjectResponse.FromString,
+                _registered_method=True)
+        self.GetSettings = channel.unary_unary(
+                '/trustplane.audit.v1.AuditService/GetSettings',
+                request_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.GetSettingsRequest.SerializeToString,
+                response_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.GetSettingsResponse.FromString,
+                _registered_method=True)
+        self.UpdateSettings = channel.unary_unary(
+                '/trustplane.audit.v1.AuditService/UpdateSettings',
+                request_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.UpdateSettingsRequest.SerializeToString,
+                response_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.UpdateSettingsResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -136,6 +161,60 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamAppendEntries(self, request_iterator, context):
+        """Appends the caller's events from a client stream: each message carries a batch of events,
+        committed in order as it arrives (no need to wait for one batch before sending the next).
+        Answered once the stream is closed and every event is durably committed, with all indexes
+        and, when the first message asked for it, a signed checkpoint covering them. The stream is
+        not a transaction: if a message is rejected the call fails and nothing after it is
+        appended, while the events of earlier messages stay in the log.
+        Errors: as AppendEntries; a violation's field is prefixed with the message's position
+        (`messages[2].events[0].event_type`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseSubject(self, request, context):
+        """Crypto-shredding: destroys the per-subject key that encrypts the personal data of
+        `data_subject`, at once and for good. Every entry keeps its place and the log still
+        verifies (the ciphertext is what the leaf hash covers); the personal data can never be read
+        again. Later events about the same subject get a new key. Erasing a subject with no personal
+        data in the log succeeds with `entries` 0.
+        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (data_subject), INVALID_ARGUMENT /
+        IDEMPOTENCY_KEY_*, UNAVAILABLE / AUDIT_UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSubject(self, request, context):
+        """Streams every entry about a data subject (a GDPR access request): entries whose personal
+        data belongs to it, with that data decrypted, and entries where it is the caller or an
+        actor. Entries whose personal data was erased say so.
+        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (data_subject).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSettings(self, request, context):
+        """Returns the tenant's audit settings (retention).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSettings(self, request, context):
+        """Updates the tenant's audit settings; `update_mask` names the fields (`retention_days`), and
+        `settings.etag`, when set, must match the current one.
+        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (retention_days outside 1-3650, unknown mask
+        path), ABORTED / ETAG_MISMATCH.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +247,31 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.ExportEntries,
                     request_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportEntriesRequest.FromString,
                     response_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportEntriesResponse.SerializeToString,
+            ),
+            'StreamAppendEntries': grpc.stream_unary_rpc_method_handler(
+                    servicer.StreamAppendEntries,
+                    request_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.StreamAppendEntriesRequest.FromString,
+                    response_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.StreamAppendEntriesResponse.SerializeToString,
+            ),
+            'EraseSubject': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseSubject,
+                    request_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.EraseSubjectRequest.FromString,
+                    response_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.EraseSubjectResponse.SerializeToString,
+            ),
+            'ExportSubject': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSubject,
+                    request_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportSubjectRequest.FromString,
+                    response_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportSubjectResponse.SerializeToString,
+            ),
+            'GetSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSettings,
+                    request_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.GetSettingsRequest.FromString,
+                    response_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.GetSettingsResponse.SerializeToString,
+            ),
+            'UpdateSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSettings,
+                    request_deserializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.UpdateSettingsRequest.FromString,
+                    response_serializer=trustplane_dot_audit_dot_v1_dot_audit__pb2.UpdateSettingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -336,6 +440,141 @@ class AuditService:
             '/trustplane.audit.v1.AuditService/ExportEntries',
             trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportEntriesRequest.SerializeToString,
             trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamAppendEntries(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/trustplane.audit.v1.AuditService/StreamAppendEntries',
+            trustplane_dot_audit_dot_v1_dot_audit__pb2.StreamAppendEntriesRequest.SerializeToString,
+            trustplane_dot_audit_dot_v1_dot_audit__pb2.StreamAppendEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustplane.audit.v1.AuditService/EraseSubject',
+            trustplane_dot_audit_dot_v1_dot_audit__pb2.EraseSubjectRequest.SerializeToString,
+            trustplane_dot_audit_dot_v1_dot_audit__pb2.EraseSubjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trustplane.audit.v1.AuditService/ExportSubject',
+            trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportSubjectRequest.SerializeToString,
+            trustplane_dot_audit_dot_v1_dot_audit__pb2.ExportSubjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustplane.audit.v1.AuditService/GetSettings',
+            trustplane_dot_audit_dot_v1_dot_audit__pb2.GetSettingsRequest.SerializeToString,
+            trustplane_dot_audit_dot_v1_dot_audit__pb2.GetSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustplane.audit.v1.AuditService/UpdateSettings',
+            trustplane_dot_audit_dot_v1_dot_audit__pb2.UpdateSettingsRequest.SerializeToString,
+            trustplane_dot_audit_dot_v1_dot_audit__pb2.UpdateSettingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

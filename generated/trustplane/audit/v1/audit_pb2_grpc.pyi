@@ -76,6 +76,39 @@ class AuditServiceStub:
     export verifies offline with only the public key (`python -m server audit verify`).
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (start_index), DATA_LOSS / AUDIT_LOG_INCONSISTENT.
     """
+    StreamAppendEntries: _grpc.StreamUnaryMultiCallable[_audit_pb2.StreamAppendEntriesRequest, _audit_pb2.StreamAppendEntriesResponse]
+    """Appends the caller's events from a client stream: each message carries a batch of events,
+    committed in order as it arrives (no need to wait for one batch before sending the next).
+    Answered once the stream is closed and every event is durably committed, with all indexes
+    and, when the first message asked for it, a signed checkpoint covering them. The stream is
+    not a transaction: if a message is rejected the call fails and nothing after it is
+    appended, while the events of earlier messages stay in the log.
+    Errors: as AppendEntries; a violation's field is prefixed with the message's position
+    (`messages[2].events[0].event_type`).
+    """
+    EraseSubject: _grpc.UnaryUnaryMultiCallable[_audit_pb2.EraseSubjectRequest, _audit_pb2.EraseSubjectResponse]
+    """Crypto-shredding: destroys the per-subject key that encrypts the personal data of
+    `data_subject`, at once and for good. Every entry keeps its place and the log still
+    verifies (the ciphertext is what the leaf hash covers); the personal data can never be read
+    again. Later events about the same subject get a new key. Erasing a subject with no personal
+    data in the log succeeds with `entries` 0.
+    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (data_subject), INVALID_ARGUMENT /
+    IDEMPOTENCY_KEY_*, UNAVAILABLE / AUDIT_UNAVAILABLE.
+    """
+    ExportSubject: _grpc.UnaryStreamMultiCallable[_audit_pb2.ExportSubjectRequest, _audit_pb2.ExportSubjectResponse]
+    """Streams every entry about a data subject (a GDPR access request): entries whose personal
+    data belongs to it, with that data decrypted, and entries where it is the caller or an
+    actor. Entries whose personal data was erased say so.
+    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (data_subject).
+    """
+    GetSettings: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetSettingsRequest, _audit_pb2.GetSettingsResponse]
+    """Returns the tenant's audit settings (retention)."""
+    UpdateSettings: _grpc.UnaryUnaryMultiCallable[_audit_pb2.UpdateSettingsRequest, _audit_pb2.UpdateSettingsResponse]
+    """Updates the tenant's audit settings; `update_mask` names the fields (`retention_days`), and
+    `settings.etag`, when set, must match the current one.
+    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (retention_days outside 1-3650, unknown mask
+    path), ABORTED / ETAG_MISMATCH.
+    """
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
@@ -120,6 +153,39 @@ class AuditServiceAsyncStub(AuditServiceStub):
     every entry from `start_index` with its inclusion proof against that checkpoint, so the
     export verifies offline with only the public key (`python -m server audit verify`).
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (start_index), DATA_LOSS / AUDIT_LOG_INCONSISTENT.
+    """
+    StreamAppendEntries: _aio.StreamUnaryMultiCallable[_audit_pb2.StreamAppendEntriesRequest, _audit_pb2.StreamAppendEntriesResponse]  # type: ignore[assignment]
+    """Appends the caller's events from a client stream: each message carries a batch of events,
+    committed in order as it arrives (no need to wait for one batch before sending the next).
+    Answered once the stream is closed and every event is durably committed, with all indexes
+    and, when the first message asked for it, a signed checkpoint covering them. The stream is
+    not a transaction: if a message is rejected the call fails and nothing after it is
+    appended, while the events of earlier messages stay in the log.
+    Errors: as AppendEntries; a violation's field is prefixed with the message's position
+    (`messages[2].events[0].event_type`).
+    """
+    EraseSubject: _aio.UnaryUnaryMultiCallable[_audit_pb2.EraseSubjectRequest, _audit_pb2.EraseSubjectResponse]  # type: ignore[assignment]
+    """Crypto-shredding: destroys the per-subject key that encrypts the personal data of
+    `data_subject`, at once and for good. Every entry keeps its place and the log still
+    verifies (the ciphertext is what the leaf hash covers); the personal data can never be read
+    again. Later events about the same subject get a new key. Erasing a subject with no personal
+    data in the log succeeds with `entries` 0.
+    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (data_subject), INVALID_ARGUMENT /
+    IDEMPOTENCY_KEY_*, UNAVAILABLE / AUDIT_UNAVAILABLE.
+    """
+    ExportSubject: _aio.UnaryStreamMultiCallable[_audit_pb2.ExportSubjectRequest, _audit_pb2.ExportSubjectResponse]  # type: ignore[assignment]
+    """Streams every entry about a data subject (a GDPR access request): entries whose personal
+    data belongs to it, with that data decrypted, and entries where it is the caller or an
+    actor. Entries whose personal data was erased say so.
+    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (data_subject).
+    """
+    GetSettings: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetSettingsRequest, _audit_pb2.GetSettingsResponse]  # type: ignore[assignment]
+    """Returns the tenant's audit settings (retention)."""
+    UpdateSettings: _aio.UnaryUnaryMultiCallable[_audit_pb2.UpdateSettingsRequest, _audit_pb2.UpdateSettingsResponse]  # type: ignore[assignment]
+    """Updates the tenant's audit settings; `update_mask` names the fields (`retention_days`), and
+    `settings.etag`, when set, must match the current one.
+    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (retention_days outside 1-3650, unknown mask
+    path), ABORTED / ETAG_MISMATCH.
     """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -198,6 +264,69 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         every entry from `start_index` with its inclusion proof against that checkpoint, so the
         export verifies offline with only the public key (`python -m server audit verify`).
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (start_index), DATA_LOSS / AUDIT_LOG_INCONSISTENT.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamAppendEntries(
+        self,
+        request_iterator: _MaybeAsyncIterator[_audit_pb2.StreamAppendEntriesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.StreamAppendEntriesResponse, _abc.Awaitable[_audit_pb2.StreamAppendEntriesResponse]]:
+        """Appends the caller's events from a client stream: each message carries a batch of events,
+        committed in order as it arrives (no need to wait for one batch before sending the next).
+        Answered once the stream is closed and every event is durably committed, with all indexes
+        and, when the first message asked for it, a signed checkpoint covering them. The stream is
+        not a transaction: if a message is rejected the call fails and nothing after it is
+        appended, while the events of earlier messages stay in the log.
+        Errors: as AppendEntries; a violation's field is prefixed with the message's position
+        (`messages[2].events[0].event_type`).
+        """
+
+    @_abc_1.abstractmethod
+    def EraseSubject(
+        self,
+        request: _audit_pb2.EraseSubjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.EraseSubjectResponse, _abc.Awaitable[_audit_pb2.EraseSubjectResponse]]:
+        """Crypto-shredding: destroys the per-subject key that encrypts the personal data of
+        `data_subject`, at once and for good. Every entry keeps its place and the log still
+        verifies (the ciphertext is what the leaf hash covers); the personal data can never be read
+        again. Later events about the same subject get a new key. Erasing a subject with no personal
+        data in the log succeeds with `entries` 0.
+        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (data_subject), INVALID_ARGUMENT /
+        IDEMPOTENCY_KEY_*, UNAVAILABLE / AUDIT_UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportSubject(
+        self,
+        request: _audit_pb2.ExportSubjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_audit_pb2.ExportSubjectResponse], _abc.AsyncIterator[_audit_pb2.ExportSubjectResponse]]:
+        """Streams every entry about a data subject (a GDPR access request): entries whose personal
+        data belongs to it, with that data decrypted, and entries where it is the caller or an
+        actor. Entries whose personal data was erased say so.
+        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (data_subject).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSettings(
+        self,
+        request: _audit_pb2.GetSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetSettingsResponse, _abc.Awaitable[_audit_pb2.GetSettingsResponse]]:
+        """Returns the tenant's audit settings (retention)."""
+
+    @_abc_1.abstractmethod
+    def UpdateSettings(
+        self,
+        request: _audit_pb2.UpdateSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.UpdateSettingsResponse, _abc.Awaitable[_audit_pb2.UpdateSettingsResponse]]:
+        """Updates the tenant's audit settings; `update_mask` names the fields (`retention_days`), and
+        `settings.etag`, when set, must match the current one.
+        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (retention_days outside 1-3650, unknown mask
+        path), ABORTED / ETAG_MISMATCH.
         """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
