@@ -1,0 +1,151 @@
+"""The audit writer against real PostgreSQL: group-commit limits and order, back-pressure
+without loss, durable commits retried after a lost connection, checkpoints and proofs from the
+stored nodes, and refusal to sign over an edited tree.
+
+The writer is stalled the way a second server process would stall it: by holding the tenant
+log's advisory lock from another connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from server.audit import merkle
+from server.audit.model import CALL, EntryFilter, Record, decode
+from server.audit.service import AuditUnavailable, LogInconsistent
+
+_LOCK_CLASS = 0x61756474
+TENANT = "t-writer"
+
+
+def record(tenant: str = TENANT, method: str = "/m") -> Record:
+    return Record(tenant_id=tenant, kind=CALL, time_ms=1, method=method, code="OK")
+
+
+@contextlib.asynccontextmanager
+async def stalled(database_url: str, tenant: str = TENANT) -> AsyncIterator[asyncpg.Connection]:
+    """Hold the tenant log's lock: the writer blocks inside its transaction until released."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", _LOCK_CLASS, tenant)
+        yield conn
+        await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", _LOCK_CLASS, tenant)
+    finally:
+        await conn.close()
+
+
+async def stored(running, tenant: str = TENANT) -> list[dict]:
+    await running.app.audit.flush()
+    entries, _ = await running.app.audit.list_entries(tenant, EntryFilter(), 1000, "")
+    return [decode(e.body) for e in entries]
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.01)
+
+
+def batch_sizes(running) -> tuple[float, float]:
+    registry = running.app.metrics.registry
+    count = registry.get_sample_value("trustplane_audit_batch_entries_count") or 0.0
+    at_most_8 = registry.get_sample_value("trustplane_audit_batch_entries_bucket", {"le": "8.0"})
+    return count, at_most_8 or 0.0
+
+
+async def test_group_commit_respects_batch_max_and_orders_entries(start_server, database_url):
+    async with start_server(TRUSTPLANE_AUDIT_BATCH_MAX="8", TRUSTPLANE_AUDIT_LINGER="0") as running:
+        log = running.app.audit
+        before = batch_sizes(running)
+        async with stalled(database_url):
+            for i in range(30):
+                assert log.offer(record(method=f"/m{i}"))
+            await asyncio.sleep(0.1)
+        entries = await stored(running)
+        assert [e["method"] for e in entries] == [f"/m{i}" for i in range(30)]
+        assert [e["index"] for e in entries] == list(range(30))
+        count, small = batch_sizes(running)
+        # Several batches, every one of them at most 8 entries (all batches since `before`).
+        assert count - before[0] >= 4 and small - before[1] == count - before[0]
+
+
+async def test_full_queue_means_back_pressure_not_loss(start_server, database_url):
+    async with start_server(
+        TRUSTPLANE_AUDIT_QUEUE_SIZE="2", TRUSTPLANE_AUDIT_LINGER="0"
+    ) as running:
+        log = running.app.audit
+        async with stalled(database_url):
+            assert log.offer(record(method="/first"))
+            await until(lambda: log.depth() == 0)  # the writer took it; it waits on the lock
+            accepted = [log.offer(record()) for _ in range(4)]
+            assert accepted == [True, True, False, False]
+            waiting = asyncio.create_task(log.put(record(method="/last")))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()  # back-pressure: it waits for room
+        await asyncio.wait_for(waiting, 10)
+        entries = await stored(running)
+        assert len(entries) == 4 and entries[-1]["method"] == "/last"
+        waits = running.app.metrics.registry.get_sample_value(
+            "trustplane_audit_backpressure_waits_total"
+        )
+        assert waits is not None and waits >= 1
+
+
+async def test_durable_commit_fails_closed_and_is_retried_without_loss(start_server, database_url):
+    async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+        log = running.app.audit
+        assert await log.commit([record(), record()]) == [0, 1]
+        assert await log.commit([record("t-other")]) == [0]
+        async with stalled(database_url) as conn:
+            pending = asyncio.create_task(log.commit([record(method="/lost-connection")]))
+            killed = 0
+            for _ in range(100):  # until the writer waits on the lock inside its transaction
+                killed = await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = 'trustplane' AND wait_event_type = 'Lock'"
+                )
+                if killed:
+                    break
+                await asyncio.sleep(0.05)
+            assert killed >= 1
+            with pytest.raises(AuditUnavailable):
+                await asyncio.wait_for(pending, 10)
+        entries = await asyncio.wait_for(stored(running), 10)
+        assert [e["method"] for e in entries] == ["/m", "/m", "/lost-connection"]
+
+
+async def test_checkpoint_and_proofs_from_stored_nodes(start_server, database_url):
+    async with start_server() as running:
+        log = running.app.audit
+        await log.commit([record() for _ in range(13)])
+        signed = await log.checkpoint(TENANT)
+        pem = await log.public_key_pem(signed.key_id)
+        key = serialization.load_pem_public_key(pem.encode())
+        assert signed.checkpoint.size == 13 and merkle.verify_checkpoint(signed, key)
+        assert await log.checkpoint(TENANT) == signed  # nothing new: reused
+        proof = await log.inclusion_proof(TENANT, 6, 0)
+        assert merkle.verify_inclusion(proof.leaf_hash, 6, 13, proof.hashes, signed.checkpoint.root)
+        await log.commit([record() for _ in range(6)])
+        later = await log.consistency_proof(TENANT, 13, 0)
+        assert later.second_size == 19
+        assert merkle.verify_consistency(13, 19, later.first_root, later.second_root, later.hashes)
+
+        conn = await asyncpg.connect(database_url)
+        try:  # rewrite a stored node of the signed tree
+            await conn.execute(
+                "UPDATE audit_nodes SET hash = $2 WHERE tenant_id = $1 AND level = 4 AND idx = 0",
+                TENANT,
+                bytes(32),
+            )
+        finally:
+            await conn.close()
+        await log.commit([record()])
+        with pytest.raises(LogInconsistent):
+            await log.checkpoint(TENANT)
