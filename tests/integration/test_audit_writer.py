@@ -40,7 +40,7 @@ async def stalled(database_url: str, tenant: str = TENANT) -> AsyncIterator[asyn
         await conn.close()
 
 
-async def stored(running, tenant: str = TENANT) -> list[dict]:
+async def stored(running, tenant: str = TENANT) -> list[dict[str, object]]:
     await running.app.audit.flush()
     entries, _ = await running.app.audit.list_entries(tenant, EntryFilter(), 1000, "")
     return [decode(e.body) for e in entries]
