@@ -4,7 +4,8 @@ Environment: BENCH_REQUESTS (per run, default 20000), BENCH_CLIENTS (default 4),
 BENCH_STREAMS (concurrent streams per client, default 8), BENCH_RUNS (measured runs, default 3),
 BENCH_CASES (comma-separated substrings of case names to run; default all),
 BENCH_DATABASE_URL / BENCH_REDIS_URL (passed to the server as DATABASE_URL / REDIS_URL; unset:
-embedded PostgreSQL and the in-process cache).
+embedded PostgreSQL and the in-process cache), BENCH_SERVER_ENV (space-separated
+TRUSTPLANE_*=value settings for the server, for experiments such as TRUSTPLANE_AUDIT=off).
 
 Exit status: 0 when every run was correct (missed targets are flagged, not fatal), 1 on a
 correctness failure or when the bench could not run, 2 on a bad setting.
@@ -101,8 +102,9 @@ async def _measure_echo(
     first: Case, settings: Settings, placement: Placement, workdir: Path
 ) -> Measurement:
     """The ceiling: the first case's request bytes echoed by a bare grpc.aio server."""
-    async with servers.echo(placement, workdir) as address:
-        target = Target(f"echo ceiling ({echo.PATH[1:]})", address, echo.PATH, first.request)
+    async with servers.echo(placement, workdir) as (address, pid):
+        name = f"echo ceiling ({echo.PATH[1:]})"
+        target = Target(name, address, echo.PATH, first.request, pid=pid)
         return await measure(
             target, settings.shape, settings.runs, workdir, placement.load_prefix()
         )
@@ -116,7 +118,13 @@ async def _measure_case(
     workdir: Path,
 ) -> Scored:
     target = Target(
-        case.name, server.address, case.path, case.request, case.headers, server.metrics_url
+        case.name,
+        server.address,
+        case.path,
+        case.request,
+        case.headers,
+        server.metrics_url,
+        server.pid,
     )
     shape = settings.shape
     if case.requests is not None:

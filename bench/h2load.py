@@ -57,6 +57,7 @@ class Run:
     timeout: int
     p50_ms: float
     p99_ms: float
+    server_cpu_us: float | None = None  # server process CPU time per request, when known
 
 
 def frame(message: bytes, compressed: bool = False) -> bytes:

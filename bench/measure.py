@@ -1,5 +1,8 @@
 """One target under load: a warm-up run, then the measured runs, each checked for correctness.
 
+Each run also records the server process's CPU time per request: unlike req/s it hardly
+depends on what else the machine is doing, so it compares code changes on a busy machine.
+
 A run is correct when h2load completed every request and, for a trustplane target, the
 server's own counters agree (`bench.scrape`). The reported run is the median by req/s.
 """
@@ -10,6 +13,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import psutil
 
 from bench import h2load, scrape
 from bench.cases import Headers
@@ -26,6 +31,7 @@ class Target:
     request: bytes  # serialized message, not framed
     headers: Headers = ()
     metrics_url: str | None = None
+    pid: int | None = None  # the server process, for its CPU time per request
 
     @property
     def url(self) -> str:
@@ -76,14 +82,29 @@ async def _checked_run(
     before = None
     if target.metrics_url is not None:
         before = await scrape.rpc_calls(target.metrics_url, target.path)
+    cpu_before = _cpu_seconds(target.pid)
     run = await h2load.run(
         target.url, body, target.headers, shape, log_file=log_file, prefix=prefix
     )
+    cpu_after = _cpu_seconds(target.pid)
+    if cpu_before is not None and cpu_after is not None and run.succeeded:
+        run = replace(run, server_cpu_us=(cpu_after - cpu_before) / run.succeeded * 1e6)
     found = client_problems(run, shape)
     if target.metrics_url is not None and before is not None:
         after = await scrape.rpc_calls(target.metrics_url, target.path)
         found += scrape.problems(before, after, run.succeeded)
     return run, found
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process (its threads included), or None."""
+    if pid is None:
+        return None
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
 
 
 def client_problems(run: Run, shape: LoadShape) -> list[str]:

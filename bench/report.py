@@ -9,8 +9,9 @@ from bench.h2load import LoadShape
 from bench.measure import Measurement
 
 _HEADER = (
-    "| RPC | req/s | items/s | p50 ms | p99 ms | ratio to echo | target | met |\n"
-    "|---|---:|---:|---:|---:|---:|:---:|"
+    "| RPC | req/s | items/s | p50 ms | p99 ms | ratio to echo | target | met "
+    "| server CPU µs/req | CPU ratio |\n"
+    "|---|---:|---:|---:|---:|---:|:---:|:---:|---:|---:|"
 )
 
 
@@ -71,7 +72,7 @@ class Facts:
 
 def table(echo: Measurement, cases: Sequence[Scored]) -> str:
     """The results table, the echo ceiling first."""
-    lines = [_HEADER, _row(echo, "—", "1.00", "—", "—")]
+    lines = [_HEADER, _row(echo, "—", "1.00", "—", "—", echo)]
     for case in cases:
         items = f"{case.items_per_s:,.0f}" if case.items > 1 else "—"
         lines.append(
@@ -81,13 +82,23 @@ def table(echo: Measurement, cases: Sequence[Scored]) -> str:
                 f"{case.ratio(echo):.2f}",
                 case.target(),
                 case.verdict(echo),
+                echo,
             )
         )
     return "\n".join(lines)
 
 
-def _row(measurement: Measurement, items: str, ratio: str, target: str, met: str) -> str:
+def _cpu(measurement: Measurement) -> float | None:
+    """Median server CPU µs per request over the measured runs (None if not measured)."""
+    values = sorted(r.server_cpu_us for r in measurement.runs if r.server_cpu_us is not None)
+    return values[len(values) // 2] if values else None
+
+
+def _row(
+    measurement: Measurement, items: str, ratio: str, target: str, met: str, echo: Measurement
+) -> str:
     run = measurement.median
+    cpu, echo_cpu = _cpu(measurement), _cpu(echo)
     cells = [
         measurement.name,
         f"{run.requests_per_second:,.0f}",
@@ -97,6 +108,8 @@ def _row(measurement: Measurement, items: str, ratio: str, target: str, met: str
         ratio,
         target,
         met,
+        "—" if cpu is None else f"{cpu:,.0f}",
+        "—" if cpu is None or echo_cpu is None else f"{echo_cpu / cpu:.2f}",
     ]
     return "| " + " | ".join(cells) + " |"
 

@@ -78,6 +78,7 @@ class Trustplane:
     tenant: str  # a tenant made by `python -m server bootstrap`, and its owner's credentials
     email: str
     password: str
+    pid: int  # the server process
 
 
 def free_port() -> int:
@@ -127,12 +128,18 @@ def trustplane_env(
     for source, target in _PASSED_THROUGH:
         if os.environ.get(source):
             extra[target] = os.environ[source]
+    # Experiments: BENCH_SERVER_ENV="TRUSTPLANE_AUDIT=off TRUSTPLANE_AUDIT_LINGER=0.005".
+    for pair in os.environ.get("BENCH_SERVER_ENV", "").split():
+        name, _, value = pair.partition("=")
+        if not name.startswith("TRUSTPLANE_"):
+            raise ValueError(f"BENCH_SERVER_ENV: {name!r} is not a TRUSTPLANE_ setting")
+        extra[name] = value
     return base_env(extra)
 
 
 @contextlib.asynccontextmanager
-async def echo(placement: Placement, workdir: Path) -> AsyncIterator[str]:
-    """Run `python -m bench.echo`; yield its address once it printed "ready"."""
+async def echo(placement: Placement, workdir: Path) -> AsyncIterator[tuple[str, int]]:
+    """Run `python -m bench.echo`; yield its address and pid once it printed "ready"."""
     port = free_port()
     args = [*placement.server_prefix(), sys.executable, "-m", "bench.echo", "--port", str(port)]
     log_path = workdir / "echo.log"
@@ -140,7 +147,7 @@ async def echo(placement: Placement, workdir: Path) -> AsyncIterator[str]:
         proc = await _spawn(args, base_env({}), log, stdout=asyncio.subprocess.PIPE)
         try:
             await _await_ready_line(proc, log_path)
-            yield f"127.0.0.1:{port}"
+            yield f"127.0.0.1:{port}", proc.pid
         finally:
             await stop(proc)
 
@@ -166,7 +173,9 @@ async def trustplane(placement: Placement, workdir: Path) -> AsyncIterator[Trust
         try:
             await _await_serving(proc, address, log_path)
             _unpin_postgres(proc.pid)
-            yield Trustplane(address, f"http://{metrics}/metrics", idp, tenant, email, password)
+            yield Trustplane(
+                address, f"http://{metrics}/metrics", idp, tenant, email, password, proc.pid
+            )
         finally:
             await stop(proc)
 

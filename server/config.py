@@ -134,6 +134,9 @@ class AuditConfig:
     queue_size: int = 10_000  # access entries waiting for the writer; full = back-pressure
     batch_max: int = 256  # entries per group commit
     linger: float = 0.001  # seconds the writer waits for more entries before a short batch
+    # ... when the batch holds only access entries (nobody waits for them): fewer, larger
+    # commits; a durable entry or a full batch ends the wait at once.
+    access_linger: float = 0.02
     checkpoint_interval: float = 10.0  # seconds between automatic signed checkpoints
     checkpoint_entries: int = 10_000  # also sign one whenever a log passes a multiple of this
     retention_days: int = 365  # default per tenant; bodies of older entries are removed
@@ -273,6 +276,7 @@ def _audit(env: _Env) -> AuditConfig:
         queue_size=env.get("TRUSTPLANE_AUDIT_QUEUE_SIZE", "10000", _int_range(1, 10**7)),
         batch_max=env.get("TRUSTPLANE_AUDIT_BATCH_MAX", "256", _int_range(1, 256)),
         linger=env.get("TRUSTPLANE_AUDIT_LINGER", "0.001", _float_range(0.0, 0.1)),
+        access_linger=env.get("TRUSTPLANE_AUDIT_ACCESS_LINGER", "0.02", _float_range(0.0, 0.1)),
         checkpoint_interval=env.get(
             "TRUSTPLANE_AUDIT_CHECKPOINT_INTERVAL", "10", _float_range(0.05, 86400.0)
         ),

@@ -6,7 +6,8 @@ takes entries and returns only once they are durably committed, with their index
 no action" for security-class calls and appended events).
 
 One writer task per process drains the queue: it takes what is waiting (up to `batch_max`
-entries, lingering `linger` seconds for a short batch) and appends it in one transaction
+entries, lingering `linger` seconds for a short batch, or `access_linger` when nobody waits for
+any entry in it) and appends it in one transaction
 (`AuditStore.append`: a per-tenant advisory lock, the entries, the completed Merkle nodes, the
 new size). Then it resolves the waiting callers. A failed batch fails its durable callers with
 AUDIT_UNAVAILABLE and is retried with back-off (its entries are never dropped), so an entry a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -228,6 +230,7 @@ class AuditLog:
         self._subjects = subjects
         self._drops: dict[str, _Drops] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._urgent = asyncio.Event()
         self._signer = signer
         self._config = config
         self._page_tokens = page_tokens
@@ -272,6 +275,8 @@ class AuditLog:
             self._queue.put_nowait(_Item((record,)))
         except asyncio.QueueFull:
             return False
+        if self._queue.qsize() >= self._config.batch_max:
+            self._urgent.set()
         return True
 
     async def put(self, record: Record) -> None:
@@ -281,6 +286,7 @@ class AuditLog:
             self._drop(record)
             return
         self._metrics.waits.inc()
+        self._urgent.set()  # the queue is full: no reason to linger
         await self._queue.put(_Item((record,)))
 
     def _drop(self, record: Record) -> None:
@@ -299,6 +305,7 @@ class AuditLog:
     async def _enqueue(self, records: Sequence[Record]) -> asyncio.Future[int]:
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Item(records, done))
+        self._urgent.set()  # someone waits for this one: end an access-only linger
         return done
 
     @staticmethod
@@ -330,8 +337,15 @@ class AuditLog:
         batch = [await self._queue.get()]
         count = len(batch[0].records)
         count = self._drain(batch, count)
-        if count < self._config.batch_max and self._config.linger > 0:
-            await asyncio.sleep(self._config.linger)
+        if count < self._config.batch_max:
+            durable = any(item.done is not None for item in batch)
+            linger = self._config.linger if durable else self._config.access_linger
+            if durable and linger > 0:
+                await asyncio.sleep(linger)
+            elif linger > 0:
+                self._urgent.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), linger)
             self._drain(batch, count)
         if self._drops:
             batch.extend(_Item((self._gap(t, d),), queued=False) for t, d in self._drops.items())

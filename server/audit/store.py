@@ -53,23 +53,34 @@ class PgAuditStore:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        # The perfect subtrees at the right edge of each log this process wrote last, by size:
+        # reused when the log still has that size (no other process appended since).
+        self._edges: dict[str, tuple[int, dict[tuple[int, int], bytes]]] = {}
 
     async def append(self, groups: Mapping[str, Sequence[Record]]) -> dict[str, int]:
         """Append each tenant's records; returns the index of each tenant's first record."""
         firsts: dict[str, int] = {}
+        edges: dict[str, tuple[int, dict[tuple[int, int], bytes]]] = {}
         async with self._db.transaction() as conn:
             for tenant_id in sorted(groups):
-                firsts[tenant_id] = await self._append(conn, tenant_id, groups[tenant_id])
+                firsts[tenant_id], edges[tenant_id] = await self._append(
+                    conn, tenant_id, groups[tenant_id]
+                )
+        self._edges.update(edges)  # only once committed
         return firsts
 
     async def _append(
         self, conn: asyncpg.Connection, tenant_id: str, records: Sequence[Record]
-    ) -> int:
+    ) -> tuple[int, tuple[int, dict[tuple[int, int], bytes]]]:
         await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_CLASS, tenant_id)
         size = await conn.fetchval("SELECT size FROM audit_logs WHERE tenant_id = $1", tenant_id)
         size = size or 0
         bodies = [encode(record, size + i) for i, record in enumerate(records)]
-        edge = await self._fetch_nodes(conn, tenant_id, _edge(size))
+        cached = self._edges.get(tenant_id)
+        if cached is not None and cached[0] == size:
+            edge = cached[1]
+        else:
+            edge = await self._fetch_nodes(conn, tenant_id, _edge(size))
         nodes = merkle.completed_nodes(
             size, [merkle.leaf_hash(b) for b in bodies], lambda lv, ix: edge[(lv, ix)]
         )
@@ -81,8 +92,10 @@ class PgAuditStore:
             records=[(tenant_id, *node) for node in nodes],
             columns=("tenant_id", "level", "idx", "hash"),
         )
-        await conn.execute(_SET_SIZE, tenant_id, size + len(records))
-        return int(size)
+        new_size = size + len(records)
+        await conn.execute(_SET_SIZE, tenant_id, new_size)
+        known = {**edge, **{(level, index): value for level, index, value in nodes}}
+        return int(size), (new_size, {place: known[place] for place in _edge(new_size)})
 
     async def size(self, tenant_id: str) -> int:
         async with self._db.acquire() as conn:

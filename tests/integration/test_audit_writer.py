@@ -46,11 +46,16 @@ async def stored(running, tenant: str = TENANT) -> list[dict[str, object]]:
     return [decode(e.body) for e in entries]
 
 
-async def until(condition, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
-        await asyncio.sleep(0.01)
+_WAITING = "application_name = 'trustplane' AND wait_event_type = 'Lock'"
+
+
+async def writer_waits_on_lock(conn: asyncpg.Connection) -> None:
+    """Until the writer is inside its transaction, waiting for the held log lock."""
+    for _ in range(200):
+        if await conn.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE {_WAITING}"):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the audit writer never waited on the log lock")
 
 
 def batch_sizes(running) -> tuple[float, float]:
@@ -81,9 +86,9 @@ async def test_full_queue_means_back_pressure_not_loss(start_server, database_ur
         TRUSTPLANE_AUDIT_QUEUE_SIZE="2", TRUSTPLANE_AUDIT_LINGER="0"
     ) as running:
         log = running.app.audit
-        async with stalled(database_url):
+        async with stalled(database_url) as conn:
             assert log.offer(record(method="/first"))
-            await until(lambda: log.depth() == 0)  # the writer took it; it waits on the lock
+            await writer_waits_on_lock(conn)
             accepted = [log.offer(record()) for _ in range(4)]
             assert accepted == [True, True, False, False]
             waiting = asyncio.create_task(log.put(record(method="/last")))
@@ -105,15 +110,10 @@ async def test_durable_commit_fails_closed_and_is_retried_without_loss(start_ser
         assert await log.commit([record("t-other")]) == [0]
         async with stalled(database_url) as conn:
             pending = asyncio.create_task(log.commit([record(method="/lost-connection")]))
-            killed = 0
-            for _ in range(100):  # until the writer waits on the lock inside its transaction
-                killed = await conn.fetchval(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                    " WHERE application_name = 'trustplane' AND wait_event_type = 'Lock'"
-                )
-                if killed:
-                    break
-                await asyncio.sleep(0.05)
+            await writer_waits_on_lock(conn)
+            killed = await conn.fetchval(
+                f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {_WAITING}"
+            )
             assert killed >= 1
             with pytest.raises(AuditUnavailable):
                 await asyncio.wait_for(pending, 10)
