@@ -341,8 +341,9 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchApproval(self, request, context):
-        """Streams an approval: its current state first, then every change until it is decided,
-        expired or redeemed, so a runtime waits without polling. Errors: NOT_FOUND / NOT_FOUND.
+        """Streams an approval: its current state first, then its state after each change, until it
+        is decided or expired (the stream then ends), so a runtime waits without polling.
+        Errors: NOT_FOUND / NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

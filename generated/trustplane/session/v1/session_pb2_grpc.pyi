@@ -143,8 +143,9 @@ class SessionServiceStub:
     APPROVAL_BINDING_MISMATCH, FAILED_PRECONDITION / APPROVAL_EXPIRED.
     """
     WatchApproval: _grpc.UnaryStreamMultiCallable[_session_pb2.WatchApprovalRequest, _session_pb2.WatchApprovalResponse]
-    """Streams an approval: its current state first, then every change until it is decided,
-    expired or redeemed, so a runtime waits without polling. Errors: NOT_FOUND / NOT_FOUND.
+    """Streams an approval: its current state first, then its state after each change, until it
+    is decided or expired (the stream then ends), so a runtime waits without polling.
+    Errors: NOT_FOUND / NOT_FOUND.
     """
 
 @_typing.type_check_only
@@ -260,8 +261,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
     APPROVAL_BINDING_MISMATCH, FAILED_PRECONDITION / APPROVAL_EXPIRED.
     """
     WatchApproval: _aio.UnaryStreamMultiCallable[_session_pb2.WatchApprovalRequest, _session_pb2.WatchApprovalResponse]  # type: ignore[assignment]
-    """Streams an approval: its current state first, then every change until it is decided,
-    expired or redeemed, so a runtime waits without polling. Errors: NOT_FOUND / NOT_FOUND.
+    """Streams an approval: its current state first, then its state after each change, until it
+    is decided or expired (the stream then ends), so a runtime waits without polling.
+    Errors: NOT_FOUND / NOT_FOUND.
     """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -500,8 +502,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_pb2.WatchApprovalRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_session_pb2.WatchApprovalResponse], _abc.AsyncIterator[_session_pb2.WatchApprovalResponse]]:
-        """Streams an approval: its current state first, then every change until it is decided,
-        expired or redeemed, so a runtime waits without polling. Errors: NOT_FOUND / NOT_FOUND.
+        """Streams an approval: its current state first, then its state after each change, until it
+        is decided or expired (the stream then ends), so a runtime waits without polling.
+        Errors: NOT_FOUND / NOT_FOUND.
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
