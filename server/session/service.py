@@ -263,9 +263,7 @@ class SessionManager:
         session, created = await self._store.create_session(new)
         if not created and session.created_by != actor.actor_id:
             raise AlreadyExists("request_id was already used by another caller")
-        if created:
-            await self._announce("sessions", session.id, session.revision)
-        return session
+        return session  # nobody can be watching yet: no notification
 
     async def _agent_and_user(self, actor: ActorContext, agent_id: str) -> tuple[str, str | None]:
         """The caller itself when it is an agent (own credential, or the current actor of a
