@@ -336,8 +336,8 @@ class SessionManager:
         limit = page_size(size)
         query = _query("ListSessions", actor.tenant_id, where)
         after = self._position(query, token)
-        found = await self._store.list_sessions(actor.tenant_id, where, after, limit + 1)
         now = self._clock()
+        found = await self._store.list_sessions(actor.tenant_id, where, now, after, limit + 1)
         page = [_as_seen(s, now) for s in found[:limit]]
         if len(found) <= limit:
             return page, ""
@@ -766,6 +766,8 @@ class SessionManager:
     ) -> Approval:
         _check_text(note=(note, _MAX_TEXT))
         current = await self._approval_view(actor.tenant_id, approval_id)
+        if actor.act or actor.subject_type is not PrincipalType.USER:
+            raise PermissionDenied("approvals are decided by people with their own credentials")
         if set(actor.chain) & set(current.requester_chain):
             raise SelfDecision()
         if not set(actor.roles) & set(current.approver_roles):

@@ -291,14 +291,18 @@ class PgSessionStore:
         self,
         tenant_id: str,
         where: SessionFilter,
+        now: float,
         after: tuple[float, str] | None,
         limit: int,
     ) -> list[AgentSession]:
-        """Newest first; `after` is the (created_at, id) of the previous page's last row."""
+        """Newest first; `after` is the (created_at, id) of the previous page's last row. The
+        state filter sees a live session past its expiry as EXPIRED, as reads do."""
         async with self._db.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM agent_sessions WHERE tenant_id = $1 "
-                "AND ($2::text IS NULL OR state = $2) AND ($3 = '' OR agent_id = $3) "
+                "AND ($2::text IS NULL OR (CASE WHEN state = ANY($10::text[]) "
+                "AND expires_at <= $11 THEN 'EXPIRED' ELSE state END) = $2) "
+                "AND ($3 = '' OR agent_id = $3) "
                 "AND ($4 = '' OR user_id = $4) "
                 "AND ($5::timestamptz IS NULL OR created_at >= $5) "
                 "AND ($6::timestamptz IS NULL OR created_at < $6) "
@@ -313,6 +317,8 @@ class PgSessionStore:
                 None if after is None else _ts(after[0]),
                 None if after is None else _uuid(after[1]),
                 limit,
+                list(LIVE_SESSION_STATES),
+                _ts(now),
             )
         return [session_from(r) for r in rows]
 

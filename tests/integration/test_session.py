@@ -330,6 +330,15 @@ async def test_expiry_lazy_and_by_sweeper_then_purge(start_server, idp, database
         now[0] += 61
         expired = await get(svc, me, lazy.session_id)  # lazily, on read
         assert expired.state == S.SESSION_STATE_EXPIRED and expired.end_time.seconds > 0
+        listed = await svc.ListSessions(
+            pb.ListSessionsRequest(state=S.SESSION_STATE_EXPIRED), metadata=me
+        )
+        assert {s.session_id for s in listed.sessions} == {lazy.session_id, swept.session_id}
+        assert {s.state for s in listed.sessions} == {S.SESSION_STATE_EXPIRED}
+        active = await svc.ListSessions(
+            pb.ListSessionsRequest(state=S.SESSION_STATE_ACTIVE), metadata=me
+        )
+        assert list(active.sessions) == []  # past its expiry: not ACTIVE any more
         conn = await asyncpg.connect(database_url)
         try:
             state = "SELECT state FROM agent_sessions WHERE id = $1"

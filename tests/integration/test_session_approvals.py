@@ -193,6 +193,19 @@ async def test_nobody_decides_their_own_request(server, idp):
         )
     )
     assert status.reason == "APPROVAL_SELF_DECISION"
+    for not_a_person in (
+        delegated,  # alice's roles, but her agent is making the call
+        bearer(idp.token(sub="agent-3", ptype="agent", roles=["admin", "security"])),
+    ):
+        status = await expect_error(
+            svc.ApproveApproval(
+                pb.ApproveApprovalRequest(approval_id=own.approval_id), metadata=not_a_person
+            )
+        )
+        assert (status.code, status.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PERMISSION_DENIED",
+        )
     agent_itself = await expect_error(
         svc.ApproveApproval(pb.ApproveApprovalRequest(approval_id=own.approval_id), metadata=agent)
     )

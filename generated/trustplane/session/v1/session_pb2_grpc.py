@@ -314,7 +314,9 @@ class SessionServiceServicer:
         """Approves a PENDING approval and returns its single-use approval token, bound to the
         action digest, the requesting principal and the session. The token is shown once (only
         its hash is stored), so this RPC is not replayed: a retry answers APPROVAL_NOT_PENDING.
-        Errors: NOT_FOUND / NOT_FOUND, FAILED_PRECONDITION / APPROVAL_NOT_PENDING,
+        Approvers are people: a user calling with its own credential (not an agent, not a
+        delegated token). Errors: NOT_FOUND / NOT_FOUND, FAILED_PRECONDITION / APPROVAL_NOT_PENDING,
+        PERMISSION_DENIED / PERMISSION_DENIED (not a person's own credential),
         PERMISSION_DENIED / APPROVAL_SELF_DECISION, PERMISSION_DENIED / APPROVER_ROLE_MISSING,
         INVALID_ARGUMENT / INVALID_ARGUMENT (note too long).
         """
