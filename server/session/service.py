@@ -841,10 +841,14 @@ class SessionManager:
 
 
 async def _next_or_timeout(subscription: Any, timeout: float) -> None:
+    """Wait for a notification or the timeout; a subscription that ended (the cache is
+    closing) counts as unavailable, so the caller falls back to polling instead of spinning."""
     try:
         await asyncio.wait_for(anext(subscription), timeout)
-    except (TimeoutError, StopAsyncIteration):
+    except TimeoutError:
         return
+    except StopAsyncIteration:
+        raise CacheUnavailable() from None
 
 
 def _redeem_failure(
