@@ -695,3 +695,25 @@ def _later(seconds_from_now):
     stamp = timestamp_pb2.Timestamp()
     stamp.FromSeconds(int(time.time()) + seconds_from_now)
     return stamp
+
+
+async def test_watch_loses_nothing_when_notifications_are_lost(start_server, idp):
+    """The changing server publishes on another cache prefix, so the watcher's server never
+    hears of the changes: it must find every revision by re-reading PostgreSQL."""
+    async with (
+        start_server(TRUSTPLANE_SESSION_WATCH_POLL="0.2") as watching,
+        start_server(TRUSTPLANE_CACHE_PREFIX=f"other:{uuid.uuid4().hex}:") as changing,
+    ):
+        me = agent_token(idp)
+        session = await create(stub(watching), me)
+        seen: list[pb.AgentSession] = []
+        first = asyncio.Event()
+        watch = stub(watching).WatchSession(
+            pb.WatchSessionRequest(session_id=session.session_id), metadata=me
+        )
+        watcher = asyncio.ensure_future(_collect(watch, 5, seen, first))
+        await asyncio.wait_for(first.wait(), 10)
+        await _make_changes(stub(changing), me, session.session_id)
+        await asyncio.wait_for(watcher, 10)
+    assert [s.revision for s in seen] == [1, 2, 3, 4, 5]
+    assert seen[-1].state == S.SESSION_STATE_COMPLETED
