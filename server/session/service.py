@@ -334,6 +334,7 @@ class SessionManager:
         self, actor: ActorContext, where: SessionFilter, size: int, token: str
     ) -> tuple[list[AgentSession], str]:
         limit = page_size(size)
+        _check_times(created_after=where.created_after, created_before=where.created_before)
         query = _query("ListSessions", actor.tenant_id, where)
         after = self._position(query, token)
         now = self._clock()
@@ -909,17 +910,36 @@ def _labels(labels: Sequence[str], field: str) -> tuple[str, ...]:
 
 def _check_text(**fields: tuple[str, int]) -> None:
     problems = [
-        FieldViolation(name, f"at most {limit} characters")
+        FieldViolation(name, f"at most {limit} characters, no NUL")
         for name, (value, limit) in fields.items()
-        if len(value) > limit
+        if len(value) > limit or "\x00" in value
+    ]
+    if problems:
+        raise InvalidArgument.fields(*problems)
+
+
+_LAST_SECOND = 253_402_300_799.0  # 9999-12-31T23:59:59Z, the end of google.protobuf.Timestamp
+
+
+def _check_times(**fields: float | None) -> None:
+    problems = [
+        FieldViolation(name, "between 1970-01-01 and 9999-12-31")
+        for name, value in fields.items()
+        if value is not None and not 0.0 <= value <= _LAST_SECOND
     ]
     if problems:
         raise InvalidArgument.fields(*problems)
 
 
 def _check_json(field: str, value: dict[str, Any], limit: int) -> None:
-    if len(json.dumps(value, separators=(",", ":"))) > limit:
-        raise InvalidArgument.fields(FieldViolation(field, f"at most {limit} bytes serialized"))
+    try:
+        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise InvalidArgument.fields(FieldViolation(field, "numbers must be finite")) from None
+    if len(encoded) > limit or "\\u0000" in encoded:
+        raise InvalidArgument.fields(
+            FieldViolation(field, f"at most {limit} bytes serialized, no NUL characters")
+        )
 
 
 def _required(value: str, name: str) -> str:

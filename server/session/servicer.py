@@ -68,8 +68,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             state=_SESSION_STATES_IN.get(request.state),
             agent_id=request.agent_id,
             user_id=request.user_id,
-            created_after=wire.seconds(request, "created_after"),
-            created_before=wire.seconds(request, "created_before"),
+            created_after=_seconds(request, "created_after"),
+            created_before=_seconds(request, "created_before"),
         )
         found, token = await self._sessions.list_sessions(
             _actor(), where, request.page_size, request.page_token
@@ -239,9 +239,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
 
 def _struct(message: Any, field: str) -> dict[str, Any]:
+    """A Struct field as a dict; NaN and infinities have no JSON form: INVALID_ARGUMENT."""
     if not message.HasField(field):
         return {}
-    return dict(json_format.MessageToDict(getattr(message, field)))
+    try:
+        return dict(json_format.MessageToDict(getattr(message, field)))
+    except ValueError:
+        raise InvalidArgument.fields(FieldViolation(field, "numbers must be finite")) from None
 
 
 def _to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -251,9 +255,16 @@ def _to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
 
 
 def _duration(message: Any, field: str) -> float | None:
-    if not message.HasField(field):
-        return None
-    return float(getattr(message, field).ToNanoseconds() / 1e9)
+    return _seconds(message, field)
+
+
+def _seconds(message: Any, field: str) -> float | None:
+    """A Timestamp or Duration field as seconds (None when unset); one outside the type's
+    range is INVALID_ARGUMENT."""
+    try:
+        return wire.seconds(message, field)
+    except ValueError:
+        raise InvalidArgument.fields(FieldViolation(field, "out of range")) from None
 
 
 def encode_session(session: AgentSession) -> session_pb2.AgentSession:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+
 from server.db import Database
+from server.errors import InvalidArgument
 from server.session.model import (
     LIVE_SESSION_STATES,
     AgentSession,
@@ -148,9 +152,28 @@ _TRANSITION = _WITH_EVENT.format(
 )
 
 
+class UnstorableValue(InvalidArgument):
+    default_message = "a request field holds a value that cannot be stored (e.g. a NUL character)"
+
+
 class PgSessionStore:
     def __init__(self, db: Database) -> None:
         self._db = db
+
+    @asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection; values PostgreSQL refuses (NUL in text, NaN in jsonb) are the
+        caller's bad input, never an internal error."""
+        try:
+            async with self._db.acquire() as conn:
+                yield conn
+        except asyncpg.DataError:
+            raise UnstorableValue() from None
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._acquire() as conn, conn.transaction():
+            yield conn
 
     # --- sessions ---------------------------------------------------------------------------
 
@@ -164,7 +187,7 @@ class PgSessionStore:
             "'PENDING', $10, $11, $11, $12, $13) "
             "ON CONFLICT (tenant_id, request_id) DO NOTHING RETURNING *"
         )
-        async with self._db.transaction() as conn:
+        async with self._transaction() as conn:
             row = await conn.fetchrow(
                 insert,
                 uuid.uuid4(),
@@ -195,7 +218,7 @@ class PgSessionStore:
         key = _uuid(session_id)
         if key is None:
             return None
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT * FROM agent_sessions WHERE tenant_id = $1 AND id = $2", tenant_id, key
             )
@@ -216,7 +239,7 @@ class PgSessionStore:
         key = _uuid(session_id)
         if key is None:
             return None
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             row = await conn.fetchrow(
                 _TRANSITION,
                 tenant_id,
@@ -255,7 +278,7 @@ class PgSessionStore:
         key = _uuid(session_id)
         if key is None:
             return None
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             row = await conn.fetchrow(
                 statement,
                 tenant_id,
@@ -275,7 +298,7 @@ class PgSessionStore:
         key = _uuid(session_id)
         if key is None:
             return []
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             rows = await conn.fetch(
                 "SELECT e.snapshot FROM agent_session_events e JOIN agent_sessions s "
                 "ON s.id = e.session_id WHERE s.tenant_id = $1 AND e.session_id = $2 "
@@ -297,7 +320,7 @@ class PgSessionStore:
     ) -> list[AgentSession]:
         """Newest first; `after` is the (created_at, id) of the previous page's last row. The
         state filter sees a live session past its expiry as EXPIRED, as reads do."""
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM agent_sessions WHERE tenant_id = $1 "
                 "AND ($2::text IS NULL OR (CASE WHEN state = ANY($10::text[]) "
@@ -331,13 +354,13 @@ class PgSessionStore:
             "ANY($3::text[]) AND expires_at <= $1 ORDER BY expires_at LIMIT $2 "
             "FOR UPDATE SKIP LOCKED) AND state = ANY($3::text[]) RETURNING *"
         )
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             rows = await conn.fetch(statement, _ts(now), limit, list(LIVE_SESSION_STATES))
         return [session_from(r) for r in rows]
 
     async def unrevoked(self, limit: int) -> list[str]:
         """Ended sessions whose delegated tokens are not yet on the deny-list."""
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             rows = await conn.fetch(
                 "SELECT id FROM agent_sessions WHERE ended_at IS NOT NULL "
                 "AND tokens_revoked_at IS NULL ORDER BY ended_at LIMIT $1",
@@ -346,7 +369,7 @@ class PgSessionStore:
         return [str(r["id"]) for r in rows]
 
     async def mark_revoked(self, session_ids: Sequence[str], now: float) -> None:
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             await conn.execute(
                 "UPDATE agent_sessions SET tokens_revoked_at = $2 WHERE id = ANY($1::uuid[])",
                 [uuid.UUID(s) for s in session_ids],
@@ -357,7 +380,7 @@ class PgSessionStore:
         """Delete sessions (with their events, tasks and approvals) that ended before the
         cutoff, and decided or expired approvals without a session; the number removed."""
         cutoff = _ts(ended_before)
-        async with self._db.transaction() as conn:
+        async with self._transaction() as conn:
             sessions = await conn.fetch(
                 "DELETE FROM agent_sessions WHERE id IN (SELECT id FROM agent_sessions "
                 "WHERE ended_at < $1 AND tokens_revoked_at IS NOT NULL LIMIT $2) RETURNING id",
@@ -376,7 +399,7 @@ class PgSessionStore:
     # --- tasks ------------------------------------------------------------------------------
 
     async def create_task(self, new: NewTask) -> tuple[Task, bool]:
-        async with self._db.transaction() as conn:
+        async with self._transaction() as conn:
             row = await conn.fetchrow(
                 "INSERT INTO session_tasks (id, tenant_id, session_id, type, from_role, to_role,"
                 " payload, trace_id, state, created_by, created_at, updated_at, request_id) "
@@ -408,7 +431,7 @@ class PgSessionStore:
         key = _uuid(task_id)
         if key is None:
             return None
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT * FROM session_tasks WHERE tenant_id = $1 AND id = $2", tenant_id, key
             )
@@ -423,7 +446,7 @@ class PgSessionStore:
         after: tuple[float, str] | None,
         limit: int,
     ) -> list[Task]:
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM session_tasks WHERE tenant_id = $1 AND session_id = $2 "
                 "AND ($3::text IS NULL OR state = $3) AND ($4 = '' OR to_role = $4) "
@@ -452,7 +475,7 @@ class PgSessionStore:
         key = _uuid(task_id)
         if key is None:
             return None
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             row = await conn.fetchrow(
                 "UPDATE session_tasks SET state = $3, status_message = $4, updated_at = $5, "
                 "revision = revision + 1 WHERE tenant_id = $1 AND id = $2 "
@@ -471,7 +494,7 @@ class PgSessionStore:
     # --- approvals --------------------------------------------------------------------------
 
     async def create_approval(self, new: NewApproval) -> tuple[Approval, bool]:
-        async with self._db.transaction() as conn:
+        async with self._transaction() as conn:
             row = await conn.fetchrow(
                 "INSERT INTO session_approvals (id, tenant_id, session_id, requester_id, "
                 "requester_chain, action_digest, action, reason, approver_roles, state, "
@@ -505,7 +528,7 @@ class PgSessionStore:
         key = _uuid(approval_id)
         if key is None:
             return None
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT * FROM session_approvals WHERE tenant_id = $1 AND id = $2", tenant_id, key
             )
@@ -520,7 +543,7 @@ class PgSessionStore:
         limit: int,
     ) -> list[Approval]:
         awaiting = where.approver_roles is not None
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM session_approvals WHERE tenant_id = $1 "
                 "AND ($2::text IS NULL OR state = $2) "
@@ -556,7 +579,7 @@ class PgSessionStore:
         key = _uuid(approval_id)
         if key is None:
             return None
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             row = await conn.fetchrow(
                 "UPDATE session_approvals SET state = $3, decided_by = $4, decision_note = $5, "
                 "token_hash = $6, decided_at = $7, revision = revision + 1 "
@@ -573,7 +596,7 @@ class PgSessionStore:
         return None if row is None else _approval(row)
 
     async def expire_approval(self, tenant_id: str, approval_id: str, now: float) -> None:
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             await conn.execute(
                 "UPDATE session_approvals SET state = 'EXPIRED', revision = revision + 1 "
                 "WHERE tenant_id = $1 AND id = $2 AND state = 'PENDING' AND expires_at <= $3",
@@ -583,7 +606,7 @@ class PgSessionStore:
             )
 
     async def expire_due_approvals(self, now: float, limit: int) -> list[Approval]:
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             rows = await conn.fetch(
                 "UPDATE session_approvals SET state = 'EXPIRED', revision = revision + 1 "
                 "WHERE id IN (SELECT id FROM session_approvals WHERE state = 'PENDING' "
@@ -605,7 +628,7 @@ class PgSessionStore:
     ) -> tuple[Approval | None, Approval | None]:
         """(redeemed, None) when every binding matches and the token was unspent: atomically
         marked spent. Otherwise (None, the approval the token belongs to, if any)."""
-        async with self._db.acquire() as conn:
+        async with self._acquire() as conn:
             row = await conn.fetchrow(
                 "UPDATE session_approvals SET redeemed_at = $6, revision = revision + 1 "
                 "WHERE tenant_id = $1 AND token_hash = $2 AND state = 'APPROVED' "

@@ -12,7 +12,7 @@ import uuid
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
 from trustplane.auth.v1 import auth_pb2
 from trustplane.session.v1 import session_pb2 as pb
 from trustplane.session.v1 import session_pb2_grpc
@@ -184,6 +184,27 @@ async def test_create_validates_and_changes_nothing(server, idp):
         status = await expect_error(create(svc, me, **fields))
         assert status.code is grpc.StatusCode.INVALID_ARGUMENT, field
         assert [f for f, _ in status.field_violations] == [field]
+    nan = struct_pb2.Struct()
+    nan.update({"score": float("nan")})
+    nul = struct_pb2.Struct()
+    nul.update({"note": "a\x00b"})
+    for fields, field in (
+        ({"role": "a\x00b"}, "role"),
+        ({"metadata": nan}, "metadata"),
+        ({"metadata": nul}, "metadata"),
+    ):
+        status = await expect_error(create(svc, me, **fields))
+        assert status.code is grpc.StatusCode.INVALID_ARGUMENT, field
+        assert [f for f, _ in status.field_violations] == [field]
+    filtered = await expect_error(
+        svc.ListSessions(pb.ListSessionsRequest(agent_id="a\x00"), metadata=me)
+    )
+    assert filtered.code is grpc.StatusCode.INVALID_ARGUMENT  # never INTERNAL
+    far = timestamp_pb2.Timestamp(seconds=10**13)
+    too_late = await expect_error(
+        svc.ListSessions(pb.ListSessionsRequest(created_after=far), metadata=me)
+    )
+    assert too_late.field_violations[0][0] == "created_after"
     missing = await expect_error(create(svc, me, parent_session_id=str(uuid.uuid4())))
     assert missing.code is grpc.StatusCode.NOT_FOUND
     listed = await svc.ListSessions(pb.ListSessionsRequest(), metadata=me)
@@ -690,8 +711,6 @@ async def test_delegated_token_dies_with_its_agent_session(server):
 
 
 def _later(seconds_from_now):
-    from google.protobuf import timestamp_pb2
-
     stamp = timestamp_pb2.Timestamp()
     stamp.FromSeconds(int(time.time()) + seconds_from_now)
     return stamp
