@@ -13,6 +13,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
+from trustplane.audit.v1 import audit_pb2
 from trustplane.auth.v1 import auth_pb2
 from trustplane.session.v1 import session_pb2 as pb
 from trustplane.session.v1 import session_pb2_grpc
@@ -154,6 +155,23 @@ async def test_twenty_racing_transitions_one_wins(server, idp):
     }
     final = await get(svc, me, session.session_id)
     assert final.revision == 3 and final.state == winners[0].session.state
+
+
+async def test_transitions_are_security_audit_entries_naming_the_session(server, idp):
+    svc, me = stub(server), agent_token(idp)
+    session = await create(svc, me)
+    await svc.StartSession(pb.StartSessionRequest(session_id=session.session_id), metadata=me)
+    refused = svc.CompleteSession(
+        pb.CompleteSessionRequest(session_id=session.session_id, etag=session.etag), metadata=me
+    )
+    await expect_error(refused)
+    owner = bearer(idp.token(roles=["owner"]))
+    listed = await server.audit.ListEntries(
+        audit_pb2.ListEntriesRequest(resource=session.session_id), metadata=owner
+    )
+    entries = [(e.method.rsplit("/", 1)[1], e.code) for e in listed.entries]
+    assert entries == [("StartSession", "OK"), ("CompleteSession", "ABORTED")]
+    assert {e.audit_class for e in listed.entries} == {"security"}
 
 
 async def test_stale_etag_is_aborted(server, idp):
