@@ -243,6 +243,7 @@ class SessionManager:
         _check_text(role=(role, 128), task=(task, _MAX_TEXT))
         _check_json("metadata", metadata, _MAX_METADATA)
         ttl = self._ttl(ttl, self._config.default_ttl, self._config.max_ttl)
+        wanted = _labels(labels, "labels")
         agent, user = await self._agent_and_user(actor, agent_id)
         parent = await self._parent(actor, parent_session_id)
         now = self._clock()
@@ -254,7 +255,7 @@ class SessionManager:
             parent_session_id=parent,
             task=task,
             metadata=metadata,
-            labels=_labels(labels, "labels"),
+            labels=wanted,
             created_by=actor.actor_id,
             created_at=now,
             expires_at=now + ttl,
