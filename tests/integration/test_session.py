@@ -366,6 +366,16 @@ async def test_expiry_lazy_and_by_sweeper_then_purge(start_server, idp, database
         swept = await create(svc, me, ttl=seconds(60))
         kept = await create(svc, me, ttl=seconds(20 * 86_400))
         await svc.StartSession(pb.StartSessionRequest(session_id=swept.session_id), metadata=me)
+        bound = bearer(
+            idp.token(
+                sub="user-1",
+                ptype="user",
+                act={"sub": AGENT, "ptype": "agent"},
+                asid=swept.session_id,
+                exp=int(time.time()) + 3600,
+            )
+        )
+        assert (await get(svc, bound, kept.session_id)).session_id == kept.session_id
         now[0] += 61
         expired = await get(svc, me, lazy.session_id)  # lazily, on read
         assert expired.state == S.SESSION_STATE_EXPIRED and expired.end_time.seconds > 0
@@ -384,6 +394,11 @@ async def test_expiry_lazy_and_by_sweeper_then_purge(start_server, idp, database
             assert await conn.fetchval(state, uuid.UUID(swept.session_id)) == "ACTIVE"
             await server.app.sessions.sweep()
             assert await conn.fetchval(state, uuid.UUID(swept.session_id)) == "EXPIRED"
+            revoked_token = await expect_error(get(svc, bound, kept.session_id))
+            assert (revoked_token.code, revoked_token.reason) == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "TOKEN_REVOKED",
+            )
             revoked = await conn.fetchval(
                 "SELECT count(*) FROM agent_sessions WHERE tokens_revoked_at IS NOT NULL"
             )
