@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2
 from trustplane.session.v1 import session_pb2, session_pb2_grpc
@@ -33,6 +33,7 @@ _APPROVAL_STATES = {
 }
 _APPROVAL_STATES_IN = {v: k for k, v in _APPROVAL_STATES.items()}
 _UPDATABLE = ("labels", "metadata")
+T = TypeVar("T")
 
 
 def _actor() -> ActorContext:
@@ -65,7 +66,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def ListSessions(self, request: Any, context: Any) -> Any:
         where = SessionFilter(
-            state=_SESSION_STATES_IN.get(request.state),
+            state=_state(_SESSION_STATES_IN, request.state),
             agent_id=request.agent_id,
             user_id=request.user_id,
             created_after=_seconds(request, "created_after"),
@@ -159,7 +160,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         found, token = await self._sessions.list_tasks(
             _actor(),
             request.session_id,
-            _TASK_STATES_IN.get(request.state),
+            _state(_TASK_STATES_IN, request.state),
             request.to_role,
             request.page_size,
             request.page_token,
@@ -169,7 +170,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         )
 
     async def UpdateTaskState(self, request: Any, context: Any) -> Any:
-        target = _TASK_STATES_IN.get(request.state)
+        target = _state(_TASK_STATES_IN, request.state)
         if target is None:
             raise InvalidArgument.fields(FieldViolation("state", "required"))
         task = await self._sessions.update_task_state(
@@ -199,7 +200,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def ListApprovals(self, request: Any, context: Any) -> Any:
         found, token = await self._sessions.list_approvals(
             _actor(),
-            _APPROVAL_STATES_IN.get(request.state),
+            _state(_APPROVAL_STATES_IN, request.state),
             request.session_id,
             request.awaiting_me,
             request.page_size,
@@ -236,6 +237,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
 
 # --- encoding -----------------------------------------------------------------------------
+
+
+def _state(states: Mapping[Any, T], value: int) -> T | None:
+    """An enum field: unspecified is None, a number the contract does not define is invalid."""
+    if value == 0:
+        return None
+    if value not in states:
+        raise InvalidArgument.fields(FieldViolation("state", "not a known state"))
+    return states[value]
 
 
 def _struct(message: Any, field: str) -> dict[str, Any]:

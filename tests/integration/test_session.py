@@ -348,6 +348,8 @@ async def test_list_filters_and_pages(server, idp):
     older = await svc.ListSessions(pb.ListSessionsRequest(created_before=later), metadata=mine)
     assert theirs.session_id not in [s.session_id for s in older.sessions]
     first = await svc.ListSessions(pb.ListSessionsRequest(page_size=1), metadata=mine)
+    unknown = await expect_error(svc.ListSessions(pb.ListSessionsRequest(state=42), metadata=mine))
+    assert unknown.field_violations == [("state", "not a known state")]
     forged = await expect_error(
         svc.ListSessions(
             pb.ListSessionsRequest(page_size=1, page_token=first.next_page_token, agent_id="x"),
