@@ -453,6 +453,8 @@ class App:
         health, self._health = self._health, None
         if health is not None:
             await health.shutdown()
+        if self.sessions is not None:
+            self.sessions.close()  # watch streams end now rather than at the grace deadline
         server, self._server = self._server, None
         if server is not None:
             await server.stop(self.config.server.grace_period)

@@ -224,6 +224,12 @@ class SessionManager:
         self._config = config
         self._page_tokens = page_tokens
         self._clock = clock
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """Shutting down: open watch streams end cleanly now instead of holding the server's
+        grace period (clients resume elsewhere with `after_revision`)."""
+        self._closing.set()
 
     # --- sessions: create and read ----------------------------------------------------------
 
@@ -490,27 +496,51 @@ class SessionManager:
             return await self._store.revisions(actor.tenant_id, first.id, last)
 
         while not done:
-            for session in await self._wait(_channel("sessions", first.id), changes):
+            batch = await self._wait(_channel("sessions", first.id), changes)
+            for session in batch:
                 yield session
                 last = session.revision
                 done = session.state.terminal
+            done = done or not batch  # an empty batch: the server is closing
 
     async def _wait(self, channel: str, read: Callable[[], Awaitable[list[T]]]) -> list[T]:
         """The next non-empty batch of changes: read, and if nothing is new wait for a
-        notification (or the poll interval) and read again."""
-        while True:
+        notification (or the poll interval) and read again. Empty once the server closes."""
+        while not self._closing.is_set():
             try:
                 async with self._cache.subscribe(channel) as subscription:
-                    while True:
+                    while not self._closing.is_set():
                         found = await read()  # after subscribing: nothing slips between
                         if found:
                             return found
-                        await _next_or_timeout(subscription, self._config.watch_poll)
+                        await self._pause(anext(subscription))
             except CacheUnavailable:
                 found = await read()
                 if found:
                     return found
-                await asyncio.sleep(self._config.watch_poll)
+                await self._pause(None)
+        return []
+
+    async def _pause(self, notified: Awaitable[Any] | None) -> None:
+        """Until a notification arrives, the poll interval passes or the server closes. A
+        subscription that ended (the cache is closing) counts as unavailable, so the caller
+        falls back to polling instead of spinning."""
+        waiters = {asyncio.ensure_future(self._closing.wait())}
+        if notified is not None:
+            waiters.add(asyncio.ensure_future(notified))
+        try:
+            done, _ = await asyncio.wait(
+                waiters, timeout=self._config.watch_poll, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        for finished in done:
+            error = finished.exception()
+            if isinstance(error, StopAsyncIteration):
+                raise CacheUnavailable()
+            if error is not None:
+                raise error
 
     # --- sweeper ----------------------------------------------------------------------------
 
@@ -825,9 +855,11 @@ class SessionManager:
             return [latest] if latest.revision > seen[-1].revision else []
 
         while seen[-1].state is ApprovalState.PENDING:
-            (latest,) = await self._wait(_channel("approvals", current.id), changed)
-            seen.append(latest)
-            yield latest
+            batch = await self._wait(_channel("approvals", current.id), changed)
+            if not batch:
+                return  # the server is closing
+            seen.append(batch[0])
+            yield batch[0]
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -840,17 +872,6 @@ class SessionManager:
                 FieldViolation("ttl", f"between 1 second and {int(maximum)} seconds")
             )
         return ttl
-
-
-async def _next_or_timeout(subscription: Any, timeout: float) -> None:
-    """Wait for a notification or the timeout; a subscription that ended (the cache is
-    closing) counts as unavailable, so the caller falls back to polling instead of spinning."""
-    try:
-        await asyncio.wait_for(anext(subscription), timeout)
-    except TimeoutError:
-        return
-    except StopAsyncIteration:
-        raise CacheUnavailable() from None
 
 
 def _redeem_failure(

@@ -771,3 +771,20 @@ async def test_watch_loses_nothing_when_notifications_are_lost(start_server, idp
         await asyncio.wait_for(watcher, 10)
     assert [s.revision for s in seen] == [1, 2, 3, 4, 5]
     assert seen[-1].state == S.SESSION_STATE_COMPLETED
+
+
+async def test_shutdown_ends_open_watch_streams_cleanly(start_server, idp):
+    async with start_server(TRUSTPLANE_GRACE_PERIOD="30") as running:
+        svc, me = stub(running), agent_token(idp)
+        session = await create(svc, me)
+        seen: list[pb.AgentSession] = []
+        first = asyncio.Event()
+        watch = svc.WatchSession(pb.WatchSessionRequest(session_id=session.session_id), metadata=me)
+        watcher = asyncio.ensure_future(_collect(watch, 2, seen, first))
+        await asyncio.wait_for(first.wait(), 10)
+        started = time.monotonic()
+        await running.app.stop()
+        assert time.monotonic() - started < 10  # not the 30 s grace period
+        await asyncio.wait_for(watcher, 5)  # ended with OK: the client resumes elsewhere
+        assert await watch.code() is grpc.StatusCode.OK
+    assert [s.revision for s in seen] == [1]
