@@ -243,8 +243,9 @@ class SessionServiceServicer:
     def WatchSession(self, request, context):
         """Streams the session: first its current state (or, with `after_revision`, every change
         after that revision), then every state, label and metadata change in revision order, in
-        whichever server process it happened. The stream ends after a terminal state.
-        Errors: NOT_FOUND / NOT_FOUND.
+        whichever server process it happened. The stream ends after a terminal state, or with OK
+        when the server shuts down (resume with `after_revision` = the last revision received).
+        Errors: NOT_FOUND / NOT_FOUND, INVALID_ARGUMENT / INVALID_ARGUMENT (negative revision).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -92,8 +92,9 @@ class SessionServiceStub:
     WatchSession: _grpc.UnaryStreamMultiCallable[_session_pb2.WatchSessionRequest, _session_pb2.WatchSessionResponse]
     """Streams the session: first its current state (or, with `after_revision`, every change
     after that revision), then every state, label and metadata change in revision order, in
-    whichever server process it happened. The stream ends after a terminal state.
-    Errors: NOT_FOUND / NOT_FOUND.
+    whichever server process it happened. The stream ends after a terminal state, or with OK
+    when the server shuts down (resume with `after_revision` = the last revision received).
+    Errors: NOT_FOUND / NOT_FOUND, INVALID_ARGUMENT / INVALID_ARGUMENT (negative revision).
     """
     CreateTask: _grpc.UnaryUnaryMultiCallable[_session_pb2.CreateTaskRequest, _session_pb2.CreateTaskResponse]
     """Creates a task: a typed hand-off from one agent role to another within a live session.
@@ -212,8 +213,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
     WatchSession: _aio.UnaryStreamMultiCallable[_session_pb2.WatchSessionRequest, _session_pb2.WatchSessionResponse]  # type: ignore[assignment]
     """Streams the session: first its current state (or, with `after_revision`, every change
     after that revision), then every state, label and metadata change in revision order, in
-    whichever server process it happened. The stream ends after a terminal state.
-    Errors: NOT_FOUND / NOT_FOUND.
+    whichever server process it happened. The stream ends after a terminal state, or with OK
+    when the server shuts down (resume with `after_revision` = the last revision received).
+    Errors: NOT_FOUND / NOT_FOUND, INVALID_ARGUMENT / INVALID_ARGUMENT (negative revision).
     """
     CreateTask: _aio.UnaryUnaryMultiCallable[_session_pb2.CreateTaskRequest, _session_pb2.CreateTaskResponse]  # type: ignore[assignment]
     """Creates a task: a typed hand-off from one agent role to another within a live session.
@@ -389,8 +391,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_session_pb2.WatchSessionResponse], _abc.AsyncIterator[_session_pb2.WatchSessionResponse]]:
         """Streams the session: first its current state (or, with `after_revision`, every change
         after that revision), then every state, label and metadata change in revision order, in
-        whichever server process it happened. The stream ends after a terminal state.
-        Errors: NOT_FOUND / NOT_FOUND.
+        whichever server process it happened. The stream ends after a terminal state, or with OK
+        when the server shuts down (resume with `after_revision` = the last revision received).
+        Errors: NOT_FOUND / NOT_FOUND, INVALID_ARGUMENT / INVALID_ARGUMENT (negative revision).
         """
 
     @_abc_1.abstractmethod
