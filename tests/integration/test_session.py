@@ -584,7 +584,13 @@ async def _make_changes(svc, me, session_id):
     await svc.CompleteSession(pb.CompleteSessionRequest(session_id=session_id), metadata=me)
 
 
-async def test_watch_sees_every_change_in_order(server, idp):
+@pytest.mark.parametrize("cache", ["redis", "memory"])
+async def test_watch_sees_every_change_in_order(start_server, idp, cache):
+    async with start_server(**({"REDIS_URL": ""} if cache == "memory" else {})) as server:
+        await _watch_in_order(server, idp)
+
+
+async def _watch_in_order(server, idp):
     svc, me = stub(server), agent_token(idp)
     session = await create(svc, me)
     seen: list[pb.AgentSession] = []
