@@ -192,6 +192,11 @@ def _is_admin(actor: ActorContext) -> bool:
     return bool({"admin", "owner"} & actor.roles)
 
 
+def _is_person(actor: ActorContext) -> bool:
+    """A user calling with its own credential (no agent acting for it)."""
+    return actor.subject_type is PrincipalType.USER and not actor.act
+
+
 def _uuid_or_none(value: str) -> str | None:
     try:
         return str(uuid.UUID(value))
@@ -748,6 +753,8 @@ class SessionManager:
         limit = page_size(size)
         if session_id and _uuid_or_none(session_id) is None:
             return [], ""
+        if awaiting_me and not _is_person(actor):
+            return [], ""  # only people decide approvals
         where = ApprovalFilter(
             state=state,
             session_id=session_id,
@@ -798,7 +805,7 @@ class SessionManager:
     ) -> Approval:
         _check_text(note=(note, _MAX_TEXT))
         current = await self._approval_view(actor.tenant_id, approval_id)
-        if actor.act or actor.subject_type is not PrincipalType.USER:
+        if not _is_person(actor):
             raise PermissionDenied("approvals are decided by people with their own credentials")
         if set(actor.chain) & set(current.requester_chain):
             raise SelfDecision()

@@ -73,6 +73,9 @@ async def test_approve_and_redeem_exactly_once(server, idp):
     assert [a.approval_id for a in waiting.approvals] == [approval.approval_id]
     for_bob = await svc.ListApprovals(pb.ListApprovalsRequest(awaiting_me=True), metadata=bob)
     assert list(for_bob.approvals) == []  # not one of the approver roles
+    robot = bearer(idp.token(sub="agent-3", ptype="agent", roles=["admin", "security"]))
+    for_robot = await svc.ListApprovals(pb.ListApprovalsRequest(awaiting_me=True), metadata=robot)
+    assert list(for_robot.approvals) == []  # the role, but not a person
     wrong_role = await expect_error(
         svc.ApproveApproval(
             pb.ApproveApprovalRequest(approval_id=approval.approval_id), metadata=bob
