@@ -255,8 +255,16 @@ class SessionManager:
         _check_json("metadata", metadata, _MAX_METADATA)
         ttl = self._ttl(ttl, self._config.default_ttl, self._config.max_ttl)
         wanted = _labels(labels, "labels")
-        agent, user = await self._agent_and_user(actor, agent_id)
-        parent = await self._parent(actor, parent_session_id)
+        try:
+            agent, user = await self._agent_and_user(actor, agent_id)
+            parent = await self._parent(actor, parent_session_id)
+        except (NotFound, FailedPrecondition, PermissionDenied):
+            # A retry of a create that committed may find its parent ended or its agent
+            # disabled since: it still gets the session it created.
+            earlier = await self._store.session_by_request(actor.tenant_id, request_id)
+            if earlier is None or earlier.created_by != actor.actor_id:
+                raise
+            return earlier
         now = self._clock()
         new = NewSession(
             tenant_id=actor.tenant_id,

@@ -214,6 +214,16 @@ class PgSessionStore:
         assert row is not None
         return session_from(row), False
 
+    async def session_by_request(self, tenant_id: str, request_id: str) -> AgentSession | None:
+        """The session a CreateSession with this request id made, if any."""
+        async with self._acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM agent_sessions WHERE tenant_id = $1 AND request_id = $2",
+                tenant_id,
+                request_id,
+            )
+        return None if row is None else session_from(row)
+
     async def session(self, tenant_id: str, session_id: str) -> AgentSession | None:
         key = _uuid(session_id)
         if key is None:

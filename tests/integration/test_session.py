@@ -247,6 +247,28 @@ async def test_create_is_exactly_once_per_request_id(server, idp):
     assert [s.session_id for s in listed.sessions] == [first.session_id]
 
 
+async def test_retry_without_the_replay_cache_still_returns_the_first_session(start_server, idp):
+    """The replay cache is gone (another Redis prefix: Redis lost) and the parent has ended
+    since the first call: the retry still returns the child it created, not an error."""
+    async with (
+        start_server() as first,
+        start_server(TRUSTPLANE_CACHE_PREFIX=f"lost:{uuid.uuid4().hex}:") as second,
+    ):
+        me = agent_token(idp)
+        parent = await create(stub(first), me)
+        request = pb.CreateSessionRequest(
+            request_id=str(uuid.uuid4()), parent_session_id=parent.session_id
+        )
+        child = (await stub(first).CreateSession(request, metadata=me)).session
+        await stub(first).CancelSession(
+            pb.CancelSessionRequest(session_id=parent.session_id), metadata=me
+        )
+        retried = (await stub(second).CreateSession(request, metadata=me)).session
+        assert retried == child
+        fresh = await expect_error(create(stub(second), me, parent_session_id=parent.session_id))
+        assert fresh.reason == "SESSION_TERMINAL"  # a new request id is refused as it should
+
+
 async def test_update_mask_etag_and_labels_only_grow(server, idp):
     svc, me = stub(server), agent_token(idp)
     session = await create(svc, me, labels=["untrusted_input"])
