@@ -430,6 +430,19 @@ class SessionManager:
             raise EtagMismatch()
         return latest  # nothing to change: the session already holds these values
 
+    async def _open_session(self, actor: ActorContext, session_id: str) -> AgentSession:
+        """A live session of the caller's tenant (tasks and approvals are made only in one)."""
+        session = await self._live_view(actor.tenant_id, session_id)
+        if session.state.terminal:
+            raise _terminal(session)
+        return session
+
+    async def _open_session_of(self, tenant_id: str, session_id: str | None) -> None:
+        if session_id is not None:
+            session = await self._live_view(tenant_id, session_id)
+            if session.state.terminal:
+                raise _terminal(session)
+
     async def _changeable(self, actor: ActorContext, session_id: str) -> AgentSession:
         session = await self._live_view(actor.tenant_id, session_id)
         _check_may_change(actor, session)
@@ -612,9 +625,13 @@ class SessionManager:
         if problems:
             raise InvalidArgument.fields(*problems)
         _check_json("payload", payload, _MAX_PAYLOAD)
-        session = await self._live_view(actor.tenant_id, _required(session_id, "session_id"))
-        if session.state.terminal:
-            raise _terminal(session)
+        try:
+            session = await self._open_session(actor, _required(session_id, "session_id"))
+        except (SessionNotFound, SessionTerminal):
+            earlier = await self._store.task_by_request(actor.tenant_id, request_id)
+            if earlier is None or earlier.created_by != actor.actor_id:
+                raise
+            return earlier  # a retry of a create that committed before the session ended
         new = NewTask(
             tenant_id=actor.tenant_id,
             session_id=session.id,
@@ -711,12 +728,13 @@ class SessionManager:
             raise InvalidArgument.fields(*problems)
         _check_text(action=(action, _MAX_TEXT), reason=(reason, _MAX_TEXT))
         ttl = self._ttl(ttl, self._config.approval_default_ttl, self._config.approval_max_ttl)
-        bound = None
-        if session_id:
-            session = await self._live_view(actor.tenant_id, session_id)
-            if session.state.terminal:
-                raise _terminal(session)
-            bound = session.id
+        try:
+            bound = (await self._open_session(actor, session_id)).id if session_id else None
+        except (SessionNotFound, SessionTerminal):
+            earlier = await self._store.approval_by_request(actor.tenant_id, request_id)
+            if earlier is None or earlier.requester_id != actor.actor_id:
+                raise
+            return earlier  # a retry of a request that committed before the session ended
         now = self._clock()
         new = NewApproval(
             tenant_id=actor.tenant_id,
@@ -855,7 +873,10 @@ class SessionManager:
         if redeemed is not None:
             await self._announce("approvals", redeemed.id, redeemed.revision)
             return redeemed
-        raise _redeem_failure(found, digest, principal_id, session_id or None, now)
+        problem = _redeem_failure(found, digest, principal_id, session_id or None, now)
+        if isinstance(problem, ApprovalTokenRedeemed) and found and found.redeemed_at is None:
+            await self._open_session_of(tenant_id, found.session_id)  # ended since approved?
+        raise problem
 
     async def watch_approval(
         self, actor: ActorContext, approval_id: str

@@ -437,6 +437,15 @@ class PgSessionStore:
         assert row is not None
         return _task(row), False
 
+    async def task_by_request(self, tenant_id: str, request_id: str) -> Task | None:
+        async with self._acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM session_tasks WHERE tenant_id = $1 AND request_id = $2",
+                tenant_id,
+                request_id,
+            )
+        return None if row is None else _task(row)
+
     async def task(self, tenant_id: str, task_id: str) -> Task | None:
         key = _uuid(task_id)
         if key is None:
@@ -533,6 +542,15 @@ class PgSessionStore:
             )
         assert row is not None
         return _approval(row), False
+
+    async def approval_by_request(self, tenant_id: str, request_id: str) -> Approval | None:
+        async with self._acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM session_approvals WHERE tenant_id = $1 AND request_id = $2",
+                tenant_id,
+                request_id,
+            )
+        return None if row is None else _approval(row)
 
     async def approval(self, tenant_id: str, approval_id: str) -> Approval | None:
         key = _uuid(approval_id)
@@ -636,20 +654,25 @@ class PgSessionStore:
         session_id: str | None,
         now: float,
     ) -> tuple[Approval | None, Approval | None]:
-        """(redeemed, None) when every binding matches and the token was unspent: atomically
-        marked spent. Otherwise (None, the approval the token belongs to, if any)."""
+        """(redeemed, None) when every binding matches, the token was unspent and its session
+        (if any) is live: atomically marked spent. Otherwise (None, the approval the token
+        belongs to, if any)."""
         async with self._acquire() as conn:
             row = await conn.fetchrow(
                 "UPDATE session_approvals SET redeemed_at = $6, revision = revision + 1 "
                 "WHERE tenant_id = $1 AND token_hash = $2 AND state = 'APPROVED' "
                 "AND redeemed_at IS NULL AND expires_at > $6 AND action_digest = $3 "
-                "AND requester_id = $4 AND session_id IS NOT DISTINCT FROM $5 RETURNING *",
+                "AND requester_id = $4 AND session_id IS NOT DISTINCT FROM $5 "
+                "AND ($5::uuid IS NULL OR EXISTS (SELECT 1 FROM agent_sessions s "
+                "WHERE s.id = $5 AND s.tenant_id = $1 AND s.state = ANY($7::text[]) "
+                "AND s.expires_at > $6)) RETURNING *",
                 tenant_id,
                 token_hash,
                 digest,
                 principal_id,
                 _uuid(session_id) if session_id else None,
                 _ts(now),
+                list(LIVE_SESSION_STATES),
             )
             if row is not None:
                 return _approval(row), None

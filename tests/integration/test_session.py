@@ -249,7 +249,7 @@ async def test_create_is_exactly_once_per_request_id(server, idp):
 
 async def test_retry_without_the_replay_cache_still_returns_the_first_session(start_server, idp):
     """The replay cache is gone (another Redis prefix: Redis lost) and the parent has ended
-    since the first call: the retry still returns the child it created, not an error."""
+    since the first calls: their retries still return what they created, not an error."""
     async with (
         start_server() as first,
         start_server(TRUSTPLANE_CACHE_PREFIX=f"lost:{uuid.uuid4().hex}:") as second,
@@ -260,11 +260,28 @@ async def test_retry_without_the_replay_cache_still_returns_the_first_session(st
             request_id=str(uuid.uuid4()), parent_session_id=parent.session_id
         )
         child = (await stub(first).CreateSession(request, metadata=me)).session
+        hand_off = pb.CreateTaskRequest(
+            request_id=str(uuid.uuid4()),
+            session_id=parent.session_id,
+            type="review",
+            from_role="coder",
+            to_role="reviewer",
+        )
+        task = (await stub(first).CreateTask(hand_off, metadata=me)).task
+        ask = pb.RequestApprovalRequest(
+            request_id=str(uuid.uuid4()),
+            session_id=parent.session_id,
+            action_digest=b"d" * 32,
+            approver_roles=["security"],
+        )
+        approval = (await stub(first).RequestApproval(ask, metadata=me)).approval
         await stub(first).CancelSession(
             pb.CancelSessionRequest(session_id=parent.session_id), metadata=me
         )
         retried = (await stub(second).CreateSession(request, metadata=me)).session
         assert retried == child
+        assert (await stub(second).CreateTask(hand_off, metadata=me)).task == task
+        assert (await stub(second).RequestApproval(ask, metadata=me)).approval == approval
         fresh = await expect_error(create(stub(second), me, parent_session_id=parent.session_id))
         assert fresh.reason == "SESSION_TERMINAL"  # a new request id is refused as it should
 

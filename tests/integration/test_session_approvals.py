@@ -321,3 +321,22 @@ async def test_watch_approval_waits_for_the_decision(server, idp):
     await asyncio.wait_for(watcher, 10)  # the stream ends once decided
     assert time.monotonic() - started < 4  # pushed, not found by the 5 s poll
     assert [a.state for a in seen] == [A.APPROVAL_STATE_PENDING, A.APPROVAL_STATE_APPROVED]
+
+
+async def test_token_dies_with_its_session(server, idp):
+    svc = stub(server)
+    agent, alice, _, _ = people(idp)
+    session_id = await session_of(svc, agent)
+    approval = await request(svc, agent, session_id)
+    token = (
+        await svc.ApproveApproval(
+            pb.ApproveApprovalRequest(approval_id=approval.approval_id), metadata=alice
+        )
+    ).approval_token
+    await svc.CancelSession(pb.CancelSessionRequest(session_id=session_id), metadata=agent)
+    status = await expect_error(redeem(svc, agent, token, session_id=session_id))
+    assert (status.code, status.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SESSION_TERMINAL")
+    read = await svc.GetApproval(
+        pb.GetApprovalRequest(approval_id=approval.approval_id), metadata=agent
+    )
+    assert not read.approval.HasField("redeem_time")

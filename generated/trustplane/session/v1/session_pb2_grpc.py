@@ -334,10 +334,11 @@ class SessionServiceServicer:
 
     def RedeemApproval(self, request, context):
         """Redeems an approval token for the action it approved, once. The caller must be the
-        principal that requested the approval and name the same session and digest.
-        Errors: INVALID_ARGUMENT / APPROVAL_TOKEN_INVALID, FAILED_PRECONDITION /
-        APPROVAL_TOKEN_REDEEMED, PERMISSION_DENIED / APPROVAL_DIGEST_MISMATCH, PERMISSION_DENIED /
-        APPROVAL_BINDING_MISMATCH, FAILED_PRECONDITION / APPROVAL_EXPIRED.
+        principal that requested the approval and name the same session and digest, and that
+        session must still be live. Errors: INVALID_ARGUMENT / APPROVAL_TOKEN_INVALID,
+        FAILED_PRECONDITION / APPROVAL_TOKEN_REDEEMED, PERMISSION_DENIED / APPROVAL_DIGEST_MISMATCH,
+        PERMISSION_DENIED / APPROVAL_BINDING_MISMATCH, FAILED_PRECONDITION / APPROVAL_EXPIRED,
+        FAILED_PRECONDITION / SESSION_TERMINAL (the session has ended).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

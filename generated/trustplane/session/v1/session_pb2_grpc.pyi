@@ -140,10 +140,11 @@ class SessionServiceStub:
     """Denies a PENDING approval. Errors: as ApproveApproval."""
     RedeemApproval: _grpc.UnaryUnaryMultiCallable[_session_pb2.RedeemApprovalRequest, _session_pb2.RedeemApprovalResponse]
     """Redeems an approval token for the action it approved, once. The caller must be the
-    principal that requested the approval and name the same session and digest.
-    Errors: INVALID_ARGUMENT / APPROVAL_TOKEN_INVALID, FAILED_PRECONDITION /
-    APPROVAL_TOKEN_REDEEMED, PERMISSION_DENIED / APPROVAL_DIGEST_MISMATCH, PERMISSION_DENIED /
-    APPROVAL_BINDING_MISMATCH, FAILED_PRECONDITION / APPROVAL_EXPIRED.
+    principal that requested the approval and name the same session and digest, and that
+    session must still be live. Errors: INVALID_ARGUMENT / APPROVAL_TOKEN_INVALID,
+    FAILED_PRECONDITION / APPROVAL_TOKEN_REDEEMED, PERMISSION_DENIED / APPROVAL_DIGEST_MISMATCH,
+    PERMISSION_DENIED / APPROVAL_BINDING_MISMATCH, FAILED_PRECONDITION / APPROVAL_EXPIRED,
+    FAILED_PRECONDITION / SESSION_TERMINAL (the session has ended).
     """
     WatchApproval: _grpc.UnaryStreamMultiCallable[_session_pb2.WatchApprovalRequest, _session_pb2.WatchApprovalResponse]
     """Streams an approval: its current state first, then its state after each change, until it
@@ -261,10 +262,11 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Denies a PENDING approval. Errors: as ApproveApproval."""
     RedeemApproval: _aio.UnaryUnaryMultiCallable[_session_pb2.RedeemApprovalRequest, _session_pb2.RedeemApprovalResponse]  # type: ignore[assignment]
     """Redeems an approval token for the action it approved, once. The caller must be the
-    principal that requested the approval and name the same session and digest.
-    Errors: INVALID_ARGUMENT / APPROVAL_TOKEN_INVALID, FAILED_PRECONDITION /
-    APPROVAL_TOKEN_REDEEMED, PERMISSION_DENIED / APPROVAL_DIGEST_MISMATCH, PERMISSION_DENIED /
-    APPROVAL_BINDING_MISMATCH, FAILED_PRECONDITION / APPROVAL_EXPIRED.
+    principal that requested the approval and name the same session and digest, and that
+    session must still be live. Errors: INVALID_ARGUMENT / APPROVAL_TOKEN_INVALID,
+    FAILED_PRECONDITION / APPROVAL_TOKEN_REDEEMED, PERMISSION_DENIED / APPROVAL_DIGEST_MISMATCH,
+    PERMISSION_DENIED / APPROVAL_BINDING_MISMATCH, FAILED_PRECONDITION / APPROVAL_EXPIRED,
+    FAILED_PRECONDITION / SESSION_TERMINAL (the session has ended).
     """
     WatchApproval: _aio.UnaryStreamMultiCallable[_session_pb2.WatchApprovalRequest, _session_pb2.WatchApprovalResponse]  # type: ignore[assignment]
     """Streams an approval: its current state first, then its state after each change, until it
@@ -499,10 +501,11 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.RedeemApprovalResponse, _abc.Awaitable[_session_pb2.RedeemApprovalResponse]]:
         """Redeems an approval token for the action it approved, once. The caller must be the
-        principal that requested the approval and name the same session and digest.
-        Errors: INVALID_ARGUMENT / APPROVAL_TOKEN_INVALID, FAILED_PRECONDITION /
-        APPROVAL_TOKEN_REDEEMED, PERMISSION_DENIED / APPROVAL_DIGEST_MISMATCH, PERMISSION_DENIED /
-        APPROVAL_BINDING_MISMATCH, FAILED_PRECONDITION / APPROVAL_EXPIRED.
+        principal that requested the approval and name the same session and digest, and that
+        session must still be live. Errors: INVALID_ARGUMENT / APPROVAL_TOKEN_INVALID,
+        FAILED_PRECONDITION / APPROVAL_TOKEN_REDEEMED, PERMISSION_DENIED / APPROVAL_DIGEST_MISMATCH,
+        PERMISSION_DENIED / APPROVAL_BINDING_MISMATCH, FAILED_PRECONDITION / APPROVAL_EXPIRED,
+        FAILED_PRECONDITION / SESSION_TERMINAL (the session has ended).
         """
 
     @_abc_1.abstractmethod
