@@ -27,6 +27,7 @@ from tptest.v1 import test_service_pb2
 from trustplane.audit.v1 import audit_pb2
 from trustplane.auth.v1 import auth_pb2, auth_pb2_grpc
 from trustplane.crypto.v1 import crypto_pb2, crypto_pb2_grpc
+from trustplane.session.v1 import session_pb2, session_pb2_grpc
 
 from tests.support.tokens import TestIdP
 
@@ -211,6 +212,52 @@ async def _whoami_api_key(ctx: BenchContext) -> Case:
     )
 
 
+def _agent_headers(ctx: BenchContext) -> Headers:
+    token = ctx.idp.token(sub="bench-agent", ptype="agent", exp=int(time.time()) + 3600)
+    return (("authorization", f"Bearer {token}"),)
+
+
+_SESSION_REQUEST_ID = "00000000-0000-4000-8000-00000005e551"
+
+
+async def _create_session(ctx: BenchContext) -> Case:
+    """CreateSession: SECURITY class (answered after its audit entry is durably committed),
+    idempotency REQUIRED. h2load sends the same bytes on every stream, so one request id: the
+    first call inserts the session (request id unique in PostgreSQL), every later one is an
+    authenticated, authorized, audited replay of it, as a retry storm would be."""
+    request = session_pb2.CreateSessionRequest(
+        request_id=_SESSION_REQUEST_ID, role="bench", labels=["untrusted_input"]
+    )
+    return Case(
+        name="SessionService/CreateSession (idempotent, audited, durable)",
+        path="/trustplane.session.v1.SessionService/CreateSession",
+        request=request.SerializeToString(),
+        target_ratio=0.25,
+        headers=_agent_headers(ctx),
+        requests=5000,
+    )
+
+
+async def _get_session(ctx: BenchContext) -> Case:
+    """GetSession: the agent's status check, one indexed row by primary key."""
+    headers = _agent_headers(ctx)
+    stub = session_pb2_grpc.SessionServiceStub(ctx.channel)
+    created = await stub.CreateSession(
+        session_pb2.CreateSessionRequest(
+            request_id=_SESSION_REQUEST_ID, role="bench", labels=["untrusted_input"]
+        ),
+        metadata=headers,
+    )
+    request = session_pb2.GetSessionRequest(session_id=created.session.session_id)
+    return Case(
+        name="SessionService/GetSession",
+        path="/trustplane.session.v1.SessionService/GetSession",
+        request=request.SerializeToString(),
+        target_ratio=0.5,
+        headers=headers,
+    )
+
+
 BUILDERS: list[CaseBuilder] = [
     _health_check,
     _authenticated,
@@ -221,6 +268,8 @@ BUILDERS: list[CaseBuilder] = [
     _login,
     _whoami_jwt,
     _whoami_api_key,
+    _create_session,
+    _get_session,
 ]
 
 

@@ -127,14 +127,30 @@ def _offer(sink: AuditSink, entry: Record) -> None:
 
 
 def _resource(request: Any) -> str:
-    """The resource a request names (its `name` field, AIP-122), if it has one."""
+    """The resource a request names: its `name` field (AIP-122) if it has one, else its first
+    non-empty `…_id` string field other than `request_id` (`session_id`, `approval_id`, …)."""
     if not isinstance(request, message.Message):
         return ""
-    field = request.DESCRIPTOR.fields_by_name.get("name")
-    if field is None or field.type != field.TYPE_STRING:
-        return ""
-    value: str = getattr(request, "name")  # noqa: B009 - a dynamic message field
-    return value[:_MAX_RESOURCE]
+    fields = request.DESCRIPTOR.fields_by_name
+    named = fields.get("name")
+    if named is not None and named.type == named.TYPE_STRING:
+        value: str = getattr(request, "name")  # noqa: B009 - a dynamic message field
+        return value[:_MAX_RESOURCE]
+    for name, field in fields.items():
+        if _is_id(name, field):
+            found: str = getattr(request, name)
+            if found:
+                return found[:_MAX_RESOURCE]
+    return ""
+
+
+def _is_id(name: str, field: Any) -> bool:
+    return (
+        name.endswith("_id")
+        and name != "request_id"
+        and field.type == field.TYPE_STRING
+        and not field.is_repeated
+    )
 
 
 def _settle_abort(state: call_state.CallState, context: Context) -> None:

@@ -36,6 +36,8 @@ class ActorContext:
     RFC 8693 order: the current actor first (the outermost `act` claim), then the prior actors
     it acts through (nested `act` claims). For user → agent → sub-agent that is
     (sub-agent, agent). `scopes` is None when the credential carries no scope restriction.
+    `session_id` is the auth session (`sid`), `agent_session_id` the agent session (`asid`);
+    revoking either revokes the token.
     """
 
     tenant_id: str
@@ -46,6 +48,8 @@ class ActorContext:
     scopes: frozenset[str] | None = None
     act: tuple[DelegateActor, ...] = ()
     session_id: str | None = None
+    # The agent session (Session service) a delegated token acts within: its `asid` claim.
+    agent_session_id: str | None = None
     token_id: str | None = None
     issuer: str = ""
     issued_at: float = 0.0

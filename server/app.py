@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from trustplane.audit.v1 import audit_pb2, audit_pb2_grpc
 from trustplane.auth.v1 import auth_pb2, auth_pb2_grpc
 from trustplane.crypto.v1 import crypto_pb2, crypto_pb2_grpc
+from trustplane.session.v1 import session_pb2, session_pb2_grpc
 
 from interceptors.audit import AuditLayer
 from interceptors.authenticate import ApiKeyVerifier, AuthenticateLayer, NoApiKeys
@@ -58,6 +59,9 @@ from server.metrics import Metrics, MetricsServer
 from server.page_token import PageTokens
 from server.permissions import RolePermissions
 from server.revocation import RevocationList, stop_following
+from server.session.service import SessionManager
+from server.session.servicer import SessionServicer
+from server.session.store import PgSessionStore
 from server.tokens import LocalKeySource, TokenVerifier, TrustedIssuer, load_trusted_issuers
 
 _log = logging.getLogger("trustplane.app")
@@ -138,6 +142,7 @@ def build_services(app: App) -> list[ServiceRegistration]:
     assert app.auth is not None
     assert app.api_keys is not None
     assert app.mfa is not None
+    assert app.sessions is not None
     return [
         ServiceRegistration(
             auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
@@ -153,6 +158,11 @@ def build_services(app: App) -> list[ServiceRegistration]:
             audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
             AuditServicer(app.audit),
             audit_pb2_grpc.add_AuditServiceServicer_to_server,
+        ),
+        ServiceRegistration(
+            session_pb2.DESCRIPTOR.services_by_name["SessionService"],
+            SessionServicer(app.sessions),
+            session_pb2_grpc.add_SessionServiceServicer_to_server,
         ),
     ]
 
@@ -194,6 +204,7 @@ class App:
         self.api_keys: ApiKeys | None = None
         self.mfa: Mfa | None = None
         self.audit: AuditLog | None = None
+        self.sessions: SessionManager | None = None
         self._audit_digest_key = b""
         self._background: list[asyncio.Task[None]] = []
         self.metrics = Metrics()
@@ -239,6 +250,15 @@ class App:
         self.security = build_security(self.config, self.cache, self.own_keys, self.api_keys)
         self.mfa = Mfa(auth_store, self.crypto, self.cache, clock=self.clock)
         await self.mfa.start()
+        self.sessions = SessionManager(
+            PgSessionStore(self.db),
+            auth_store,
+            self.security.revocations,
+            self.cache,
+            self.config.session,
+            self.crypto.page_tokens,
+            clock=self.clock,
+        )
         self.auth = Authenticator(
             auth_store,
             self.crypto,
@@ -248,6 +268,7 @@ class App:
             self.crypto.page_tokens,
             clock=self.clock,
             mfa=self.mfa,
+            agent_sessions=self.sessions,
         )
         await self.auth.start()
         await self.security.tokens.start()
@@ -270,6 +291,10 @@ class App:
                 name="audit-checkpoints",
             ),
             asyncio.create_task(self._every(3600.0, self.audit.expire), name="audit-retention"),
+            asyncio.create_task(
+                self._every(self.config.session.sweep_interval, self.sessions.sweep),
+                name="session-sweep",
+            ),
         ]
         await self._start_grpc(self.db, self.cache, self.security)
         self._start_metrics()
@@ -431,6 +456,8 @@ class App:
         health, self._health = self._health, None
         if health is not None:
             await health.shutdown()
+        if self.sessions is not None:
+            self.sessions.close()  # watch streams end now rather than at the grace deadline
         server, self._server = self._server, None
         if server is not None:
             await server.stop(self.config.server.grace_period)

@@ -146,6 +146,19 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class SessionConfig:
+    """Agent sessions and approvals: TTLs, the sweeper, retention (docs/session.md)."""
+
+    default_ttl: float = 3600.0  # a session's TTL when CreateSession sends none
+    max_ttl: float = 7 * 86_400.0  # the longest TTL CreateSession accepts
+    retention_days: float = 7.0  # ended sessions are purged this long after they end
+    sweep_interval: float = 10.0  # seconds between sweeps (expiry, revocation retries, purge)
+    approval_default_ttl: float = 900.0  # an approval's TTL when RequestApproval sends none
+    approval_max_ttl: float = 86_400.0
+    watch_poll: float = 5.0  # watchers re-read PostgreSQL at least this often
+
+
+@dataclass(frozen=True)
 class ObservabilityConfig:
     metrics_listen: Address | None = Address("127.0.0.1", 9464)
     log_level: str = "INFO"
@@ -166,6 +179,7 @@ class Config:
     idempotency: IdempotencyConfig = IdempotencyConfig()
     crypto: CryptoConfig = CryptoConfig()
     audit: AuditConfig = AuditConfig()
+    session: SessionConfig = SessionConfig()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -191,6 +205,7 @@ class Config:
             ),
             rate_limit=_rate_limit(env),
             audit=_audit(env),
+            session=_session(env),
             idempotency=IdempotencyConfig(
                 ttl=env.get(
                     "TRUSTPLANE_IDEMPOTENCY_TTL", "86400", _float_range(60.0, 30 * 86400.0)
@@ -226,6 +241,30 @@ def _database(env: _Env) -> DatabaseConfig:
         statement_timeout=env.get("TRUSTPLANE_DB_TIMEOUT", "5", _float_range(0.01, 600.0)),
         migrate=env.get("TRUSTPLANE_MIGRATE", "auto", _choice("auto", "check")),
     )
+
+
+def _session(env: _Env) -> SessionConfig:
+    day = 86_400.0
+    config = SessionConfig(
+        default_ttl=env.get("TRUSTPLANE_SESSION_DEFAULT_TTL", "3600", _float_range(1.0, 365 * day)),
+        max_ttl=env.get("TRUSTPLANE_SESSION_MAX_TTL", "604800", _float_range(1.0, 365 * day)),
+        retention_days=env.get("TRUSTPLANE_SESSION_RETENTION_DAYS", "7", _float_range(0.0, 3650.0)),
+        sweep_interval=env.get(
+            "TRUSTPLANE_SESSION_SWEEP_INTERVAL", "10", _float_range(0.05, 3600.0)
+        ),
+        approval_default_ttl=env.get(
+            "TRUSTPLANE_APPROVAL_DEFAULT_TTL", "900", _float_range(1.0, 30 * day)
+        ),
+        approval_max_ttl=env.get(
+            "TRUSTPLANE_APPROVAL_MAX_TTL", "86400", _float_range(1.0, 30 * day)
+        ),
+        watch_poll=env.get("TRUSTPLANE_SESSION_WATCH_POLL", "5", _float_range(0.05, 60.0)),
+    )
+    if config.default_ttl > config.max_ttl:
+        raise ConfigError("TRUSTPLANE_SESSION_DEFAULT_TTL: must be <= TRUSTPLANE_SESSION_MAX_TTL")
+    if config.approval_default_ttl > config.approval_max_ttl:
+        raise ConfigError("TRUSTPLANE_APPROVAL_DEFAULT_TTL: must be <= TRUSTPLANE_APPROVAL_MAX_TTL")
+    return config
 
 
 def _observability(env: _Env) -> ObservabilityConfig:

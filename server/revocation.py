@@ -1,4 +1,5 @@
-"""The revocation deny-list: revoked token ids, sessions and subjects, shared through the cache.
+"""The revocation deny-list: revoked token ids, sessions (auth `sid` and agent `asid`) and
+subjects, shared through the cache.
 
 Tokens are verified offline (signature, claims), so revocation needs a shared list that every
 server process consults. Entries live in the cache backend (Redis across processes) and expire
@@ -32,7 +33,8 @@ _MEMO_LIMIT = 100_000
 
 
 class RevocationList:
-    """Revoke by token id (`jti`), session (`sid`) or subject; check an `ActorContext`."""
+    """Revoke by token id (`jti`), auth session (`sid`), agent session (`asid`) or subject;
+    check an `ActorContext`."""
 
     def __init__(
         self,
@@ -46,7 +48,7 @@ class RevocationList:
         self._staleness = staleness
         self._ttl = max_token_ttl
         self._clock = clock
-        self._memo: dict[tuple[str | None, str | None, str, str], float] = {}
+        self._memo: dict[tuple[str | None, str | None, str | None, str, str], float] = {}
 
     async def revoke_token(self, token_id: str) -> None:
         await self._revoke(f"rv:jti:{token_id}", b"1")
@@ -54,6 +56,10 @@ class RevocationList:
     async def revoke_session(self, session_id: str) -> None:
         """Every token derived from the session, delegated ones included."""
         await self._revoke(f"rv:sid:{session_id}", b"1")
+
+    async def revoke_agent_session(self, agent_session_id: str) -> None:
+        """Every delegated token bound to the agent session (its `asid` claim)."""
+        await self._revoke(f"rv:asid:{agent_session_id}", b"1")
 
     async def revoke_subject(self, tenant_id: str, subject: str) -> None:
         """Every token of the subject issued up to now (a kill switch); later ones are valid."""
@@ -65,7 +71,13 @@ class RevocationList:
         await self._cache.publish(CHANNEL, key.encode())
 
     async def is_revoked(self, actor: ActorContext) -> bool:
-        memo_key = (actor.token_id, actor.session_id, actor.tenant_id, actor.subject)
+        memo_key = (
+            actor.token_id,
+            actor.session_id,
+            actor.agent_session_id,
+            actor.tenant_id,
+            actor.subject,
+        )
         now = self._clock()
         checked = self._memo.get(memo_key)
         if checked is not None and now - checked < self._staleness:
@@ -81,6 +93,9 @@ class RevocationList:
         if actor.token_id and await self._cache.get(f"rv:jti:{actor.token_id}") is not None:
             return True
         if actor.session_id and await self._cache.get(f"rv:sid:{actor.session_id}") is not None:
+            return True
+        asid = actor.agent_session_id
+        if asid and await self._cache.get(f"rv:asid:{asid}") is not None:
             return True
         revoked_at = await self._cache.get(f"rv:sub:{actor.tenant_id}:{actor.subject}")
         return revoked_at is not None and actor.issued_at <= float(revoked_at)

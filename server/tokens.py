@@ -366,6 +366,7 @@ def to_actor(claims: Mapping[str, Any], issuer: TrustedIssuer) -> ActorContext:
         scopes=_scopes(claims, mapping),
         act=_act_chain(claims.get("act")),
         session_id=_optional_str(claims.get("sid")),
+        agent_session_id=_optional_str(claims.get("asid")),
         token_id=_optional_str(claims.get("jti")),
         issuer=issuer.issuer,
         issued_at=float(claims["iat"]),

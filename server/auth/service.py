@@ -112,6 +112,14 @@ class SessionRevoker(Protocol):
     async def revoke_token(self, token_id: str) -> None: ...
 
 
+class AgentSessions(Protocol):
+    """The Session service's check for delegation into an agent session (SessionManager)."""
+
+    async def check_delegable(self, tenant_id: str, session_id: str, agent_id: str) -> None:
+        """Raise unless the session exists in the tenant, runs `agent_id` and has not ended."""
+        ...
+
+
 class ApiKeyRevoker(Protocol):
     async def revoke(self, tenant_id: str, key_id: str) -> Any: ...
 
@@ -135,7 +143,9 @@ class Authenticator:
         clock: Callable[[], float] = time.time,
         hasher: PasswordHasher | None = None,
         mfa: Mfa | None = None,
+        agent_sessions: AgentSessions | None = None,
     ) -> None:
+        self._agent_sessions = agent_sessions
         self._page_tokens = page_tokens
         self._mfa = mfa
         self._store = store
@@ -278,6 +288,8 @@ class Authenticator:
     ) -> tuple[str, float, list[str]]:
         """RFC 8693: a token for `subject` acted on by `actor`; see the proto comment."""
         _check_delegation(subject, actor, self._config.delegation_max_depth)
+        if agent_session:
+            await self._check_agent_session(actor, agent_session)
         granted = [s for s in scopes if _allows(subject, s) and _allows(actor, s)]
         if not granted:
             raise InvalidArgument.fields(
@@ -306,6 +318,17 @@ class Authenticator:
             claims["asid"] = agent_session
         token = await self._signer.sign_jwt(SYSTEM_TENANT, TOKEN_KEY, claims)
         return token, float(int(expires)), granted
+
+    async def _check_agent_session(self, actor: ActorContext, agent_session: str) -> None:
+        """The `asid` must name a live session of the acting agent; without the Session
+        service to ask, no token is bound to a session (fail closed)."""
+        if self._agent_sessions is None:
+            raise InvalidArgument(
+                "agent sessions are not available",
+                reason=reasons.ERROR_REASON_AGENT_SESSION_INVALID,
+                field_violations=[FieldViolation("agent_session_id", "unknown agent session")],
+            )
+        await self._agent_sessions.check_delegable(actor.tenant_id, agent_session, actor.subject)
 
     async def revoke_token(self, caller: ActorContext, token: ActorContext) -> None:
         """RFC 7009: the caller's own token, or (admins) any token of the tenant."""

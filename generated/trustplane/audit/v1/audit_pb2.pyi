@@ -140,7 +140,9 @@ class AuditEntry(_message.Message):
     peer: _builtins.str
     """The caller's network address as gRPC reports it."""
     resource: _builtins.str
-    """The resource named by the request (its `name` field) or the event."""
+    """The resource named by the request (its `name` field, else its first non-empty `…_id`
+    field other than `request_id`) or the event.
+    """
     event_type: _builtins.str
     """For events: the runtime's event type (e.g. "tool.invoke")."""
     audit_class: _builtins.str

@@ -358,7 +358,9 @@ class AuthServiceServicer:
         allow, bound to the user's auth session (revoking it kills this token), no refresh token.
         Errors: UNAUTHENTICATED / (any token reason) for either credential, INVALID_ARGUMENT /
         INVALID_ARGUMENT (scopes, tenant mismatch, not an agent), FAILED_PRECONDITION /
-        DELEGATION_TOO_DEEP.
+        DELEGATION_TOO_DEEP, INVALID_ARGUMENT / AGENT_SESSION_INVALID (`agent_session_id` is not a
+        live session of the acting agent in the tenant). With `agent_session_id`, ending that
+        session also revokes the token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -115,7 +115,9 @@ class AuthServiceStub:
     allow, bound to the user's auth session (revoking it kills this token), no refresh token.
     Errors: UNAUTHENTICATED / (any token reason) for either credential, INVALID_ARGUMENT /
     INVALID_ARGUMENT (scopes, tenant mismatch, not an agent), FAILED_PRECONDITION /
-    DELEGATION_TOO_DEEP.
+    DELEGATION_TOO_DEEP, INVALID_ARGUMENT / AGENT_SESSION_INVALID (`agent_session_id` is not a
+    live session of the acting agent in the tenant). With `agent_session_id`, ending that
+    session also revokes the token.
     """
     IntrospectToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.IntrospectTokenRequest, _auth_pb2.IntrospectTokenResponse]
     """RFC 7662 introspection: whether a token is active, and its claims (with the `act`
@@ -247,7 +249,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
     allow, bound to the user's auth session (revoking it kills this token), no refresh token.
     Errors: UNAUTHENTICATED / (any token reason) for either credential, INVALID_ARGUMENT /
     INVALID_ARGUMENT (scopes, tenant mismatch, not an agent), FAILED_PRECONDITION /
-    DELEGATION_TOO_DEEP.
+    DELEGATION_TOO_DEEP, INVALID_ARGUMENT / AGENT_SESSION_INVALID (`agent_session_id` is not a
+    live session of the acting agent in the tenant). With `agent_session_id`, ending that
+    session also revokes the token.
     """
     IntrospectToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.IntrospectTokenRequest, _auth_pb2.IntrospectTokenResponse]  # type: ignore[assignment]
     """RFC 7662 introspection: whether a token is active, and its claims (with the `act`
@@ -496,7 +500,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         allow, bound to the user's auth session (revoking it kills this token), no refresh token.
         Errors: UNAUTHENTICATED / (any token reason) for either credential, INVALID_ARGUMENT /
         INVALID_ARGUMENT (scopes, tenant mismatch, not an agent), FAILED_PRECONDITION /
-        DELEGATION_TOO_DEEP.
+        DELEGATION_TOO_DEEP, INVALID_ARGUMENT / AGENT_SESSION_INVALID (`agent_session_id` is not a
+        live session of the acting agent in the tenant). With `agent_session_id`, ending that
+        session also revokes the token.
         """
 
     @_abc_1.abstractmethod

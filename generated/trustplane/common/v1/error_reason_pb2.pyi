@@ -138,6 +138,38 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The stored audit tree no longer matches a checkpoint the server signed earlier (tampering
     or data loss in the database); nothing new is signed until an operator investigates.
     """
+    ERROR_REASON_SESSION_INVALID_TRANSITION: _ErrorReason.ValueType  # 700
+    """--- session (700-799) ---
+
+    The agent session's state does not allow the transition or change; metadata `state` names
+    the current state (e.g. COMPLETED) and `allowed_from` the states the operation needs.
+    """
+    ERROR_REASON_SESSION_TERMINAL: _ErrorReason.ValueType  # 701
+    """The agent session has ended (COMPLETED, FAILED, EXPIRED or CANCELLED); it is read-only."""
+    ERROR_REASON_TASK_INVALID_TRANSITION: _ErrorReason.ValueType  # 702
+    """The task's state does not allow the transition; metadata `state` names the current state."""
+    ERROR_REASON_APPROVAL_NOT_PENDING: _ErrorReason.ValueType  # 703
+    """The approval is no longer PENDING (decided or expired); metadata `state` names its state."""
+    ERROR_REASON_APPROVAL_SELF_DECISION: _ErrorReason.ValueType  # 704
+    """The caller requested the approval (or is in the requester's delegation chain) and so
+    cannot decide it.
+    """
+    ERROR_REASON_APPROVER_ROLE_MISSING: _ErrorReason.ValueType  # 705
+    """The caller holds none of the approval's approver roles."""
+    ERROR_REASON_APPROVAL_TOKEN_INVALID: _ErrorReason.ValueType  # 706
+    """The approval token is unknown, malformed, or its approval was denied or belongs elsewhere."""
+    ERROR_REASON_APPROVAL_TOKEN_REDEEMED: _ErrorReason.ValueType  # 707
+    """The approval token was already redeemed; approval tokens are single-use."""
+    ERROR_REASON_APPROVAL_DIGEST_MISMATCH: _ErrorReason.ValueType  # 708
+    """The approval token was issued for another action digest."""
+    ERROR_REASON_APPROVAL_BINDING_MISMATCH: _ErrorReason.ValueType  # 709
+    """The approval token is bound to another principal or agent session."""
+    ERROR_REASON_APPROVAL_EXPIRED: _ErrorReason.ValueType  # 710
+    """The approval (or its token) has expired."""
+    ERROR_REASON_AGENT_SESSION_INVALID: _ErrorReason.ValueType  # 711
+    """The agent session named for delegation does not exist in the tenant, belongs to another
+    agent, or has ended.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. The server sends it as
@@ -262,5 +294,37 @@ audit, no action"); the action itself may have happened: retry with the same req
 ERROR_REASON_AUDIT_LOG_INCONSISTENT: ErrorReason.ValueType  # 601
 """The stored audit tree no longer matches a checkpoint the server signed earlier (tampering
 or data loss in the database); nothing new is signed until an operator investigates.
+"""
+ERROR_REASON_SESSION_INVALID_TRANSITION: ErrorReason.ValueType  # 700
+"""--- session (700-799) ---
+
+The agent session's state does not allow the transition or change; metadata `state` names
+the current state (e.g. COMPLETED) and `allowed_from` the states the operation needs.
+"""
+ERROR_REASON_SESSION_TERMINAL: ErrorReason.ValueType  # 701
+"""The agent session has ended (COMPLETED, FAILED, EXPIRED or CANCELLED); it is read-only."""
+ERROR_REASON_TASK_INVALID_TRANSITION: ErrorReason.ValueType  # 702
+"""The task's state does not allow the transition; metadata `state` names the current state."""
+ERROR_REASON_APPROVAL_NOT_PENDING: ErrorReason.ValueType  # 703
+"""The approval is no longer PENDING (decided or expired); metadata `state` names its state."""
+ERROR_REASON_APPROVAL_SELF_DECISION: ErrorReason.ValueType  # 704
+"""The caller requested the approval (or is in the requester's delegation chain) and so
+cannot decide it.
+"""
+ERROR_REASON_APPROVER_ROLE_MISSING: ErrorReason.ValueType  # 705
+"""The caller holds none of the approval's approver roles."""
+ERROR_REASON_APPROVAL_TOKEN_INVALID: ErrorReason.ValueType  # 706
+"""The approval token is unknown, malformed, or its approval was denied or belongs elsewhere."""
+ERROR_REASON_APPROVAL_TOKEN_REDEEMED: ErrorReason.ValueType  # 707
+"""The approval token was already redeemed; approval tokens are single-use."""
+ERROR_REASON_APPROVAL_DIGEST_MISMATCH: ErrorReason.ValueType  # 708
+"""The approval token was issued for another action digest."""
+ERROR_REASON_APPROVAL_BINDING_MISMATCH: ErrorReason.ValueType  # 709
+"""The approval token is bound to another principal or agent session."""
+ERROR_REASON_APPROVAL_EXPIRED: ErrorReason.ValueType  # 710
+"""The approval (or its token) has expired."""
+ERROR_REASON_AGENT_SESSION_INVALID: ErrorReason.ValueType  # 711
+"""The agent session named for delegation does not exist in the tenant, belongs to another
+agent, or has ended.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1,0 +1,1 @@
+"""The Session feature: agent sessions and their lifecycle, tasks, approvals."""
