@@ -265,3 +265,23 @@ class Decision:
     @property
     def allowed(self) -> bool:
         return self.effect is Effect.ALLOW
+
+
+# --- stored versions -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredBundle:
+    """One immutable version of a tenant's bundle as stored: `version_id` is the content hash;
+    `source` is the document as put ("" in listings)."""
+
+    version_id: str
+    label: str
+    format: str
+    resource_kinds: tuple[str, ...]
+    quotas: tuple[str, ...]
+    test_count: int
+    create_principal: str
+    create_time: float
+    source: str = ""
+    active: bool = False

@@ -1,0 +1,3 @@
+-- Placeholder on branch `policy` only: 0005 belongs to the Session service (issue 7), built in
+-- parallel. The migrator requires contiguous numbers, so this comment-only file keeps 0006
+-- loadable here. Replace it with Session's real 0005 when the branches are merged.
