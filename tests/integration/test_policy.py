@@ -83,8 +83,8 @@ resource_policies:
 """
 
 
-def stub(running: Any) -> policy_pb2_grpc.PolicyServiceStub:
-    return policy_pb2_grpc.PolicyServiceStub(running.channel)
+def stub(running: Any) -> Any:
+    return policy_pb2_grpc.PolicyServiceStub(running.channel)  # typed as the sync stub
 
 
 def struct(**values: Any) -> struct_pb2.Struct:
@@ -567,3 +567,28 @@ async def test_activation_reaches_every_process(start_server, make_config, idp):
             await asyncio.sleep(0.02)
         else:
             raise AssertionError("the second process never saw the activation")
+
+
+async def test_a_tenant_rule_on_delegates_applies_to_the_whole_chain(server, idp, admin):
+    await put(
+        server,
+        admin,
+        """
+version: agents-no-keys
+resource_policies:
+  - resource: trustplane.method
+    rules:
+      - name: agents-create-no-keys
+        actions: [crypto.keys.create]
+        roles: ["*"]
+        effect: DENY
+        condition: principal.type == 'agent'
+""",
+    )
+    await create_key(server, admin, "by-the-user")
+    delegated = bearer(idp.token(roles=["admin"], act={"sub": "agent-3", "ptype": "agent"}))
+    status = await expect_error(create_key(server, delegated, "by-the-agent"))
+    assert status.code is grpc.StatusCode.PERMISSION_DENIED
+    assert "agents-create-no-keys" in status.message
+    # A method the rule does not name is still allowed through the agent.
+    await server.crypto.GetKey(crypto_pb2.GetKeyRequest(name="by-the-user"), metadata=delegated)
