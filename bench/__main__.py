@@ -109,10 +109,12 @@ async def _measure_variant(
         return []
     directory = workdir / variant.name
     directory.mkdir()
+    env = dict(variant.env)
+    root_key = workdir / "data" / "root.key"
+    if root_key.is_file():  # a shared BENCH_DATABASE_URL holds material wrapped by this key
+        env.setdefault("TRUSTPLANE_ROOT_KEY_FILE", str(root_key))
     async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(
-            servers.trustplane(placement, directory, variant.env)
-        )
+        server = await stack.enter_async_context(servers.trustplane(placement, directory, env))
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
         ctx = BenchContext(
             server.address, channel, server.idp, server.tenant, server.email, server.password

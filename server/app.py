@@ -352,7 +352,6 @@ class App:
             security.authorizer,
             self.config.policy,
             self.crypto.page_tokens,
-            sink=self.audit if self.config.audit.enabled else None,
             redeemer=None,
             clock=self.clock,
         )

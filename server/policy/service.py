@@ -7,8 +7,9 @@ activate; roll back; each activation announced to every process) and answers que
   resource x action. Rules decide first (the engine, through the decision cache); a
   REQUIRE_APPROVAL with an approval token is redeemed through the `ApprovalRedeemer` (none
   wired: fail closed); an ALLOW then consumes the quotas that apply, atomically in the cache
-  (`Cache.charge`) and at most once per request id (a receipt per decision). One audit event
-  per Check lists its decisions; it is queued without waiting unless the queue is full.
+  (`Cache.charge`) and at most once per request id (a receipt per decision). The decisions
+  (`decision_attributes`) go into the Check call's own audit entry, an access-class entry
+  queued without waiting for the write (unless the bounded queue is full: back-pressure).
 * Explain: one decision with the evaluation trace; nothing consumed or redeemed.
 * Filter: the allowed subset of candidates, a page at a time, every candidate decided.
 
@@ -21,16 +22,15 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
-import uuid
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from trustplane.common.v1 import error_reason_pb2 as reasons
 
 from server.actor import ActorContext
-from server.audit.model import ACCESS, EVENT, Record
 from server.cache import Cache, Charge
 from server.config import PolicyConfig
 from server.errors import (
@@ -91,13 +91,6 @@ class PermissionChecker(Protocol):
     """Decides a permission for a caller (the authorizer), for `check_others`."""
 
     async def decide(self, actor: ActorContext, permission: str) -> PermissionDecision: ...
-
-
-class DecisionSink(Protocol):
-    """Where decision events go (the audit log's bounded access queue)."""
-
-    def offer(self, record: Record) -> bool: ...
-    async def put(self, record: Record) -> None: ...
 
 
 class BundleStore(Protocol):
@@ -224,7 +217,6 @@ class PolicyEngine:
         config: PolicyConfig,
         page_tokens: PageTokens,
         *,
-        sink: DecisionSink | None = None,
         redeemer: ApprovalRedeemer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -234,7 +226,6 @@ class PolicyEngine:
         self._permissions = permissions
         self._config = config
         self._page_tokens = page_tokens
-        self._sink = sink
         self._redeemer = redeemer
         self._clock = clock
         self._platform = engine.platform_bundle()
@@ -323,15 +314,16 @@ class PolicyEngine:
             )
         asked = await self._asked(actor, question)
         bundle = await self._bundles.get(asked.tenant_id)
+        ids = _decision_ids(len(question.resources) * len(question.actions))
         verdicts = []
         for index, resource in enumerate(question.resources):
             for action in question.actions:
                 request = self._request(asked, resource, action, question)
                 decision = self._decide(bundle, request, asked.delegates)
+                verdict = self._verdict(index, request, decision, asked.tenant_id, next(ids))
                 verdicts.append(
-                    await self._settle(actor, asked, bundle, request, decision, index, question)
+                    await self._settle(actor, asked, bundle, request, verdict, question)
                 )
-        await self._audit(actor, asked, question, verdicts)
         return verdicts
 
     async def explain(
@@ -343,7 +335,7 @@ class PolicyEngine:
         bundle = await self._bundles.get(asked.tenant_id)
         request = self._request(asked, question.resources[0], question.actions[0], question)
         decision = self._decide(bundle, request, asked.delegates, explain=True)
-        verdict = self._verdict(0, request, decision, asked.tenant_id)
+        verdict = self._verdict(0, request, decision, asked.tenant_id, next(_decision_ids(1)))
         return verdict, decision.trace or ()
 
     async def filter(
@@ -448,12 +440,10 @@ class PolicyEngine:
         asked: _Asked,
         bundle: CompiledBundle | None,
         request: Request,
-        decision: Decision,
-        index: int,
+        verdict: Verdict,
         question: Question,
     ) -> Verdict:
         """Approvals, then quotas, on top of the rules' decision."""
-        verdict = self._verdict(index, request, decision, asked.tenant_id)
         if verdict.effect is Effect.REQUIRE_APPROVAL and question.approval_token:
             verdict = await self._redeem(asked, verdict, question)
         if verdict.effect is not Effect.ALLOW or bundle is None:
@@ -467,7 +457,10 @@ class PolicyEngine:
             return verdict
         return await self._charge(actor, asked, verdict, match.quotas, question)
 
-    def _verdict(self, index: int, request: Request, decision: Decision, tenant: str) -> Verdict:
+    @staticmethod
+    def _verdict(
+        index: int, request: Request, decision: Decision, tenant: str, decision_id: str
+    ) -> Verdict:
         approval = decision.effect is Effect.REQUIRE_APPROVAL
         return Verdict(
             resource_index=index,
@@ -476,7 +469,7 @@ class PolicyEngine:
             reason=decision.reason,
             rule=decision.rule,
             version_id=decision.bundle_version,
-            decision_id=uuid.uuid4().hex,
+            decision_id=decision_id,
             principal_id=decision.principal_id,
             approver_roles=decision.approver_roles,
             approval_ttl_seconds=decision.approval_ttl_seconds,
@@ -536,15 +529,6 @@ class PolicyEngine:
             rule=stopper.quota.name,
             quotas=states,
         )
-
-    async def _audit(
-        self, actor: ActorContext, asked: _Asked, question: Question, verdicts: list[Verdict]
-    ) -> None:
-        if self._sink is None:
-            return
-        record = _decision_record(actor, asked, question, verdicts, int(self._clock() * 1000))
-        if not self._sink.offer(record):
-            await self._sink.put(record)  # back-pressure, never a silent drop
 
     # --- quotas -------------------------------------------------------------------------------
 
@@ -653,8 +637,22 @@ def call_digest(tenant_id: str, request: Request) -> bytes:
     return hashlib.sha256(_canonical(body).encode()).digest()
 
 
+def _frozen(value: object) -> Hashable:
+    """A hashable, type-faithful form of an attribute value for cache keys (True, 1 and 1.0
+    must not collide: CEL tells them apart)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("[", *(_frozen(v) for v in value))
+    if isinstance(value, bool | float):
+        return (type(value).__name__, value)
+    if value is None or isinstance(value, int | str):
+        return value
+    return ("?", str(value))
+
+
 def _principal_key(p: Principal) -> Hashable:
-    return (p.id, p.roles, p.type, p.tenant, p.chain, _canonical(p.attr) if p.attr else "")
+    return (p.id, p.roles, p.type, p.tenant, p.chain, _frozen(p.attr) if p.attr else ())
 
 
 def _decision_key(
@@ -669,12 +667,12 @@ def _decision_key(
         tuple(_principal_key(d) for d in delegates),
         resource.kind,
         resource.id,
-        _canonical(resource.attr) if resource.attr else "",
+        _frozen(resource.attr) if resource.attr else (),
         request.action,
         session.id,
         session.labels,
-        _canonical(session.attr) if session.attr else "",
-        _canonical(request.context) if request.context else "",
+        _frozen(session.attr) if session.attr else (),
+        _frozen(request.context) if request.context else (),
     )
 
 
@@ -730,12 +728,10 @@ def _receipt_key(actor: ActorContext, asked: _Asked, request_id: str, verdict: V
     return f"policy:receipt:{_tag(asked.tenant_id)}:{ident[:32]}"
 
 
-def _decision_record(
-    actor: ActorContext, asked: _Asked, question: Question, verdicts: Sequence[Verdict], now: int
-) -> Record:
-    """One audit event for a Check: each decision as `decision.<n>` (id, effect, reason, rule,
-    version, resource, action) — never attribute values."""
-    attributes = {"principal": asked.principal.id[:_NAME_MAX]}
+def decision_attributes(question: Question, verdicts: Sequence[Verdict]) -> dict[str, str]:
+    """A Check's decisions for its audit entry, one attribute each (`decision.<n>`: id,
+    effect, reason, rule, version prefix, resource kind/id, action): never attribute values."""
+    attributes = {}
     for n, v in enumerate(verdicts):
         resource = question.resources[v.resource_index]
         attributes[f"decision.{n}"] = " ".join(
@@ -749,19 +745,10 @@ def _decision_record(
                 v.action[:_NAME_MAX],
             ]
         )
-    return Record(
-        tenant_id=actor.tenant_id,
-        kind=EVENT,
-        time_ms=now,
-        method="/trustplane.policy.v1.PolicyService/Check",
-        code="OK",
-        subject=actor.subject,
-        subject_type=actor.subject_type.value,
-        actors=tuple(link.subject for link in actor.act),
-        session_id=actor.session_id or question.session.id,
-        request_id=question.request_id,
-        event_type="policy.decision",
-        attributes=attributes,
-        audit_class=ACCESS,
-        occurred_at_ms=now,
-    )
+    return attributes
+
+
+def _decision_ids(count: int) -> Iterator[str]:
+    """`count` random 128-bit ids (hex), drawn from the OS in one call."""
+    raw = os.urandom(16 * count).hex()
+    return (raw[32 * i : 32 * (i + 1)] for i in range(count))

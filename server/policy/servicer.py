@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2
 from trustplane.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from server import call_state, wire
@@ -12,7 +12,13 @@ from server.actor import ActorContext
 from server.errors import FieldViolation, InvalidArgument
 from server.policy.model import Effect, Outcome, Principal, QuotaScope, Reason, Resource, Session
 from server.policy.model import TraceStep as Step
-from server.policy.service import PolicyEngine, Question, QuotaState, Verdict
+from server.policy.service import (
+    PolicyEngine,
+    Question,
+    QuotaState,
+    Verdict,
+    decision_attributes,
+)
 
 _FORMATS = {
     policy_pb2.BUNDLE_FORMAT_UNSPECIFIED: None,
@@ -89,6 +95,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             cost=request.cost,
         )
         verdicts = await self._policy.check(_actor(), question)
+        call_state.current().audit_attributes.update(decision_attributes(question, verdicts))
         return policy_pb2.CheckResponse(decisions=[encode_verdict(v) for v in verdicts])
 
     async def Explain(self, request: Any, context: Any) -> Any:
@@ -140,23 +147,28 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 # --- decoding -------------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    """Struct values as JSON would give them, with whole numbers as ints (a Struct carries
-    every number as a double; bundles written in YAML or JSON compare with ints)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+def _value(value: Any) -> Any:
+    """A `google.protobuf.Value` as a plain value, whole numbers as ints (a Struct carries every
+    number as a double; bundles written in YAML or JSON compare with ints)."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {k: _value(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_value(v) for v in value.list_value.values]
+    return None
 
 
 def _struct(message: Any, field: str) -> dict[str, Any]:
     if not message.HasField(field):
         return {}
-    plain: dict[str, Any] = _plain(json_format.MessageToDict(getattr(message, field)))
-    return plain
+    return {k: _value(v) for k, v in getattr(message, field).fields.items()}
 
 
 def _principal(message: Any) -> Principal:

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+from trustplane.audit.v1 import audit_pb2
 from trustplane.crypto.v1 import crypto_pb2
 from trustplane.policy.v1 import policy_pb2 as pb
 from trustplane.policy.v1 import policy_pb2_grpc
@@ -592,3 +593,26 @@ resource_policies:
     assert "agents-create-no-keys" in status.message
     # A method the rule does not name is still allowed through the agent.
     await server.crypto.GetKey(crypto_pb2.GetKeyRequest(name="by-the-user"), metadata=delegated)
+
+
+async def test_decisions_are_in_the_checks_audit_entry(server, idp, admin, member):
+    await put(server, admin, TOOLS)
+    decisions = await check(server, member, [("tool", "search"), ("tool", "make_payment")])
+    await server.app.audit.flush()
+    viewer = bearer(idp.token(roles=["viewer"]))
+    listed = await server.audit.ListEntries(
+        audit_pb2.ListEntriesRequest(method="/trustplane.policy.v1.PolicyService/Check"),
+        metadata=viewer,
+    )
+    (entry,) = listed.entries
+    recorded = [entry.attributes[f"decision.{n}"].split(" ") for n in range(2)]
+    assert [r[:4] for r in recorded] == [
+        [decisions[0].decision_id, "ALLOW", "ALLOWED", "members-invoke"],
+        [
+            decisions[1].decision_id,
+            "REQUIRE_APPROVAL",
+            "APPROVAL_REQUIRED",
+            "payments-need-approval",
+        ],
+    ]
+    assert recorded[1][5:] == ["tool/make_payment", "invoke"]
