@@ -954,3 +954,13 @@ def test_quota_names_are_unique_and_fields_required():
     violations = rejected(doc)
     assert "duplicate quota name" in violations["quotas[1].name"]
     assert violations["quotas[2].per"] == "required"
+
+
+def test_the_bundles_in_docs_policy_md_are_valid():
+    """Every complete bundle in the policy reference compiles and passes its own tests."""
+    text = (ROOT / "docs" / "policy.md").read_text()
+    blocks = re.findall(r"```yaml\n(version: .*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        bundle = engine.parse_bundle(block)
+        assert all(r.passed for r in engine.run_tests(bundle)), bundle.version
