@@ -100,6 +100,7 @@ class ActiveBundles:
         self._clock = clock
         self._tenants: dict[str, _Loaded] = {}
         self._compiled: OrderedDict[str, CompiledBundle] = OrderedDict()
+        self._loading: dict[str, asyncio.Task[CompiledBundle | None]] = {}
         self._generation = 0
 
     async def get(self, tenant_id: str) -> CompiledBundle | None:
@@ -107,7 +108,20 @@ class ActiveBundles:
         loaded = self._tenants.get(tenant_id)
         if loaded is not None and self._clock() - loaded.loaded_at < self._ttl:
             return loaded.bundle
-        return await self._load(tenant_id)
+        # One load per tenant at a time, in a task of its own so that a caller's cancellation
+        # does not cancel it for the others waiting on it.
+        task = self._loading.get(tenant_id)
+        if task is None:
+            task = asyncio.create_task(self._load(tenant_id), name="policy-load")
+            self._loading[tenant_id] = task
+            task.add_done_callback(lambda done: self._loaded(tenant_id, done))
+        return await asyncio.shield(task)
+
+    def _loaded(self, tenant_id: str, task: asyncio.Task[CompiledBundle | None]) -> None:
+        if self._loading.get(tenant_id) is task:
+            del self._loading[tenant_id]
+        if not task.cancelled():
+            task.exception()  # mark retrieved: the waiters (if any) re-raise it
 
     async def _load(self, tenant_id: str) -> CompiledBundle | None:
         generation = self._generation
