@@ -330,7 +330,14 @@ class PolicyEngine:
         self, actor: ActorContext, question: Question
     ) -> tuple[Verdict, tuple[TraceStep, ...]]:
         """One decision and its trace; nothing consumed, nothing redeemed."""
-        _validate(question, self._config)
+        missing = [
+            FieldViolation(name, "required")
+            for name, given in (("resource", question.resources), ("action", question.actions))
+            if not given
+        ]
+        if missing:
+            raise InvalidArgument.fields(*missing)
+        _validate(question, self._config, "resource")
         asked = await self._asked(actor, question)
         bundle = await self._bundles.get(asked.tenant_id)
         request = self._request(asked, question.resources[0], question.actions[0], question)
@@ -342,7 +349,7 @@ class PolicyEngine:
         self, actor: ActorContext, question: Question, size: int, token: str
     ) -> FilterPage:
         """The allowed candidates (effect ALLOW), a page of at most `size` at a time."""
-        _validate(question, self._config, filtering=True)
+        _validate(question, self._config, "candidates")
         if len(question.resources) > self._config.max_filter_candidates:
             raise TooLarge(f"at most {self._config.max_filter_candidates} candidates per Filter")
         limit = page_size(size)
@@ -589,9 +596,8 @@ def _version_id(value: str) -> str:
     return value
 
 
-def _validate(question: Question, config: PolicyConfig, *, filtering: bool = False) -> None:
+def _validate(question: Question, config: PolicyConfig, what: str = "resources") -> None:
     found: list[FieldViolation] = []
-    what = "candidates" if filtering else "resources"
     if not question.resources:
         found.append(FieldViolation(what, "at least one is required"))
     for i, resource in enumerate(question.resources):

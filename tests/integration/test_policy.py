@@ -616,3 +616,57 @@ async def test_decisions_are_in_the_checks_audit_entry(server, idp, admin, membe
         ],
     ]
     assert recorded[1][5:] == ["tool/make_payment", "invoke"]
+
+
+async def test_a_locked_out_tenant_can_still_repair_its_bundle(server, idp, admin):
+    lockout = """
+version: lockout
+resource_policies:
+  - resource: trustplane.method
+    rules:
+      - name: nothing-at-all
+        actions: ["*"]
+        roles: ["*"]
+        effect: DENY
+"""
+    await put(server, admin, lockout)
+    status = await expect_error(create_key(server, admin))
+    assert "nothing-at-all" in status.message
+    status = await expect_error(one(server, admin))
+    assert status.metadata == {"permission": "policy.decisions.check"}
+    # policy.bundles.* is exempt from tenant restrictions: the bundle can be repaired.
+    listed = await stub(server).ListBundles(pb.ListBundlesRequest(), metadata=admin)
+    assert listed.bundles[0].label == "lockout"
+    await put(server, admin, TOOLS)
+    await create_key(server, admin)
+
+
+async def test_a_suite_method_cannot_wait_for_an_approval(server, admin):
+    await put(
+        server,
+        admin,
+        """
+version: approvals-for-keys
+resource_policies:
+  - resource: trustplane.method
+    rules:
+      - name: keys-need-approval
+        actions: [crypto.keys.create]
+        roles: ["*"]
+        effect: REQUIRE_APPROVAL
+        approver_roles: [security]
+""",
+    )
+    status = await expect_error(create_key(server, admin))
+    assert status.code is grpc.StatusCode.PERMISSION_DENIED
+    assert "requires an approval" in status.message
+    decision = await one(server, admin, kind="trustplane.method", action="crypto.keys.create")
+    assert (decision.effect, decision.rule) == (APPROVAL, "keys-need-approval")
+
+
+async def test_explain_needs_a_resource_and_an_action(server, admin):
+    status = await expect_error(stub(server).Explain(pb.ExplainRequest(), metadata=admin))
+    assert (status.code, [f for f, _ in status.field_violations]) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["resource", "action"],
+    )
