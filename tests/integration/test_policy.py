@@ -670,3 +670,33 @@ async def test_explain_needs_a_resource_and_an_action(server, admin):
         grpc.StatusCode.INVALID_ARGUMENT,
         ["resource", "action"],
     )
+
+
+async def test_the_decision_cache_tells_true_from_one(server, admin, member):
+    """Cache keys are type-faithful: {flag: true} and {flag: 1} are different inputs (True == 1
+    in Python, not in CEL), so the second answer must not be the first one's cached."""
+    await put(
+        server,
+        admin,
+        """
+version: flags
+resource_policies:
+  - resource: tool
+    rules:
+      - name: flagged
+        actions: [invoke]
+        roles: [member]
+        effect: ALLOW
+        condition: resource.attr.flag == true
+""",
+    )
+
+    async def decide(flag):
+        request = pb.CheckRequest(
+            resources=[pb.Resource(kind="tool", id="t", attr=struct(flag=flag))], actions=["invoke"]
+        )
+        return (await stub(server).Check(request, metadata=member)).decisions[0]
+
+    assert (await decide(True)).effect == ALLOW
+    assert (await decide(1)).effect == DENY  # an int is not the boolean true
+    assert (await decide(True)).effect == ALLOW
