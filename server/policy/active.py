@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from server.cache import Cache, CacheUnavailable
+from server.errors import InvalidArgument, Unavailable
 from server.policy import engine
 from server.policy.engine import CompiledBundle
 from server.policy.model import Decision, StoredBundle
@@ -29,6 +30,10 @@ CHANNEL = "policy:activated"
 _COMPILED_KEPT = 256
 
 _log = logging.getLogger("trustplane.policy")
+
+
+class ActiveBundleUnusable(Unavailable):
+    default_message = "the tenant's active policy cannot be loaded; an administrator must act"
 
 
 class BundleSource(Protocol):
@@ -136,7 +141,15 @@ class ActiveBundles:
         """A stored version compiled (versions are immutable, so compiled once per process)."""
         bundle = self._compiled.get(version_id)
         if bundle is None:
-            bundle = engine.parse_bundle(source)
+            try:
+                bundle = engine.parse_bundle(source)
+            except InvalidArgument:
+                # Validated when it was put; only a server whose engine changed since can get
+                # here. Fail closed, without showing callers the policy's problems.
+                _log.error(
+                    "stored policy version no longer compiles", extra={"version": version_id}
+                )
+                raise ActiveBundleUnusable() from None
             self._compiled[version_id] = bundle
             while len(self._compiled) > _COMPILED_KEPT:
                 self._compiled.popitem(last=False)

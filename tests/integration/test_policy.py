@@ -700,3 +700,21 @@ resource_policies:
     assert (await decide(True)).effect == ALLOW
     assert (await decide(1)).effect == DENY  # an int is not the boolean true
     assert (await decide(True)).effect == ALLOW
+
+
+async def test_a_quota_holds_across_processes(start_server, make_config, idp):
+    """Two server processes (one Postgres, one Redis) share every counter."""
+    config = make_config()
+    admin = bearer(idp.token(roles=["admin"]))
+    async with start_server(config) as first, start_server(config) as second:
+        await put(first, admin, TOOLS)
+        session = pb.SessionContext(id="s-shared")
+        tokens = [bearer(idp.token(roles=["member"], sub=f"u{i}")) for i in range(50)]
+        servers = [first, second]
+        results = await asyncio.gather(
+            *(one(servers[i % 2], t, rid="shell", session=session) for i, t in enumerate(tokens))
+        )
+        assert sum(d.effect == ALLOW for d in results) == 10
+        assert {d.reason for d in results if d.effect == DENY} == {
+            pb.DECISION_REASON_QUOTA_EXCEEDED
+        }
