@@ -597,6 +597,14 @@ def _version_id(value: str) -> str:
 
 
 def _validate(question: Question, config: PolicyConfig, what: str = "resources") -> None:
+    found = [*_item_violations(question, what), *_caller_violations(question)]
+    if found:
+        raise InvalidArgument.fields(*found)
+    if len(question.delegates) > config.max_delegates:
+        raise TooLarge(f"at most {config.max_delegates} delegates")
+
+
+def _item_violations(question: Question, what: str) -> list[FieldViolation]:
     found: list[FieldViolation] = []
     if not question.resources:
         found.append(FieldViolation(what, "at least one is required"))
@@ -610,16 +618,20 @@ def _validate(question: Question, config: PolicyConfig, what: str = "resources")
     for i, action in enumerate(question.actions):
         if not action or len(action) > _NAME_MAX:
             found.append(FieldViolation(f"actions[{i}]", "required, at most 256 characters"))
+    return found
+
+
+def _caller_violations(question: Question) -> list[FieldViolation]:
+    found: list[FieldViolation] = []
     if question.principal is not None and not question.principal.id:
         found.append(FieldViolation("principal.id", "required when principal is set"))
     if any(not d.id for d in question.delegates):
         found.append(FieldViolation("delegates", "every delegate needs an id"))
+    if len(question.approval_token) > 1024:
+        found.append(FieldViolation("approval_token", "at most 1024 characters"))
     if not 0 <= question.cost <= MAX_COST:
         found.append(FieldViolation("cost", f"must be in 0..{MAX_COST}"))
-    if found:
-        raise InvalidArgument.fields(*found)
-    if len(question.delegates) > config.max_delegates:
-        raise TooLarge(f"at most {config.max_delegates} delegates")
+    return found
 
 
 def _canonical(value: object) -> str:
