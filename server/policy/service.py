@@ -423,14 +423,10 @@ class PolicyEngine:
         *,
         explain: bool = False,
     ) -> Decision:
-        """Suite methods: the platform, restricted by the tenant. Other kinds: the tenant's
+        """Suite methods: as the authorize layer decides them. Other kinds: the tenant's
         bundle alone (none: default deny)."""
         if request.resource.kind == METHOD_KIND:
-            platform = engine.decide_chain(self._platform, request, delegates, explain=explain)
-            if not platform.allowed or bundle is None or not bundle.has_policy(METHOD_KIND):
-                return platform
-            tenant = engine.decide_chain(bundle, request, delegates, explain=explain)
-            return tenant if restricts(tenant) else platform
+            return self._method(bundle, request, delegates, explain=explain)
         if bundle is None:
             return Decision(
                 Effect.DENY,
@@ -440,6 +436,27 @@ class PolicyEngine:
                 trace=() if explain else None,
             )
         return engine.decide_chain(bundle, request, delegates, explain=explain)
+
+    def _method(
+        self,
+        bundle: CompiledBundle | None,
+        request: Request,
+        delegates: tuple[Principal, ...],
+        *,
+        explain: bool,
+    ) -> Decision:
+        """The platform bundle over the subject's roles (a delegated token's scopes already
+        narrowed it), then the first restriction the tenant's bundle puts on the subject or
+        any delegate — exactly what `PolicyAuthorizer` enforces for the RPC."""
+        platform = engine.decide(self._platform, request, explain=explain)
+        if not platform.allowed or bundle is None or not bundle.has_policy(METHOD_KIND):
+            return platform
+        for principal in (request.principal, *delegates):
+            asked = dataclasses.replace(request, principal=principal)
+            tenant = engine.decide(bundle, asked, explain=explain)
+            if restricts(tenant):
+                return tenant
+        return platform
 
     async def _settle(
         self,

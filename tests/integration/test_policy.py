@@ -593,6 +593,15 @@ resource_policies:
     assert "agents-create-no-keys" in status.message
     # A method the rule does not name is still allowed through the agent.
     await server.crypto.GetKey(crypto_pb2.GetKeyRequest(name="by-the-user"), metadata=delegated)
+    # Check on trustplane.method answers as the authorize layer enforces.
+    asked = await one(server, delegated, kind="trustplane.method", action="crypto.keys.create")
+    assert (asked.effect, asked.rule, asked.principal_id) == (
+        DENY,
+        "agents-create-no-keys",
+        "agent-3",
+    )
+    direct = await one(server, admin, kind="trustplane.method", action="crypto.keys.create")
+    assert direct.effect == ALLOW
 
 
 async def test_decisions_are_in_the_checks_audit_entry(server, idp, admin, member):
