@@ -727,3 +727,54 @@ async def test_a_quota_holds_across_processes(start_server, make_config, idp):
         assert {d.reason for d in results if d.effect == DENY} == {
             pb.DECISION_REASON_QUOTA_EXCEEDED
         }
+
+
+SCOPED_QUOTAS = """
+version: scoped
+resource_policies:
+  - resource: tool
+    rules:
+      - name: anyone
+        actions: [invoke]
+        roles: ["*"]
+        effect: ALLOW
+quotas:
+  - {name: per-tenant, resource: tool, actions: [invoke], condition: "resource.id == 't'",
+     limit: 2, window_seconds: 3600, per: tenant}
+  - {name: per-principal, resource: tool, actions: [invoke], condition: "resource.id == 'p'",
+     limit: 2, window_seconds: 3600, per: principal}
+  - {name: per-agent, resource: tool, actions: [invoke], condition: "resource.id == 'a'",
+     limit: 2, window_seconds: 3600, per: agent}
+"""
+
+
+async def test_quotas_count_per_tenant_principal_and_agent(server, idp, admin):
+    await put(server, admin, SCOPED_QUOTAS)
+    u1, u2 = bearer(idp.token(sub="u1")), bearer(idp.token(sub="u2"))
+    via_a = bearer(idp.token(sub="u1", act={"sub": "agent-a"}))
+    via_b = bearer(idp.token(sub="u1", act={"sub": "agent-b"}))
+
+    async def effects(calls):
+        return [(await one(server, who, rid=tool)).effect for who, tool in calls]
+
+    assert await effects([(u1, "t"), (u2, "t"), (u1, "t")]) == [ALLOW, ALLOW, DENY]
+    assert await effects([(u1, "p"), (u1, "p"), (u1, "p"), (u2, "p")]) == [
+        ALLOW,
+        ALLOW,
+        DENY,
+        ALLOW,
+    ]
+    assert await effects([(via_a, "a"), (via_a, "a"), (via_a, "a"), (via_b, "a")]) == [
+        ALLOW,
+        ALLOW,
+        DENY,
+        ALLOW,
+    ]
+    usage = await stub(server).ListQuotaUsage(
+        pb.ListQuotaUsageRequest(subject="agent-a"), metadata=admin
+    )
+    assert [(u.name, u.subject, u.used) for u in usage.usages] == [
+        ("per-tenant", "", 2),
+        ("per-principal", "agent-a", 0),
+        ("per-agent", "agent-a", 2),
+    ]
