@@ -95,7 +95,35 @@ async def run_bench(settings: Settings, placement: Placement, workdir: Path) -> 
             raise BenchError("no cases: bench.cases.BUILDERS is empty")
         ceiling = await _measure_echo(built[0], settings, placement, workdir)
         scored = [await _measure_case(case, server, settings, placement, workdir) for case in built]
+    for variant in cases.VARIANTS:
+        scored += await _measure_variant(variant, wanted, settings, placement, workdir)
     return Results(ceiling, scored)
+
+
+async def _measure_variant(
+    variant: cases.Variant, wanted: str, settings: Settings, placement: Placement, workdir: Path
+) -> list[Scored]:
+    """Cases that need a differently configured server (e.g. a cache turned off): a server of
+    their own, started only when BENCH_CASES selects one of them."""
+    names = [name for name, _ in variant.builders]
+    if wanted and not any(w in n for n in names for w in wanted.split(",")):
+        return []
+    directory = workdir / variant.name
+    directory.mkdir()
+    env = dict(variant.env)
+    root_key = workdir / "data" / "root.key"
+    if root_key.is_file():  # a shared BENCH_DATABASE_URL holds material wrapped by this key
+        env.setdefault("TRUSTPLANE_ROOT_KEY_FILE", str(root_key))
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(servers.trustplane(placement, directory, env))
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
+        ctx = BenchContext(
+            server.address, channel, server.idp, server.tenant, server.email, server.password
+        )
+        built = [await build(ctx) for name, build in variant.builders]
+        if wanted:
+            built = [c for c in built if any(w in c.name for w in wanted.split(","))]
+        return [await _measure_case(case, server, settings, placement, directory) for case in built]
 
 
 async def _measure_echo(

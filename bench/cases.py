@@ -6,7 +6,8 @@ Adding a case (e.g. in the issue that adds `SessionService/Create`):
    through `ctx.channel` first (create a tenant, get a token) and returns the case with the
    encoded request (`SerializeToString()`, not framed) and its headers (e.g.
    `(("authorization", f"Bearer {token}"),)`);
-2. append it to `BUILDERS`.
+2. append it to `BUILDERS` (or, when it needs a differently configured server, add it to a
+   `Variant` in `VARIANTS`: those run against a server of their own).
 
 Every case runs against the same server process, in `BUILDERS` order, and must leave only OK
 statuses: the bench fails if the server counts any other code for the case's method. The echo
@@ -17,16 +18,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import grpc.aio
-from google.protobuf import field_mask_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2
 from tptest.v1 import test_service_pb2
 from trustplane.audit.v1 import audit_pb2
 from trustplane.auth.v1 import auth_pb2, auth_pb2_grpc
 from trustplane.crypto.v1 import crypto_pb2, crypto_pb2_grpc
+from trustplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from trustplane.session.v1 import session_pb2, session_pb2_grpc
 
 from tests.support.tokens import TestIdP
@@ -258,6 +260,99 @@ async def _get_session(ctx: BenchContext) -> Case:
     )
 
 
+_POLICY_BUNDLE = """
+version: bench-1
+derived_roles:
+  owner:
+    parent_roles: [member]
+    condition: has(resource.attr.owner) && resource.attr.owner == principal.id
+resource_policies:
+  - resource: tool
+    rules:
+      - name: members-invoke
+        actions: [invoke]
+        roles: [member]
+        effect: ALLOW
+      - name: owners-configure
+        actions: [configure]
+        derived_roles: [owner]
+        effect: ALLOW
+      - name: no-exfiltration
+        actions: [invoke]
+        roles: ["*"]
+        effect: DENY
+        condition: >-
+          resource.id in ['send_email', 'http_post'] &&
+          'untrusted_input' in session.labels && 'private_data' in session.labels
+"""
+
+
+async def _policy_check_request(ctx: BenchContext) -> tuple[bytes, Headers]:
+    """Activates the bench bundle for the test IdP's tenant; a member's Check of 2 tools x
+    (invoke, configure) in a session labelled `private_data`, as encoded request and headers."""
+    admin = ctx.idp.token(roles=["admin"], exp=int(time.time()) + 3600)
+    stub = policy_pb2_grpc.PolicyServiceStub(ctx.channel)
+    put = policy_pb2.PutBundleRequest(source=_POLICY_BUNDLE, activate=True)
+    await stub.PutBundle(put, metadata=(("authorization", f"Bearer {admin}"),))
+    member = ctx.idp.token(roles=["member"], sub="bench-user", exp=int(time.time()) + 3600)
+    owned = struct_pb2.Struct()
+    owned.update({"owner": "bench-user"})
+    request = policy_pb2.CheckRequest(
+        resources=[
+            policy_pb2.Resource(kind="tool", id="search", attr=owned),
+            policy_pb2.Resource(kind="tool", id="send_email"),
+        ],
+        actions=["invoke", "configure"],
+        session=policy_pb2.SessionContext(id="bench-session", labels=["private_data"]),
+    )
+    return request.SerializeToString(), (("authorization", f"Bearer {member}"),)
+
+
+async def _policy_check(ctx: BenchContext) -> Case:
+    """Check, 2 resources x 2 actions, with conditions and a derived role; the decision cache is
+    warm after the warm-up run (the in-process active-version cache too)."""
+    request, headers = await _policy_check_request(ctx)
+    return Case(
+        name="PolicyService/Check (2x2, warm decision cache)",
+        path="/trustplane.policy.v1.PolicyService/Check",
+        request=request,
+        target_ratio=0.5,
+        headers=headers,
+    )
+
+
+async def _policy_check_uncached(ctx: BenchContext) -> Case:
+    """The same Check on a server started with the decision cache off: every request evaluates
+    four decisions (CEL included) afresh."""
+    request, headers = await _policy_check_request(ctx)
+    return Case(
+        name="PolicyService/Check (2x2, decision cache off)",
+        path="/trustplane.policy.v1.PolicyService/Check",
+        request=request,
+        target_ratio=0.0,
+        headers=headers,
+    )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Cases measured against a server of their own, started with `env` on top of the bench's
+    settings (only when BENCH_CASES selects one of them)."""
+
+    name: str
+    env: Mapping[str, str]
+    builders: list[tuple[str, CaseBuilder]]  # (case name, builder)
+
+
+VARIANTS: list[Variant] = [
+    Variant(
+        "decision-cache-off",
+        {"TRUSTPLANE_POLICY_DECISION_CACHE_SIZE": "0"},
+        [("PolicyService/Check (2x2, decision cache off)", _policy_check_uncached)],
+    ),
+]
+
+
 BUILDERS: list[CaseBuilder] = [
     _health_check,
     _authenticated,
@@ -270,6 +365,7 @@ BUILDERS: list[CaseBuilder] = [
     _whoami_api_key,
     _create_session,
     _get_session,
+    _policy_check,
 ]
 
 

@@ -153,17 +153,20 @@ async def echo(placement: Placement, workdir: Path) -> AsyncIterator[tuple[str, 
 
 
 @contextlib.asynccontextmanager
-async def trustplane(placement: Placement, workdir: Path) -> AsyncIterator[Trustplane]:
+async def trustplane(
+    placement: Placement, workdir: Path, extra_env: Mapping[str, str] | None = None
+) -> AsyncIterator[Trustplane]:
     """Run the real server — the same `App` and interceptor chain as `python -m server serve`,
     plus the test-only `tptest.v1.TestService` for methods behind authentication — on free
-    ports with its data under `workdir`; yield it once Health/Check answers SERVING."""
+    ports with its data under `workdir` (and `extra_env` on top of the bench's settings);
+    yield it once Health/Check answers SERVING."""
     address, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     data_dir = workdir / "data"
     data_dir.mkdir()
     idp_dir = workdir / "idp"
     idp_dir.mkdir()
     idp = TestIdP(idp_dir)
-    env = trustplane_env(address, metrics, data_dir, idp)
+    env = {**trustplane_env(address, metrics, data_dir, idp), **(extra_env or {})}
     tenant, email = f"bench-{os.urandom(4).hex()}", "bench@localhost"
     password = await _bootstrap(env, tenant, email)
     args = [*placement.server_prefix(), sys.executable, "-m", "tests.support.app_process"]

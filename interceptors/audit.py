@@ -111,6 +111,7 @@ class AuditLayer:
             peer=context.peer() or "",
             latency_us=int((time.perf_counter() - state.started) * 1_000_000),
             resource=_resource(request),
+            attributes=state.audit_attributes,
             audit_class=SECURITY if method.audit is AuditClass.SECURITY else ACCESS,
         )
 

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from trustplane.audit.v1 import audit_pb2, audit_pb2_grpc
 from trustplane.auth.v1 import auth_pb2, auth_pb2_grpc
 from trustplane.crypto.v1 import crypto_pb2, crypto_pb2_grpc
+from trustplane.policy.v1 import policy_pb2, policy_pb2_grpc
 from trustplane.session.v1 import session_pb2, session_pb2_grpc
 
 from interceptors.audit import AuditLayer
@@ -58,6 +59,11 @@ from server.methods import MethodRegistry, public_spec
 from server.metrics import Metrics, MetricsServer
 from server.page_token import PageTokens
 from server.permissions import RolePermissions
+from server.policy.active import ActiveBundles, DecisionCache
+from server.policy.authorizer import PolicyAuthorizer
+from server.policy.service import PolicyEngine
+from server.policy.servicer import PolicyServicer
+from server.policy.store import PgPolicyStore
 from server.revocation import RevocationList, stop_following
 from server.session.service import SessionManager
 from server.session.servicer import SessionServicer
@@ -115,9 +121,15 @@ def build_layers(
 
 
 def build_security(
-    config: Config, cache: Cache, own_keys: LocalKeySource, api_keys: ApiKeyVerifier | None = None
+    config: Config,
+    cache: Cache,
+    own_keys: LocalKeySource,
+    api_keys: ApiKeyVerifier | None = None,
+    authorizer: Authorizer | None = None,
 ) -> Security:
-    """Token verification (our own issuer + configured external ones), revocation, RBAC."""
+    """Token verification (our own issuer + configured external ones), revocation, and the
+    authorizer: the policy engine's in the server (`PolicyAuthorizer`: platform bundle, scopes,
+    tenant restrictions); the built-in role table alone where no database exists (unit tests)."""
     issuers = [TrustedIssuer(config.auth.issuer, [config.auth.audience], own_keys)]
     if config.auth.trusted_issuers_file is not None:
         issuers += load_trusted_issuers(config.auth.trusted_issuers_file)
@@ -131,7 +143,7 @@ def build_security(
             staleness=config.auth.revocation_staleness,
             max_token_ttl=config.auth.max_token_ttl,
         ),
-        authorizer=RolePermissions(),
+        authorizer=authorizer or RolePermissions(),
     )
 
 
@@ -143,6 +155,7 @@ def build_services(app: App) -> list[ServiceRegistration]:
     assert app.api_keys is not None
     assert app.mfa is not None
     assert app.sessions is not None
+    assert app.policy is not None
     return [
         ServiceRegistration(
             auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
@@ -163,6 +176,11 @@ def build_services(app: App) -> list[ServiceRegistration]:
             session_pb2.DESCRIPTOR.services_by_name["SessionService"],
             SessionServicer(app.sessions),
             session_pb2_grpc.add_SessionServiceServicer_to_server,
+        ),
+        ServiceRegistration(
+            policy_pb2.DESCRIPTOR.services_by_name["PolicyService"],
+            PolicyServicer(app.policy),
+            policy_pb2_grpc.add_PolicyServiceServicer_to_server,
         ),
     ]
 
@@ -205,6 +223,8 @@ class App:
         self.mfa: Mfa | None = None
         self.audit: AuditLog | None = None
         self.sessions: SessionManager | None = None
+        self.policy: PolicyEngine | None = None
+        self.policy_bundles: ActiveBundles | None = None
         self._audit_digest_key = b""
         self._background: list[asyncio.Task[None]] = []
         self.metrics = Metrics()
@@ -247,7 +267,14 @@ class App:
         auth_store = PgAuthStore(self.db)
         self.api_keys = ApiKeys(auth_store, self.crypto, clock=self.clock)
         await self.api_keys.start()
-        self.security = build_security(self.config, self.cache, self.own_keys, self.api_keys)
+        self.policy_bundles = self._build_policy_bundles(self.db, self.cache)
+        self.security = build_security(
+            self.config,
+            self.cache,
+            self.own_keys,
+            self.api_keys,
+            PolicyAuthorizer(self.policy_bundles),
+        )
         self.mfa = Mfa(auth_store, self.crypto, self.cache, clock=self.clock)
         await self.mfa.start()
         self.sessions = SessionManager(
@@ -275,6 +302,7 @@ class App:
         self._following = asyncio.create_task(self.security.revocations.follow())
         self.audit = self._build_audit(self.db, self.crypto)
         await self.audit.start()
+        self.policy = self._build_policy(self.db, self.cache, self.policy_bundles, self.security)
         self._services = [*build_services(self), *self._extra_services]
         self._background += [
             asyncio.create_task(self.crypto.follow(), name="crypto-follow"),
@@ -295,6 +323,7 @@ class App:
                 self._every(self.config.session.sweep_interval, self.sessions.sweep),
                 name="session-sweep",
             ),
+            asyncio.create_task(self.policy_bundles.follow(), name="policy-follow"),
         ]
         await self._start_grpc(self.db, self.cache, self.security)
         self._start_metrics()
@@ -331,6 +360,27 @@ class App:
             clock=self.clock,
             registry=self.metrics.registry,
             subjects=Subjects(crypto, store),
+        )
+
+    def _build_policy_bundles(self, db: Database, cache: Cache) -> ActiveBundles:
+        policy = self.config.policy
+        decisions = DecisionCache(policy.decision_cache_size, policy.decision_cache_ttl)
+        return ActiveBundles(PgPolicyStore(db), cache, decisions, policy.bundle_cache_ttl)
+
+    def _build_policy(
+        self, db: Database, cache: Cache, bundles: ActiveBundles, security: Security
+    ) -> PolicyEngine:
+        assert self.crypto is not None
+        assert self.sessions is not None  # approval tokens are redeemed by the Session service
+        return PolicyEngine(
+            PgPolicyStore(db),
+            bundles,
+            cache,
+            security.authorizer,
+            self.config.policy,
+            self.crypto.page_tokens,
+            redeemer=self.sessions,
+            clock=self.clock,
         )
 
     def _audit_layer(self) -> AuditLayer | None:
@@ -409,6 +459,12 @@ class App:
             "Audit entries waiting for the writer.",
             lambda: {"depth": self.audit.depth() if self.audit else 0},
         )
+        if self.policy_bundles is not None:
+            self.metrics.add_gauges(
+                "trustplane_policy_decision_cache",
+                "Policy decision cache: hits, misses, size.",
+                self.policy_bundles.decisions.stats,
+            )
         self.metrics.add_gauges(
             "trustplane_token_cache",
             "Verified-token cache: hits, misses, size.",

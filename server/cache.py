@@ -45,6 +45,8 @@ from server.errors import Unavailable
 __all__ = [
     "Cache",
     "CacheUnavailable",
+    "Charge",
+    "ChargeResult",
     "MemoryCache",
     "RedisCache",
     "Subscription",
@@ -62,6 +64,28 @@ class CacheUnavailable(Unavailable):
     """The shared cache could not be reached; the message is fixed and names no server."""
 
     default_message = "cache unavailable"
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One counter of an all-or-nothing `Cache.charge`: add `amount` to the integer at `key`
+    only if it stays <= `limit`; `ttl` applies when the charge creates the key."""
+
+    key: str
+    amount: int
+    limit: int
+    ttl: float
+
+
+@dataclass(frozen=True)
+class ChargeResult:
+    """`charged`: every counter was added to. `values`: the counters after the charge, or
+    their current values when it was refused. `replayed`: the receipt existed, so nothing was
+    charged and `values` are the ones recorded by the first charge."""
+
+    charged: bool
+    values: tuple[int, ...]
+    replayed: bool = False
 
 
 class Cache(Protocol):
@@ -97,6 +121,19 @@ class Cache(Protocol):
 
         Returns (True, new value) when added, else (False, current value). `ttl` applies when
         this call creates the key.
+        """
+        ...
+
+    async def charge(
+        self, charges: Sequence[Charge], receipt: str | None = None, receipt_ttl: float = 1.0
+    ) -> ChargeResult:
+        """Add to several counters atomically, all or nothing (quotas and budgets).
+
+        Every counter is added to only if each stays within its limit; otherwise none is.
+        With `receipt`, a successful charge also stores a receipt at that key for
+        `receipt_ttl` seconds, and a later call presenting the same receipt charges nothing
+        and returns the recorded values (`replayed`): a retried request is charged once. A
+        refused charge stores no receipt. With Redis Cluster, all keys must share a hash slot.
         """
         ...
 
@@ -398,6 +435,31 @@ class MemoryCache:
             return False, current
         return True, self._add(self.prefix + key, amount, deadline)
 
+    async def charge(
+        self, charges: Sequence[Charge], receipt: str | None = None, receipt_ttl: float = 1.0
+    ) -> ChargeResult:
+        """See `Cache.charge`: no `await` between the reads and the writes, so atomic."""
+        deadlines = [self._store.deadline(c.ttl) for c in charges]
+        receipt_deadline = self._store.deadline(receipt_ttl)
+        if receipt is not None:
+            recorded = self._store.get(self.prefix + receipt)
+            if recorded is not None:
+                return ChargeResult(True, _parse_values(recorded.value), replayed=True)
+        current = [self._current(c.key) for c in charges]
+        if any(value + c.amount > c.limit for value, c in zip(current, charges, strict=True)):
+            return ChargeResult(False, tuple(current))
+        values = tuple(
+            self._add(self.prefix + c.key, c.amount, deadline)
+            for c, deadline in zip(charges, deadlines, strict=True)
+        )
+        if receipt is not None:
+            self._store.put(self.prefix + receipt, _format_values(values), receipt_deadline)
+        return ChargeResult(True, values)
+
+    def _current(self, key: str) -> int:
+        entry = self._store.get(self.prefix + key)
+        return 0 if entry is None else int(entry.value)
+
     def _add(self, full_key: str, amount: int, deadline: float | None) -> int:
         entry = self._store.get(full_key)
         if entry is None:
@@ -465,6 +527,14 @@ class MemoryCache:
         self._hub.close()
 
 
+def _format_values(values: Sequence[int]) -> bytes:
+    return ",".join(str(v) for v in values).encode()
+
+
+def _parse_values(raw: bytes) -> tuple[int, ...]:
+    return tuple(int(v) for v in raw.decode().split(",") if v)
+
+
 # --- Redis backend ----------------------------------------------------------------------
 
 _INCR_WITH_TTL = """
@@ -482,6 +552,44 @@ if current + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {0, current} end
 local value = redis.call('INCRBY', KEYS[1], ARGV[1])
 if not raw then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return {1, value}
+"""
+
+# KEYS: the counters, then the receipt key (when ARGV[1] == '1'). ARGV: has-receipt, receipt
+# TTL (ms), then amount, limit, TTL (ms) per counter. Returns {status, values...}: 1 charged,
+# 0 refused (current values), 2 replayed ({2, recorded values as "v1,v2"}).
+_CHARGE = """
+local n = #KEYS
+if ARGV[1] == '1' then
+  n = n - 1
+  local recorded = redis.call('GET', KEYS[#KEYS])
+  if recorded then return {2, recorded} end
+end
+local current = {}
+for i = 1, n do
+  local raw = redis.call('GET', KEYS[i])
+  current[i] = raw and tonumber(raw) or 0
+  if current[i] + tonumber(ARGV[3 * i]) > tonumber(ARGV[3 * i + 1]) then
+    local out = {0}
+    for j = 1, n do
+      local r = redis.call('GET', KEYS[j])
+      out[j + 1] = r and tonumber(r) or 0
+    end
+    return out
+  end
+end
+local out = {1}
+local text = {}
+for i = 1, n do
+  local created = redis.call('EXISTS', KEYS[i]) == 0
+  local value = redis.call('INCRBY', KEYS[i], ARGV[3 * i])
+  if created then redis.call('PEXPIRE', KEYS[i], ARGV[3 * i + 2]) end
+  out[i + 1] = value
+  text[i] = tostring(value)
+end
+if ARGV[1] == '1' then
+  redis.call('SET', KEYS[#KEYS], table.concat(text, ','), 'PX', ARGV[2])
+end
+return out
 """
 
 # GCRA: the key holds the "theoretical arrival time" (TAT) as Unix seconds, using the server's
@@ -695,6 +803,7 @@ class RedisCache:
         register = self._client.register_script
         self._incr_with_ttl = register(_INCR_WITH_TTL)
         self._incr_if_below = register(_INCR_IF_BELOW)
+        self._charge = register(_CHARGE)
         self._throttle = register(_THROTTLE)
         self._compare_and_delete = register(_COMPARE_AND_DELETE)
         self._compare_and_set = register(_COMPARE_AND_SET)
@@ -747,6 +856,23 @@ class RedisCache:
         with _unavailable_on_error():
             added, value = await self._incr_if_below(keys=[self.prefix + key], args=args)
         return bool(added), int(value)
+
+    async def charge(
+        self, charges: Sequence[Charge], receipt: str | None = None, receipt_ttl: float = 1.0
+    ) -> ChargeResult:
+        """See `Cache.charge`: one Lua script."""
+        keys = [self.prefix + c.key for c in charges]
+        args: list[str | int] = ["1" if receipt is not None else "0", _millis(receipt_ttl)]
+        for c in charges:
+            args += [c.amount, c.limit, _millis(c.ttl)]
+        if receipt is not None:
+            keys.append(self.prefix + receipt)
+        with _unavailable_on_error():
+            reply = await self._charge(keys=keys, args=args)
+        status, *values = reply
+        if int(status) == 2:
+            return ChargeResult(True, _parse_values(values[0]), replayed=True)
+        return ChargeResult(int(status) == 1, tuple(int(v) for v in values))
 
     async def throttle(
         self, key: str, rate: float, burst: int, cost: int = 1

@@ -29,6 +29,9 @@ class CallState:
     metadata: dict[str, str] = field(default_factory=dict)
     actor: ActorContext | None = None
     idempotency_key: str = ""
+    # Facts a handler adds to the call's own audit entry (e.g. Check's decisions); short
+    # strings, never request bodies or secrets.
+    audit_attributes: dict[str, str] = field(default_factory=dict)
 
     def require_actor(self) -> ActorContext:
         """The authenticated caller; only non-public methods are guaranteed to have one."""

@@ -159,6 +159,23 @@ class SessionConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """The Policy service and the authorizer (docs/policy.md)."""
+
+    max_checks: int = 100  # resources x actions per Check
+    max_filter_candidates: int = 1000  # candidates per Filter
+    max_delegates: int = 8  # principals of a delegation chain in Check, Explain and Filter
+    decision_cache_size: int = 100_000  # decisions kept in-process; 0 turns the cache off
+    decision_cache_ttl: float = 60.0  # seconds a cached decision is reused
+    # Seconds a tenant's active version is trusted in-process without a pub/sub message; a
+    # backstop for lost invalidation messages (activation normally propagates at once).
+    bundle_cache_ttl: float = 30.0
+    # How long a Check's quota receipt (per request_id) is kept: retries within it never
+    # charge twice.
+    receipt_ttl: float = 86_400.0
+
+
+@dataclass(frozen=True)
 class ObservabilityConfig:
     metrics_listen: Address | None = Address("127.0.0.1", 9464)
     log_level: str = "INFO"
@@ -180,6 +197,7 @@ class Config:
     crypto: CryptoConfig = CryptoConfig()
     audit: AuditConfig = AuditConfig()
     session: SessionConfig = SessionConfig()
+    policy: PolicyConfig = PolicyConfig()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -206,6 +224,7 @@ class Config:
             rate_limit=_rate_limit(env),
             audit=_audit(env),
             session=_session(env),
+            policy=_policy(env),
             idempotency=IdempotencyConfig(
                 ttl=env.get(
                     "TRUSTPLANE_IDEMPOTENCY_TTL", "86400", _float_range(60.0, 30 * 86400.0)
@@ -324,6 +343,28 @@ def _audit(env: _Env) -> AuditConfig:
         ),
         retention_days=env.get("TRUSTPLANE_AUDIT_RETENTION_DAYS", "365", _int_range(1, 3650)),
         overflow=env.get("TRUSTPLANE_AUDIT_OVERFLOW", "block", _choice("block", "drop")),
+    )
+
+
+def _policy(env: _Env) -> PolicyConfig:
+    return PolicyConfig(
+        max_checks=env.get("TRUSTPLANE_POLICY_MAX_CHECKS", "100", _int_range(1, 10_000)),
+        max_filter_candidates=env.get(
+            "TRUSTPLANE_POLICY_MAX_FILTER_CANDIDATES", "1000", _int_range(1, 100_000)
+        ),
+        max_delegates=env.get("TRUSTPLANE_POLICY_MAX_DELEGATES", "8", _int_range(0, 64)),
+        decision_cache_size=env.get(
+            "TRUSTPLANE_POLICY_DECISION_CACHE_SIZE", "100000", _int_range(0, 10**7)
+        ),
+        decision_cache_ttl=env.get(
+            "TRUSTPLANE_POLICY_DECISION_CACHE_TTL", "60", _float_range(0.001, 86400.0)
+        ),
+        bundle_cache_ttl=env.get(
+            "TRUSTPLANE_POLICY_BUNDLE_CACHE_TTL", "30", _float_range(0.001, 3600.0)
+        ),
+        receipt_ttl=env.get(
+            "TRUSTPLANE_POLICY_RECEIPT_TTL", "86400", _float_range(60.0, 30 * 86400.0)
+        ),
     )
 
 

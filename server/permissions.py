@@ -3,8 +3,10 @@
 Permissions are named `<resource>.<verb>` (`sessions.create`, `crypto.keys.use`), declared per
 RPC in the contract. A grant is a pattern: an exact permission, `<prefix>.*` (everything under
 a resource), `*.<verb>` (a verb on every resource) or `*`. Token scopes use the same patterns
-and can only narrow what the roles grant. The Policy service later makes this tenant-extendable
-(this table becomes the platform bundle); until then this module is the whole policy.
+and can only narrow what the roles grant. This table is the platform bundle of the policy engine
+(`server.policy.engine.platform_bundle`); the server's authorizer is
+`server.policy.authorizer.PolicyAuthorizer`, where tenant bundles can restrict it further.
+`RolePermissions` remains for wiring without a database (unit tests).
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from server.actor import ActorContext
 
 _READ = ("*.get", "*.list", "*.read", "*.watch", "auth.whoami", "auth.self.*")
 _WRITE = ("*.create", "*.update", "*.write", "*.use", "*.append", "*.check", "*.request")
-_ADMIN = ("*.delete", "*.manage", "*.admin", "*.revoke", "*.rotate", "*.explain", "*.approve")
+_ADMIN = (
+    "*.delete",
+    "*.manage",
+    "*.admin",
+    "*.revoke",
+    "*.rotate",
+    "*.explain",
+    "*.approve",
+    "*.check_others",
+)
 
 ROLE_GRANTS: dict[str, tuple[str, ...]] = {
     "viewer": _READ,

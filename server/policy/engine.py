@@ -48,6 +48,8 @@ from server.policy.model import (
     Outcome,
     PolicyBundle,
     Principal,
+    Quota,
+    QuotaScope,
     Reason,
     Request,
     Resource,
@@ -88,17 +90,19 @@ class CaseResult:
 class CompiledBundle:
     """A validated bundle with its conditions compiled, indexed for `decide`. Immutable."""
 
-    __slots__ = ("_derived", "_policies", "bundle")
+    __slots__ = ("_derived", "_policies", "_quotas", "bundle")
 
     def __init__(
         self,
         bundle: PolicyBundle,
         policies: Mapping[str, tuple[_CompiledRule, ...]],
         derived: Mapping[str, _CompiledDerivedRole],
+        quotas: Sequence[_CompiledQuota] = (),
     ) -> None:
         self.bundle = bundle
         self._policies = dict(policies)
         self._derived = dict(derived)
+        self._quotas = tuple(quotas)
 
     @property
     def content_hash(self) -> str:
@@ -113,6 +117,14 @@ class CompiledBundle:
     @property
     def resource_kinds(self) -> frozenset[str]:
         return frozenset(self._policies)
+
+    def has_policy(self, kind: str) -> bool:
+        """Whether the bundle has a resource policy for `kind`."""
+        return kind in self._policies
+
+    def quota(self, name: str) -> Quota | None:
+        """The quota named `name`, if the bundle defines it."""
+        return next((q.quota for q in self._quotas if q.quota.name == name), None)
 
     def __repr__(self) -> str:
         return f"CompiledBundle(version={self.version!r}, content_hash={self.content_hash!r})"
@@ -169,10 +181,10 @@ def compile_bundle(document: Any) -> CompiledBundle:
     """
     digest = content_hash(document)
     checker = _Checker()
-    bundle, policies, derived = checker.bundle(document, digest)
+    bundle, policies, derived, quotas = checker.bundle(document, digest)
     if checker.violations:
         raise InvalidArgument.fields(*checker.violations, message=_message(checker.violations))
-    compiled = CompiledBundle(bundle, policies, derived)
+    compiled = CompiledBundle(bundle, policies, derived, quotas)
     failures = [
         FieldViolation(f"tests[{result.index}]", result.message)
         for result in run_tests(compiled)
@@ -193,6 +205,44 @@ def decide(bundle: CompiledBundle, request: Request, *, explain: bool = False) -
     """Decide one request. With `explain`, the decision carries the trace of every rule of the
     resource kind's policy; without it no trace is built."""
     return _Evaluation(bundle, request, explain).run()
+
+
+@dataclass(frozen=True)
+class QuotaMatch:
+    """The quotas that apply to a request, in bundle order; `failed` names a quota whose
+    condition could not be evaluated (the decision must then fail closed)."""
+
+    quotas: tuple[Quota, ...] = ()
+    failed: Quota | None = None
+    detail: str = ""
+
+
+def quotas_for(bundle: CompiledBundle, request: Request) -> QuotaMatch:
+    """The quotas of `bundle` that apply to `request`: resource kind and action match and the
+    condition (if any) is true. Rules decide first; the caller applies quotas only to what the
+    rules allow."""
+    candidates = [
+        q
+        for q in bundle._quotas
+        if q.quota.resource == request.resource.kind and q.matches_action(request.action)
+    ]
+    if not candidates:
+        return _NO_QUOTAS
+    evaluation = _Evaluation(bundle, request, explain=False)
+    applying: list[Quota] = []
+    for compiled in candidates:
+        if compiled.condition is None:
+            applying.append(compiled.quota)
+            continue
+        outcome, detail = evaluation._condition(compiled.condition)
+        if outcome is Outcome.ERROR:
+            return QuotaMatch(tuple(applying), compiled.quota, detail)
+        if outcome is Outcome.TRUE:
+            applying.append(compiled.quota)
+    return QuotaMatch(tuple(applying))
+
+
+_NO_QUOTAS: Final = QuotaMatch()
 
 
 def decide_chain(
@@ -246,6 +296,36 @@ class _CompiledDerivedRole:
     role: DerivedRole
     any_parent: bool
     condition: _Condition | None
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledQuota:
+    quota: Quota
+    any_action: bool
+    exact_actions: frozenset[str]
+    prefixes: tuple[str, ...]
+    suffixes: tuple[str, ...]
+    condition: _Condition | None
+
+    def matches_action(self, action: str) -> bool:
+        return (
+            self.any_action
+            or action in self.exact_actions
+            or action.startswith(self.prefixes)
+            or action.endswith(self.suffixes)
+        )
+
+
+def _compile_quota(quota: Quota, condition: _Condition | None) -> _CompiledQuota:
+    patterns = quota.actions
+    return _CompiledQuota(
+        quota=quota,
+        any_action=WILDCARD in patterns,
+        exact_actions=frozenset(p for p in patterns if "*" not in p),
+        prefixes=tuple(p[:-1] for p in patterns if p != WILDCARD and p.endswith(".*")),
+        suffixes=tuple(p[1:] for p in patterns if p != WILDCARD and p.startswith("*.")),
+        condition=condition,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -651,7 +731,15 @@ def _load_yaml(text: str) -> Any:
 # --- validation ------------------------------------------------------------------------------
 
 
-_BUNDLE_KEYS = frozenset({"version", "description", "derived_roles", "resource_policies", "tests"})
+_BUNDLE_KEYS = frozenset(
+    {"version", "description", "derived_roles", "resource_policies", "quotas", "tests"}
+)
+_QUOTA_KEYS = frozenset(
+    {"name", "resource", "actions", "limit", "window_seconds", "per", "condition", "description"}
+)
+_SCOPES = {scope.value: scope for scope in QuotaScope}
+MAX_QUOTA_WINDOW_SECONDS: Final = 366 * 86400
+MAX_QUOTA_LIMIT: Final = 10**15
 _DERIVED_KEYS = frozenset({"parent_roles", "condition", "description"})
 _POLICY_KEYS = frozenset({"resource", "rules", "description"})
 _RULE_KEYS = frozenset(
@@ -790,7 +878,12 @@ class _Checker:
 
     def bundle(
         self, document: object, digest: str
-    ) -> tuple[PolicyBundle, dict[str, tuple[_CompiledRule, ...]], dict[str, _CompiledDerivedRole]]:
+    ) -> tuple[
+        PolicyBundle,
+        dict[str, tuple[_CompiledRule, ...]],
+        dict[str, _CompiledDerivedRole],
+        tuple[_CompiledQuota, ...],
+    ]:
         doc = self.mapping(document, "", _BUNDLE_KEYS) or {}
         version = self.optional_string(doc, "version", "") or ""
         self.optional_string(doc, "description", "")
@@ -813,6 +906,7 @@ class _Checker:
                 continue
             policies.append(policy)
             compiled[policy.resource] = rules
+        quotas = self.quotas(doc.get("quotas", []), "quotas")
         tests = self.tests(doc.get("tests", []), "tests")
         bundle = PolicyBundle(
             version=version,
@@ -820,8 +914,71 @@ class _Checker:
             derived_roles={name: d.role for name, d in derived.items()},
             resource_policies=tuple(policies),
             tests=tests,
+            quotas=tuple(q.quota for q in quotas),
         )
-        return bundle, compiled, derived
+        return bundle, compiled, derived, quotas
+
+    # quotas
+
+    def quotas(self, value: object, path: str) -> tuple[_CompiledQuota, ...]:
+        if not isinstance(value, list):
+            self.fail(path, f"must be a list of quotas, got {_type_name(value)}")
+            return ()
+        out: list[_CompiledQuota] = []
+        names: set[str] = set()
+        for i, raw in enumerate(value):
+            here = f"{path}[{i}]"
+            quota = self.quota(raw, here)
+            if quota is None:
+                continue
+            if quota.quota.name in names:
+                self.fail(_at(here, "name"), f"duplicate quota name {quota.quota.name!r}")
+            names.add(quota.quota.name)
+            out.append(quota)
+        return tuple(out)
+
+    def quota(self, value: object, path: str) -> _CompiledQuota | None:
+        required = ("name", "resource", "actions", "limit", "window_seconds", "per")
+        doc = self.mapping(value, path, _QUOTA_KEYS, required)
+        if doc is None:
+            return None
+        self.optional_string(doc, "description", path)
+        name = self.string(doc["name"], _at(path, "name"), name=True) if "name" in doc else None
+        kind = (
+            self.string(doc["resource"], _at(path, "resource"), name=True)
+            if "resource" in doc
+            else None
+        )
+        actions = self.actions(doc["actions"], _at(path, "actions")) if "actions" in doc else None
+        limit = self.integer(doc, "limit", path, 1, MAX_QUOTA_LIMIT)
+        window = self.integer(doc, "window_seconds", path, 1, MAX_QUOTA_WINDOW_SECONDS)
+        per = _SCOPES.get(doc["per"]) if isinstance(doc.get("per"), str) else None
+        if per is None and "per" in doc:
+            self.fail(_at(path, "per"), f"must be one of {', '.join(_SCOPES)}")
+        condition = None
+        if "condition" in doc:
+            condition = self.condition(doc["condition"], _at(path, "condition"))
+            if condition is None:
+                return None
+        if None in (name, kind, actions, limit, window, per):
+            return None
+        assert name and kind and actions and limit and window and per
+        quota = Quota(
+            name, kind, actions, limit, window, per, condition.source if condition else None
+        )
+        return _compile_quota(quota, condition)
+
+    def integer(self, doc: dict[str, Any], key: str, path: str, low: int, high: int) -> int | None:
+        if key not in doc:
+            return None
+        value = doc[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(_at(path, key), "must be an integer")
+            return None
+        if not low <= value <= high:
+            self.fail(_at(path, key), f"must be in {low}..{high}")
+            return None
+        return value
 
     def derived_roles(self, value: object, path: str) -> dict[str, _CompiledDerivedRole]:
         out: dict[str, _CompiledDerivedRole] = {}

@@ -46,6 +46,24 @@ class Reason(enum.Enum):
     CONDITION_ERROR = "CONDITION_ERROR"
     """Fail closed: a condition (of a rule or of a derived role it needed) could not be
     evaluated (a missing attribute, a type error, a non-boolean result)."""
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
+    """The rules allowed it but a quota that applies is spent (set by the Policy service)."""
+    APPROVED = "APPROVED"
+    """REQUIRE_APPROVAL, turned into ALLOW once by a redeemed approval token."""
+    APPROVAL_INVALID = "APPROVAL_INVALID"
+    """An approval token was presented and refused (unknown, used, expired, another call)."""
+    APPROVAL_UNAVAILABLE = "APPROVAL_UNAVAILABLE"
+    """An approval token was presented but no approval service is configured: fail closed."""
+
+    @property
+    def from_rules(self) -> bool:
+        """Whether the engine gives this reason (the others come from quotas and approvals)."""
+        return self not in _SERVICE_REASONS
+
+
+_SERVICE_REASONS = frozenset(
+    {Reason.QUOTA_EXCEEDED, Reason.APPROVED, Reason.APPROVAL_INVALID, Reason.APPROVAL_UNAVAILABLE}
+)
 
 
 class Outcome(enum.Enum):
@@ -66,6 +84,17 @@ class StepKind(enum.Enum):
     DERIVED_ROLE = "DERIVED_ROLE"
     RULE = "RULE"
     RESULT = "RESULT"
+
+
+class QuotaScope(enum.Enum):
+    """What a quota counts per."""
+
+    TENANT = "tenant"
+    PRINCIPAL = "principal"
+    AGENT = "agent"
+    """The acting agent: the current actor of a delegation chain, else the principal."""
+    SESSION = "session"
+    """The agent session; calls outside any session share one counter."""
 
 
 # --- the bundle ------------------------------------------------------------------------------
@@ -109,6 +138,21 @@ class ResourcePolicy:
 
 
 @dataclass(frozen=True)
+class Quota:
+    """ "At most `limit` units of `actions` on `resource` per `window_seconds` per `per`",
+    applied to decisions the rules allow and, when set, for which `condition` holds. Windows
+    are fixed, aligned to the Unix epoch."""
+
+    name: str
+    resource: str
+    actions: tuple[str, ...]
+    limit: int
+    window_seconds: int
+    per: QuotaScope
+    condition: str | None = None
+
+
+@dataclass(frozen=True)
 class Expectation:
     effect: Effect
     reason: Reason | None = None
@@ -135,6 +179,7 @@ class PolicyBundle:
     derived_roles: Mapping[str, DerivedRole] = field(default_factory=dict, hash=False)
     resource_policies: tuple[ResourcePolicy, ...] = ()
     tests: tuple[BundleTest, ...] = ()
+    quotas: tuple[Quota, ...] = ()
 
 
 # --- a decision request ----------------------------------------------------------------------
@@ -220,3 +265,23 @@ class Decision:
     @property
     def allowed(self) -> bool:
         return self.effect is Effect.ALLOW
+
+
+# --- stored versions -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredBundle:
+    """One immutable version of a tenant's bundle as stored: `version_id` is the content hash;
+    `source` is the document as put ("" in listings)."""
+
+    version_id: str
+    label: str
+    format: str
+    resource_kinds: tuple[str, ...]
+    quotas: tuple[str, ...]
+    test_count: int
+    create_principal: str
+    create_time: float
+    source: str = ""
+    active: bool = False

@@ -17,6 +17,8 @@ import redis.asyncio
 from server.cache import (
     Cache,
     CacheUnavailable,
+    Charge,
+    ChargeResult,
     MemoryCache,
     RedisCache,
     Subscription,
@@ -460,3 +462,57 @@ async def test_unreachable_redis_raises_cache_unavailable_without_the_url() -> N
                 pass
     finally:
         await cache.close()
+
+
+# --- charge (quotas) --------------------------------------------------------------------------
+
+
+async def test_charge_adds_to_every_counter_or_to_none(cache: Cache) -> None:
+    both = [Charge("a", 2, 5, 10), Charge("b", 1, 2, 10)]
+    assert await cache.charge(both) == ChargeResult(True, (2, 1))
+    assert await cache.charge(both) == ChargeResult(True, (4, 2))
+    # "b" would exceed its limit: "a" is not charged either.
+    assert await cache.charge(both) == ChargeResult(False, (4, 2))
+    assert (await cache.get("a"), await cache.get("b")) == (b"4", b"2")
+    assert await cache.charge([Charge("a", 1, 5, 10)]) == ChargeResult(True, (5,))
+
+
+async def test_charge_refusal_creates_nothing_and_sets_ttl_on_creation(cache: Cache) -> None:
+    assert await cache.charge([Charge("q", 3, 2, 10)]) == ChargeResult(False, (0,))
+    assert await cache.get("q") is None
+    assert await cache.charge([Charge("q", 1, 2, 10)]) == ChargeResult(True, (1,))
+    assert await cache.charge([Charge("q", 1, 2, 100)]) == ChargeResult(True, (2,))
+    remaining = await cache.ttl("q")
+    assert remaining is not None and 9.0 < remaining <= 10.0
+
+
+async def test_charge_with_a_receipt_charges_once(cache: Cache) -> None:
+    charge = [Charge("q", 1, 10, 10)]
+    first = await cache.charge(charge, receipt="r1", receipt_ttl=10)
+    assert first == ChargeResult(True, (1,))
+    assert await cache.charge(charge, receipt="r1", receipt_ttl=10) == ChargeResult(
+        True, (1,), replayed=True
+    )
+    assert await cache.get("q") == b"1"
+    assert await cache.charge(charge, receipt="r2", receipt_ttl=10) == ChargeResult(True, (2,))
+    # A refused charge leaves no receipt: the retry is decided again.
+    assert not (await cache.charge([Charge("full", 5, 1, 10)], receipt="r3")).charged
+    assert await cache.get("r3") is None
+
+
+async def test_charge_receipt_expires(cache: Cache, backend: Backend) -> None:
+    await cache.charge([Charge("q", 1, 10, 10)], receipt="r", receipt_ttl=0.2)
+    await backend.elapse(0.3)
+    assert await cache.charge([Charge("q", 1, 10, 10)], receipt="r") == ChargeResult(True, (2,))
+
+
+async def test_charge_never_exceeds_a_limit_under_concurrency(cache: Cache) -> None:
+    results = await asyncio.gather(
+        *(
+            cache.charge([Charge("tenant", 1, 10, 30), Charge(f"user{i % 2}", 1, 100, 30)])
+            for i in range(50)
+        )
+    )
+    assert sum(r.charged for r in results) == 10
+    assert sorted(r.values[0] for r in results if r.charged) == list(range(1, 11))
+    assert await cache.get("tenant") == b"10"

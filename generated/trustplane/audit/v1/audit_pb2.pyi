@@ -171,7 +171,10 @@ class AuditEntry(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """For events: the runtime's free-form attributes."""
+        """For events: the runtime's free-form attributes. For calls: facts the handler recorded, e.g.
+        PolicyService/Check's decisions (`decision.<n>`: id, effect, reason, rule, version, resource,
+        action).
+        """
 
     def __init__(
         self,

@@ -170,6 +170,25 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The agent session named for delegation does not exist in the tenant, belongs to another
     agent, or has ended.
     """
+    ERROR_REASON_POLICY_BUNDLE_INVALID: _ErrorReason.ValueType  # 800
+    """--- policy (800-899) ---
+
+    The policy bundle does not parse, breaks the schema, has a CEL condition that does not
+    compile, or fails one of its own embedded tests; `BadRequest` lists the offending fields.
+    The active bundle is unchanged and keeps serving.
+    """
+    ERROR_REASON_POLICY_NO_PREVIOUS_VERSION: _ErrorReason.ValueType  # 801
+    """Rollback was asked for but no earlier activation exists to return to."""
+    ERROR_REASON_POLICY_REQUEST_TOO_LARGE: _ErrorReason.ValueType  # 802
+    """A Check, Filter or Explain names more resources, actions or candidates than allowed
+    (TRUSTPLANE_POLICY_MAX_CHECKS, TRUSTPLANE_POLICY_MAX_FILTER_CANDIDATES).
+    """
+    ERROR_REASON_POLICY_CHECK_OTHERS_DENIED: _ErrorReason.ValueType  # 803
+    """The caller asked about another principal (or a delegation chain) without holding
+    `policy.decisions.check_others`.
+    """
+    ERROR_REASON_POLICY_QUOTA_NOT_FOUND: _ErrorReason.ValueType  # 804
+    """The quota named is not defined by the tenant's active policy bundle."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. The server sends it as
@@ -327,4 +346,23 @@ ERROR_REASON_AGENT_SESSION_INVALID: ErrorReason.ValueType  # 711
 """The agent session named for delegation does not exist in the tenant, belongs to another
 agent, or has ended.
 """
+ERROR_REASON_POLICY_BUNDLE_INVALID: ErrorReason.ValueType  # 800
+"""--- policy (800-899) ---
+
+The policy bundle does not parse, breaks the schema, has a CEL condition that does not
+compile, or fails one of its own embedded tests; `BadRequest` lists the offending fields.
+The active bundle is unchanged and keeps serving.
+"""
+ERROR_REASON_POLICY_NO_PREVIOUS_VERSION: ErrorReason.ValueType  # 801
+"""Rollback was asked for but no earlier activation exists to return to."""
+ERROR_REASON_POLICY_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 802
+"""A Check, Filter or Explain names more resources, actions or candidates than allowed
+(TRUSTPLANE_POLICY_MAX_CHECKS, TRUSTPLANE_POLICY_MAX_FILTER_CANDIDATES).
+"""
+ERROR_REASON_POLICY_CHECK_OTHERS_DENIED: ErrorReason.ValueType  # 803
+"""The caller asked about another principal (or a delegation chain) without holding
+`policy.decisions.check_others`.
+"""
+ERROR_REASON_POLICY_QUOTA_NOT_FOUND: ErrorReason.ValueType  # 804
+"""The quota named is not defined by the tenant's active policy bundle."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1,0 +1,131 @@
+"""The authorize layer's `Authorizer`, decided by the policy engine.
+
+Each RPC's declared permission is an action on the resource kind `trustplane.method`
+(resource id = the permission). The decision has three parts, all of which must allow:
+
+1. the platform bundle (`engine.platform_bundle()`, built from `server.permissions`'
+   ROLE_GRANTS) over the caller's roles;
+2. the credential's scopes, which only narrow (as before the policy engine existed);
+3. the tenant's active bundle, which can only restrict: when it has a `trustplane.method`
+   policy, a DENY rule that matches, a condition that fails to evaluate (fail closed) or a
+   REQUIRE_APPROVAL (suite methods cannot wait for approvals) for the subject or any principal
+   of its delegation chain denies; its ALLOW rules and its default deny change nothing, so a
+   tenant can never grant more than the platform does.
+
+`policy.bundles.*` is exempt from part 3, so a tenant whose bundle locks everyone out of
+something can always repair the bundle. Decisions are cached per (version, inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from server.actor import ActorContext
+from server.permissions import Decision, any_matches
+from server.policy import engine
+from server.policy.active import ActiveBundles
+from server.policy.engine import CompiledBundle
+from server.policy.model import Decision as PolicyDecision
+from server.policy.model import Effect, Principal, Reason, Request, Resource
+
+METHOD_KIND = "trustplane.method"
+REPAIR_PERMISSIONS = ("policy.bundles.",)
+"""Permissions a tenant bundle cannot restrict (see the module docstring)."""
+
+_ALLOWED = Decision(True)
+_NO_ROLE = Decision(False, "no role of the caller grants it")
+_NO_SCOPE = Decision(False, "the credential's scopes do not include it")
+
+
+class PolicyAuthorizer:
+    """`interceptors.authorize.Authorizer` through the policy engine."""
+
+    def __init__(self, bundles: ActiveBundles) -> None:
+        self._bundles = bundles
+        self._platform = engine.platform_bundle()
+        self._platform_decisions: dict[tuple[frozenset[str], str], bool] = {}
+
+    async def decide(self, actor: ActorContext, permission: str) -> Decision:
+        if not self._platform_allows(actor.roles, permission):
+            return _NO_ROLE
+        if actor.scopes is not None and not any_matches(actor.scopes, permission):
+            return _NO_SCOPE
+        if permission.startswith(REPAIR_PERMISSIONS):
+            return _ALLOWED
+        bundle = await self._bundles.get(actor.tenant_id)
+        if bundle is None or not bundle.has_policy(METHOD_KIND):
+            return _ALLOWED
+        restriction = self._tenant_restriction(bundle, actor, permission)
+        if restriction is None:
+            return _ALLOWED
+        rule = f" (rule {restriction.rule})" if restriction.rule else ""
+        return Decision(False, f"the tenant's policy {_verb(restriction)} it{rule}")
+
+    def _platform_allows(self, roles: frozenset[str], permission: str) -> bool:
+        key = (roles, permission)
+        allowed = self._platform_decisions.get(key)
+        if allowed is None:
+            request = Request(Principal("", roles), Resource(METHOD_KIND, permission), permission)
+            allowed = engine.decide(self._platform, request).allowed
+            if len(self._platform_decisions) > 65_536:
+                self._platform_decisions.clear()
+            self._platform_decisions[key] = allowed
+        return allowed
+
+    def _tenant_restriction(
+        self, bundle: CompiledBundle, actor: ActorContext, permission: str
+    ) -> PolicyDecision | None:
+        """The first restricting decision over the subject and its delegation chain."""
+        for principal in method_principals(actor):
+            decision = self._decide(bundle, principal, permission)
+            if restricts(decision):
+                return decision
+        return None
+
+    def _decide(
+        self, bundle: CompiledBundle, principal: Principal, permission: str
+    ) -> PolicyDecision:
+        cache = self._bundles.decisions
+        key: Hashable = (
+            "method",
+            bundle.content_hash,
+            principal.id,
+            principal.roles,
+            principal.type,
+            principal.tenant,
+            principal.chain,
+            permission,
+        )
+        decision = cache.get(key)
+        if decision is None:
+            request = Request(principal, Resource(METHOD_KIND, permission), permission)
+            decision = engine.decide(bundle, request)
+            cache.put(key, decision)
+        return decision
+
+
+def restricts(decision: PolicyDecision) -> bool:
+    """Whether a tenant's decision on a suite method takes something away."""
+    return decision.effect is not Effect.ALLOW and decision.reason is not Reason.NO_MATCHING_RULE
+
+
+def method_principals(actor: ActorContext) -> tuple[Principal, ...]:
+    """The subject (with its roles) and each delegate of its chain (type only: a token does
+    not carry a delegate's roles)."""
+    chain = tuple(link.subject for link in actor.act)
+    subject = Principal(
+        actor.subject, actor.roles, {}, actor.tenant_id, actor.subject_type.value, chain
+    )
+    delegates = tuple(
+        Principal(link.subject, frozenset(), {}, actor.tenant_id, link.subject_type.value)
+        for link in actor.act
+    )
+    return (subject, *delegates)
+
+
+def _verb(decision: PolicyDecision) -> str:
+    if decision.reason is Reason.CONDITION_ERROR:
+        return "could not evaluate a condition for"
+    if decision.effect is Effect.REQUIRE_APPROVAL:
+        return "requires an approval (not available for trustplane methods) for"
+    return "denies"
