@@ -48,6 +48,19 @@ async def translated() -> AsyncIterator[None]:
         raise DatabaseUnavailable() from None
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a connection to the pool without asyncpg's reset query.
+
+    The default reset sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`
+    on every release: one more round trip per acquire. Measured here (32 tasks, one core):
+    acquire + fetchrow + release costs 318 µs of client CPU with it and 168 µs without.
+    Nothing in trustplane leaves session state behind: no LISTEN, no session-level SET, no
+    cursor outside a transaction, only transaction-scoped advisory locks (`…_xact_lock`) but
+    the migration lock, which `migrate` releases itself. asyncpg still rolls back a
+    transaction left open before it calls this.
+    """
+
+
 class Database:
     """A pool with helpers; `async with Database.connect(...)` closes it on exit."""
 
@@ -67,6 +80,7 @@ class Database:
                     max_size=config.pool_max,
                     command_timeout=config.statement_timeout,
                     server_settings={"application_name": "trustplane"},
+                    reset=_keep_session,
                 )
                 return cls(pool, config)
             except UNAVAILABLE_ERRORS as exc:
