@@ -11,8 +11,12 @@ In the cache, one entry per scope holds either a *lease* (the first call is runn
 swaps it for its outcome (compare-and-set) — an OK response or a deterministic error
 (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, OUT_OF_RANGE) — kept for
 TRUSTPLANE_IDEMPOTENCY_TTL (24 h). Any other outcome releases the lease so a retry runs for
-real. A duplicate that finds an outcome replays it, with `idempotency-replayed: true` in the
-response's initial metadata; one that finds a lease waits (bounded by its deadline and
+real. A response carrying a one-time secret (a field marked `(trustplane.common.v1.secret)`:
+API keys, invitation tokens, TOTP secrets, recovery codes) is never stored: its outcome is kept
+as FAILED_PRECONDITION / SECRET_ALREADY_SHOWN, so the secret never sits in the cache and a
+retry learns that the first call succeeded without seeing the secret twice. A duplicate that
+finds an outcome replays it, with `idempotency-replayed: true` in the response's initial
+metadata; one that finds a lease waits (bounded by its deadline and
 TRUSTPLANE_IDEMPOTENCY_WAIT) for the outcome, else fails ABORTED IDEMPOTENCY_KEY_IN_USE with
 RetryInfo; one whose fingerprint differs fails FAILED_PRECONDITION IDEMPOTENCY_KEY_REUSED. A
 lease whose process died expires after TRUSTPLANE_IDEMPOTENCY_LEASE.
@@ -55,6 +59,7 @@ from server.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    SecretAlreadyShown,
     StoredError,
     TrustplaneError,
 )
@@ -153,7 +158,7 @@ class IdempotencyLayer:
             _log.warning("idempotency cache unavailable; running without deduplication")
             return await call(request, context)
         if existing is None:
-            return await self._execute(scope, lease, request, context, call)
+            return await self._execute(method, scope, lease, request, context, call)
         return await self._replay(method, existing, context)
 
     async def _claim_or_wait(self, scope: str, lease: Record, context: Context) -> Record | None:
@@ -184,7 +189,13 @@ class IdempotencyLayer:
             pause = min(pause * 2, 0.1)
 
     async def _execute(
-        self, scope: str, lease: Record, request: Any, context: Context, call: Call
+        self,
+        method: MethodSpec,
+        scope: str,
+        lease: Record,
+        request: Any,
+        context: Context,
+        call: Call,
     ) -> Any:
         try:
             response = await call(request, context)
@@ -198,7 +209,16 @@ class IdempotencyLayer:
         except BaseException:
             await self._release(scope, lease)
             raise
-        await self._finish(scope, lease, 0, response.SerializeToString())
+        if method.secret_response:
+            # A one-time secret is never kept, not even in the cache: the outcome recorded is
+            # "this succeeded; its secret was shown", which a retry gets instead of the secret.
+            shown = SecretAlreadyShown(
+                metadata={"request_id": call_state.current().idempotency_key}
+            )
+            marker = shown.to_proto().SerializeToString()
+            await self._finish(scope, lease, grpc.StatusCode.FAILED_PRECONDITION.value[0], marker)
+        else:
+            await self._finish(scope, lease, 0, response.SerializeToString())
         return response
 
     async def _finish(self, scope: str, lease: Record, code: int, body: bytes) -> None:

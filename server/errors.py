@@ -229,3 +229,17 @@ class StoredError(TrustplaneError):
 
 
 _CODES_BY_NUMBER: dict[int, grpc.StatusCode] = {n: c for c, n in _CODE_NUMBERS.items()}
+
+
+class SecretAlreadyShown(FailedPrecondition):
+    """A retry of a call that succeeded and whose response held a one-time secret (a field
+    marked `(trustplane.common.v1.secret)`): the secret is never shown twice, so the retry gets
+    this instead. Raised by the idempotency layer from its marker, and by the resource's own
+    `request_id` path in PostgreSQL when the marker is gone (docs/idempotency.md)."""
+
+    reason = error_reason_pb2.ERROR_REASON_SECRET_ALREADY_SHOWN
+    default_message = (
+        "a call with this request id already succeeded; its response held a secret that is "
+        "shown only once, so it is not repeated. If that response was lost, revoke what it "
+        "created and call again with a new request id"
+    )

@@ -1,8 +1,9 @@
 """Method specs: what the contract declares about each RPC, read from descriptors at start-up.
 
 The `(trustplane.common.v1.method)` option carries a method's permission, whether it is public,
-its idempotency mode and its audit class. Interceptors read `MethodSpec`s, never lists of
-method-name strings, so the contract stays the single source of truth.
+its idempotency mode and its audit class; `(trustplane.common.v1.secret)` on a response field
+marks a one-time secret the idempotency layer must never keep. Interceptors read `MethodSpec`s,
+never lists of method-name strings, so the contract stays the single source of truth.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class MethodSpec:
     response_type: type[message.Message] | None = None
     # The request carries `string request_id` (AIP-155).
     has_request_id: bool = False
+    # The response has a field marked `(trustplane.common.v1.secret)`, at any depth: a
+    # one-time secret that must never be kept for replay.
+    secret_response: bool = False
 
     @property
     def unary(self) -> bool:
@@ -84,7 +88,25 @@ def spec_from_descriptor(method: descriptor.MethodDescriptor) -> MethodSpec:
         request_type=message_factory.GetMessageClass(method.input_type),
         response_type=message_factory.GetMessageClass(method.output_type),
         has_request_id=_has_request_id(method.input_type),
+        secret_response=carries_secret(method.output_type),
     )
+
+
+def carries_secret(message_type: descriptor.Descriptor) -> bool:
+    """Whether a message has a field marked `(trustplane.common.v1.secret)`, at any depth."""
+    seen: set[str] = set()
+    pending = [message_type]
+    while pending:
+        current = pending.pop()
+        if current.full_name in seen:
+            continue
+        seen.add(current.full_name)
+        for field in current.fields:
+            if field.GetOptions().Extensions[options_pb2.secret]:
+                return True
+            if field.message_type is not None:
+                pending.append(field.message_type)
+    return False
 
 
 def _has_request_id(message_type: descriptor.Descriptor) -> bool:

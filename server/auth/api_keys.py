@@ -28,7 +28,7 @@ from server.actor import ActorContext, AuthMethod
 from server.auth.model import SYSTEM_TENANT, ApiKeyRecord, Principal
 from server.auth.store import PgAuthStore
 from server.crypto.model import Algorithm, Key, Purpose
-from server.errors import FieldViolation, InvalidArgument
+from server.errors import FieldViolation, InvalidArgument, SecretAlreadyShown
 from server.permissions import ROLE_GRANTS, matches
 from server.tokens import ApiKeyInvalid
 
@@ -133,12 +133,8 @@ class ApiKeys:
             None,
         )
         stored = await self._store.insert_api_key(record, request_id)
-        if stored is None:
-            raise InvalidArgument.fields(
-                FieldViolation(
-                    "request_id", "already used: that key was shown once and cannot be shown again"
-                )
-            )
+        if stored is None:  # this request id created a key before: never show a secret twice
+            raise SecretAlreadyShown(metadata={"request_id": request_id})
         return format_key(self._env, key_id, secret), stored
 
     async def _cap(self, tenant_id: str) -> float:

@@ -57,6 +57,7 @@ from server.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    SecretAlreadyShown,
     Unauthenticated,
 )
 from server.page_token import PageTokens, page_size
@@ -560,10 +561,8 @@ class Authenticator:
             expires,
             request_id,
         )
-        if created is None:
-            raise InvalidArgument.fields(
-                FieldViolation("request_id", "already used: that invitation's token was shown once")
-            )
+        if created is None:  # this request id invited before: never show a token twice
+            raise SecretAlreadyShown(metadata={"request_id": request_id})
         return created, token, expires
 
     async def revoke_invitation(self, actor: ActorContext, invitation_id: str) -> None:

@@ -1225,7 +1225,7 @@ class EnrollMfaResponse(_message.Message):
     secret: _builtins.str
     """The TOTP secret (base32), shown once."""
     otpauth_uri: _builtins.str
-    """otpauth://totp/… for authenticator apps (QR code)."""
+    """otpauth://totp/… for authenticator apps (QR code); it contains the secret."""
     def __init__(
         self,
         *,

@@ -338,7 +338,8 @@ class AuthServiceServicer:
         once and stored only as an HMAC. Scopes must be within what the principal's roles grant;
         an expiry is mandatory (at most 90 days).
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (scopes, expire_time), NOT_FOUND / NOT_FOUND
-        (principal), PERMISSION_DENIED / PERMISSION_DENIED (not yours).
+        (principal), PERMISSION_DENIED / PERMISSION_DENIED (not yours), FAILED_PRECONDITION /
+        SECRET_ALREADY_SHOWN (a retry of a call that succeeded: the key is never shown twice).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -412,7 +413,8 @@ class AuthServiceServicer:
         """Invites an email into the caller's tenant with a role (at most the inviter's own). The
         invitation token is returned once; it is single use and expires (default 7 days).
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (email, role), PERMISSION_DENIED /
-        PERMISSION_DENIED (a role above the inviter's).
+        PERMISSION_DENIED (a role above the inviter's), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN
+        (a retry of a call that succeeded: the token is never shown twice).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -439,7 +441,8 @@ class AuthServiceServicer:
         """Rotates an API key with overlap: a new key (same principal, scopes and lifetime, shown
         once) and the old one keeps working for `overlap_seconds` (default 1 day, at most 7 days).
         Errors: NOT_FOUND / NOT_FOUND (unknown, revoked or expired key), INVALID_ARGUMENT /
-        INVALID_ARGUMENT (overlap).
+        INVALID_ARGUMENT (overlap), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN (a retry of a call
+        that succeeded: the new key is never shown twice).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

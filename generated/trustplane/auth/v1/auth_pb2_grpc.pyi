@@ -104,7 +104,8 @@ class AuthServiceStub:
     once and stored only as an HMAC. Scopes must be within what the principal's roles grant;
     an expiry is mandatory (at most 90 days).
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (scopes, expire_time), NOT_FOUND / NOT_FOUND
-    (principal), PERMISSION_DENIED / PERMISSION_DENIED (not yours).
+    (principal), PERMISSION_DENIED / PERMISSION_DENIED (not yours), FAILED_PRECONDITION /
+    SECRET_ALREADY_SHOWN (a retry of a call that succeeded: the key is never shown twice).
     """
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListApiKeysRequest, _auth_pb2.ListApiKeysResponse]
     """Lists API keys (metadata only) of the caller or of one of its agents."""
@@ -145,7 +146,8 @@ class AuthServiceStub:
     """Invites an email into the caller's tenant with a role (at most the inviter's own). The
     invitation token is returned once; it is single use and expires (default 7 days).
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (email, role), PERMISSION_DENIED /
-    PERMISSION_DENIED (a role above the inviter's).
+    PERMISSION_DENIED (a role above the inviter's), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN
+    (a retry of a call that succeeded: the token is never shown twice).
     """
     RevokeInvitation: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeInvitationRequest, _auth_pb2.RevokeInvitationResponse]
     """Revokes a pending invitation. Errors: NOT_FOUND / NOT_FOUND."""
@@ -159,7 +161,8 @@ class AuthServiceStub:
     """Rotates an API key with overlap: a new key (same principal, scopes and lifetime, shown
     once) and the old one keeps working for `overlap_seconds` (default 1 day, at most 7 days).
     Errors: NOT_FOUND / NOT_FOUND (unknown, revoked or expired key), INVALID_ARGUMENT /
-    INVALID_ARGUMENT (overlap).
+    INVALID_ARGUMENT (overlap), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN (a retry of a call
+    that succeeded: the new key is never shown twice).
     """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeApiKeyRequest, _auth_pb2.RevokeApiKeyResponse]
     """Revokes an API key at once. Errors: NOT_FOUND / NOT_FOUND."""
@@ -238,7 +241,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     once and stored only as an HMAC. Scopes must be within what the principal's roles grant;
     an expiry is mandatory (at most 90 days).
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (scopes, expire_time), NOT_FOUND / NOT_FOUND
-    (principal), PERMISSION_DENIED / PERMISSION_DENIED (not yours).
+    (principal), PERMISSION_DENIED / PERMISSION_DENIED (not yours), FAILED_PRECONDITION /
+    SECRET_ALREADY_SHOWN (a retry of a call that succeeded: the key is never shown twice).
     """
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListApiKeysRequest, _auth_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     """Lists API keys (metadata only) of the caller or of one of its agents."""
@@ -279,7 +283,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Invites an email into the caller's tenant with a role (at most the inviter's own). The
     invitation token is returned once; it is single use and expires (default 7 days).
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (email, role), PERMISSION_DENIED /
-    PERMISSION_DENIED (a role above the inviter's).
+    PERMISSION_DENIED (a role above the inviter's), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN
+    (a retry of a call that succeeded: the token is never shown twice).
     """
     RevokeInvitation: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeInvitationRequest, _auth_pb2.RevokeInvitationResponse]  # type: ignore[assignment]
     """Revokes a pending invitation. Errors: NOT_FOUND / NOT_FOUND."""
@@ -293,7 +298,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Rotates an API key with overlap: a new key (same principal, scopes and lifetime, shown
     once) and the old one keeps working for `overlap_seconds` (default 1 day, at most 7 days).
     Errors: NOT_FOUND / NOT_FOUND (unknown, revoked or expired key), INVALID_ARGUMENT /
-    INVALID_ARGUMENT (overlap).
+    INVALID_ARGUMENT (overlap), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN (a retry of a call
+    that succeeded: the new key is never shown twice).
     """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeApiKeyRequest, _auth_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """Revokes an API key at once. Errors: NOT_FOUND / NOT_FOUND."""
@@ -477,7 +483,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         once and stored only as an HMAC. Scopes must be within what the principal's roles grant;
         an expiry is mandatory (at most 90 days).
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (scopes, expire_time), NOT_FOUND / NOT_FOUND
-        (principal), PERMISSION_DENIED / PERMISSION_DENIED (not yours).
+        (principal), PERMISSION_DENIED / PERMISSION_DENIED (not yours), FAILED_PRECONDITION /
+        SECRET_ALREADY_SHOWN (a retry of a call that succeeded: the key is never shown twice).
         """
 
     @_abc_1.abstractmethod
@@ -566,7 +573,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Invites an email into the caller's tenant with a role (at most the inviter's own). The
         invitation token is returned once; it is single use and expires (default 7 days).
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (email, role), PERMISSION_DENIED /
-        PERMISSION_DENIED (a role above the inviter's).
+        PERMISSION_DENIED (a role above the inviter's), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN
+        (a retry of a call that succeeded: the token is never shown twice).
         """
 
     @_abc_1.abstractmethod
@@ -598,7 +606,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Rotates an API key with overlap: a new key (same principal, scopes and lifetime, shown
         once) and the old one keeps working for `overlap_seconds` (default 1 day, at most 7 days).
         Errors: NOT_FOUND / NOT_FOUND (unknown, revoked or expired key), INVALID_ARGUMENT /
-        INVALID_ARGUMENT (overlap).
+        INVALID_ARGUMENT (overlap), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN (a retry of a call
+        that succeeded: the new key is never shown twice).
         """
 
     @_abc_1.abstractmethod

@@ -128,6 +128,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The TOTP or recovery code is wrong, expired, or already used."""
     ERROR_REASON_INVITATION_INVALID: _ErrorReason.ValueType  # 507
     """The invitation token is unknown, expired, already used or revoked."""
+    ERROR_REASON_SECRET_ALREADY_SHOWN: _ErrorReason.ValueType  # 520
+    """The first call with this request id succeeded, but its response carried a secret that is
+    shown only once (an API key, an invitation token, a TOTP secret, recovery codes), so it is
+    not replayed and nothing was created again. If that response was lost, revoke what it
+    created and call again with a new request id.
+    """
     ERROR_REASON_AUDIT_UNAVAILABLE: _ErrorReason.ValueType  # 600
     """--- audit (600-699) ---
 
@@ -304,6 +310,12 @@ ERROR_REASON_MFA_CODE_INVALID: ErrorReason.ValueType  # 506
 """The TOTP or recovery code is wrong, expired, or already used."""
 ERROR_REASON_INVITATION_INVALID: ErrorReason.ValueType  # 507
 """The invitation token is unknown, expired, already used or revoked."""
+ERROR_REASON_SECRET_ALREADY_SHOWN: ErrorReason.ValueType  # 520
+"""The first call with this request id succeeded, but its response carried a secret that is
+shown only once (an API key, an invitation token, a TOTP secret, recovery codes), so it is
+not replayed and nothing was created again. If that response was lost, revoke what it
+created and call again with a new request id.
+"""
 ERROR_REASON_AUDIT_UNAVAILABLE: ErrorReason.ValueType  # 600
 """--- audit (600-699) ---
 

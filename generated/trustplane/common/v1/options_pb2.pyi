@@ -108,5 +108,12 @@ class MethodPolicy(_message.Message):
 Global___MethodPolicy: _TypeAlias = MethodPolicy  # noqa: Y015
 
 METHOD_FIELD_NUMBER: _builtins.int
+SECRET_FIELD_NUMBER: _builtins.int
 method: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___MethodPolicy]
 """The method's declared policy. Extension number from the range for organisation-internal use."""
+secret: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.bool]
+"""The field carries a secret the server issues and shows only once (an API key, an
+invitation token, a TOTP secret, recovery codes, tokens, data keys). A response holding
+one is never kept in the idempotency replay cache: a retry with the same request id gets
+FAILED_PRECONDITION / SECRET_ALREADY_SHOWN instead of the secret again (docs/idempotency.md).
+"""
