@@ -13,6 +13,7 @@ import time
 import uuid
 
 import grpc
+import pyotp
 import pytest
 import redis.asyncio
 from google.protobuf import timestamp_pb2
@@ -207,3 +208,32 @@ async def test_a_different_request_with_the_same_id_is_still_refused(running, ow
         )
     )
     assert status.reason == "IDEMPOTENCY_KEY_REUSED"
+
+
+async def test_mfa_enrolment_and_recovery_codes_are_never_replayed(
+    running, owner, redis_url, redis_prefix
+):
+    user, me = owner
+    enrol_id = str(uuid.uuid4())
+    enrolled = await running.auth.EnrollMfa(pb.EnrollMfaRequest(request_id=enrol_id), metadata=me)
+    retry = running.auth.EnrollMfa(pb.EnrollMfaRequest(request_id=enrol_id), metadata=me)
+    assert await _retry_is_refused(retry)
+    await _cache_holds_no_secret(
+        running, redis_url, redis_prefix, user, "EnrollMfa", enrol_id, enrolled.secret
+    )
+    # The retry did not enrol again: the secret the first call showed is still the pending one.
+    confirm = pb.ConfirmMfaRequest(
+        request_id=str(uuid.uuid4()), code=pyotp.TOTP(enrolled.secret).now()
+    )
+    codes = list((await running.auth.ConfirmMfa(confirm, metadata=me)).recovery_codes)
+    assert len(codes) == 10
+    assert await _retry_is_refused(running.auth.ConfirmMfa(confirm, metadata=me))
+    for code in codes:
+        await _cache_holds_no_secret(
+            running, redis_url, redis_prefix, user, "ConfirmMfa", confirm.request_id, code
+        )
+    # Disabling carries no secret: its retry replays the success instead of "not enabled".
+    disable = pb.DisableMfaRequest(request_id=str(uuid.uuid4()), code=codes[0])
+    await running.auth.DisableMfa(disable, metadata=me)
+    again = running.auth.DisableMfa(disable, metadata=me)
+    assert await again == pb.DisableMfaResponse() and await _replayed(again)

@@ -44,4 +44,10 @@ def test_idempotent_methods_with_secrets_are_the_known_ones() -> None:
         for spec in _specs()
         if spec.secret_response and spec.idempotency is not Idempotency.NONE
     }
-    assert deduplicated == {"CreateApiKey", "RotateApiKey", "CreateInvitation"}
+    assert deduplicated == {
+        "CreateApiKey",
+        "RotateApiKey",
+        "CreateInvitation",
+        "EnrollMfa",
+        "ConfirmMfa",
+    }

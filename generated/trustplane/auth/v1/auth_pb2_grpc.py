@@ -384,9 +384,12 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EnrollMfa(self, request, context):
-        """Starts TOTP enrolment for the caller (a user): a new secret and its otpauth:// URI.
-        MFA is not required until ConfirmMfa. Errors: FAILED_PRECONDITION / FAILED_PRECONDITION
-        (already enabled), NOT_FOUND / NOT_FOUND (not a user of this server).
+        """Starts TOTP enrolment for the caller (a user): a new secret and its otpauth:// URI,
+        replacing any pending one. MFA is not required until ConfirmMfa. The secret is shown once:
+        a retry with the same request id does not enrol again (the pending secret stays) and
+        answers SECRET_ALREADY_SHOWN. Errors: FAILED_PRECONDITION / FAILED_PRECONDITION (already
+        enabled, or the caller is not a user), NOT_FOUND / NOT_FOUND (not a principal of this
+        server), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -394,15 +397,17 @@ class AuthServiceServicer:
 
     def ConfirmMfa(self, request, context):
         """Confirms enrolment with a current code; from now on Login requires a code. Returns 10
-        single-use recovery codes, shown once. Errors: INVALID_ARGUMENT / MFA_CODE_INVALID,
-        FAILED_PRECONDITION / FAILED_PRECONDITION (no enrolment pending).
+        single-use recovery codes, shown once: a retry with the same request id answers
+        SECRET_ALREADY_SHOWN. Errors: INVALID_ARGUMENT / MFA_CODE_INVALID, FAILED_PRECONDITION /
+        FAILED_PRECONDITION (no enrolment pending), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DisableMfa(self, request, context):
-        """Turns MFA off, proven with a current code or a recovery code.
+        """Turns MFA off, proven with a current code or a recovery code. A retry with the same
+        request id replays the success (without one, it would find MFA already off).
         Errors: INVALID_ARGUMENT / MFA_CODE_INVALID, FAILED_PRECONDITION / FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

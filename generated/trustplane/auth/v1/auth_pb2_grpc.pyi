@@ -129,17 +129,22 @@ class AuthServiceStub:
     tenant). Answers OK even for unknown tokens, as the RFC asks.
     """
     EnrollMfa: _grpc.UnaryUnaryMultiCallable[_auth_pb2.EnrollMfaRequest, _auth_pb2.EnrollMfaResponse]
-    """Starts TOTP enrolment for the caller (a user): a new secret and its otpauth:// URI.
-    MFA is not required until ConfirmMfa. Errors: FAILED_PRECONDITION / FAILED_PRECONDITION
-    (already enabled), NOT_FOUND / NOT_FOUND (not a user of this server).
+    """Starts TOTP enrolment for the caller (a user): a new secret and its otpauth:// URI,
+    replacing any pending one. MFA is not required until ConfirmMfa. The secret is shown once:
+    a retry with the same request id does not enrol again (the pending secret stays) and
+    answers SECRET_ALREADY_SHOWN. Errors: FAILED_PRECONDITION / FAILED_PRECONDITION (already
+    enabled, or the caller is not a user), NOT_FOUND / NOT_FOUND (not a principal of this
+    server), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN.
     """
     ConfirmMfa: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ConfirmMfaRequest, _auth_pb2.ConfirmMfaResponse]
     """Confirms enrolment with a current code; from now on Login requires a code. Returns 10
-    single-use recovery codes, shown once. Errors: INVALID_ARGUMENT / MFA_CODE_INVALID,
-    FAILED_PRECONDITION / FAILED_PRECONDITION (no enrolment pending).
+    single-use recovery codes, shown once: a retry with the same request id answers
+    SECRET_ALREADY_SHOWN. Errors: INVALID_ARGUMENT / MFA_CODE_INVALID, FAILED_PRECONDITION /
+    FAILED_PRECONDITION (no enrolment pending), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN.
     """
     DisableMfa: _grpc.UnaryUnaryMultiCallable[_auth_pb2.DisableMfaRequest, _auth_pb2.DisableMfaResponse]
-    """Turns MFA off, proven with a current code or a recovery code.
+    """Turns MFA off, proven with a current code or a recovery code. A retry with the same
+    request id replays the success (without one, it would find MFA already off).
     Errors: INVALID_ARGUMENT / MFA_CODE_INVALID, FAILED_PRECONDITION / FAILED_PRECONDITION.
     """
     CreateInvitation: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateInvitationRequest, _auth_pb2.CreateInvitationResponse]
@@ -266,17 +271,22 @@ class AuthServiceAsyncStub(AuthServiceStub):
     tenant). Answers OK even for unknown tokens, as the RFC asks.
     """
     EnrollMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.EnrollMfaRequest, _auth_pb2.EnrollMfaResponse]  # type: ignore[assignment]
-    """Starts TOTP enrolment for the caller (a user): a new secret and its otpauth:// URI.
-    MFA is not required until ConfirmMfa. Errors: FAILED_PRECONDITION / FAILED_PRECONDITION
-    (already enabled), NOT_FOUND / NOT_FOUND (not a user of this server).
+    """Starts TOTP enrolment for the caller (a user): a new secret and its otpauth:// URI,
+    replacing any pending one. MFA is not required until ConfirmMfa. The secret is shown once:
+    a retry with the same request id does not enrol again (the pending secret stays) and
+    answers SECRET_ALREADY_SHOWN. Errors: FAILED_PRECONDITION / FAILED_PRECONDITION (already
+    enabled, or the caller is not a user), NOT_FOUND / NOT_FOUND (not a principal of this
+    server), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN.
     """
     ConfirmMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.ConfirmMfaRequest, _auth_pb2.ConfirmMfaResponse]  # type: ignore[assignment]
     """Confirms enrolment with a current code; from now on Login requires a code. Returns 10
-    single-use recovery codes, shown once. Errors: INVALID_ARGUMENT / MFA_CODE_INVALID,
-    FAILED_PRECONDITION / FAILED_PRECONDITION (no enrolment pending).
+    single-use recovery codes, shown once: a retry with the same request id answers
+    SECRET_ALREADY_SHOWN. Errors: INVALID_ARGUMENT / MFA_CODE_INVALID, FAILED_PRECONDITION /
+    FAILED_PRECONDITION (no enrolment pending), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN.
     """
     DisableMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.DisableMfaRequest, _auth_pb2.DisableMfaResponse]  # type: ignore[assignment]
-    """Turns MFA off, proven with a current code or a recovery code.
+    """Turns MFA off, proven with a current code or a recovery code. A retry with the same
+    request id replays the success (without one, it would find MFA already off).
     Errors: INVALID_ARGUMENT / MFA_CODE_INVALID, FAILED_PRECONDITION / FAILED_PRECONDITION.
     """
     CreateInvitation: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateInvitationRequest, _auth_pb2.CreateInvitationResponse]  # type: ignore[assignment]
@@ -538,9 +548,12 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.EnrollMfaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.EnrollMfaResponse, _abc.Awaitable[_auth_pb2.EnrollMfaResponse]]:
-        """Starts TOTP enrolment for the caller (a user): a new secret and its otpauth:// URI.
-        MFA is not required until ConfirmMfa. Errors: FAILED_PRECONDITION / FAILED_PRECONDITION
-        (already enabled), NOT_FOUND / NOT_FOUND (not a user of this server).
+        """Starts TOTP enrolment for the caller (a user): a new secret and its otpauth:// URI,
+        replacing any pending one. MFA is not required until ConfirmMfa. The secret is shown once:
+        a retry with the same request id does not enrol again (the pending secret stays) and
+        answers SECRET_ALREADY_SHOWN. Errors: FAILED_PRECONDITION / FAILED_PRECONDITION (already
+        enabled, or the caller is not a user), NOT_FOUND / NOT_FOUND (not a principal of this
+        server), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN.
         """
 
     @_abc_1.abstractmethod
@@ -550,8 +563,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.ConfirmMfaResponse, _abc.Awaitable[_auth_pb2.ConfirmMfaResponse]]:
         """Confirms enrolment with a current code; from now on Login requires a code. Returns 10
-        single-use recovery codes, shown once. Errors: INVALID_ARGUMENT / MFA_CODE_INVALID,
-        FAILED_PRECONDITION / FAILED_PRECONDITION (no enrolment pending).
+        single-use recovery codes, shown once: a retry with the same request id answers
+        SECRET_ALREADY_SHOWN. Errors: INVALID_ARGUMENT / MFA_CODE_INVALID, FAILED_PRECONDITION /
+        FAILED_PRECONDITION (no enrolment pending), FAILED_PRECONDITION / SECRET_ALREADY_SHOWN.
         """
 
     @_abc_1.abstractmethod
@@ -560,7 +574,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.DisableMfaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.DisableMfaResponse, _abc.Awaitable[_auth_pb2.DisableMfaResponse]]:
-        """Turns MFA off, proven with a current code or a recovery code.
+        """Turns MFA off, proven with a current code or a recovery code. A retry with the same
+        request id replays the success (without one, it would find MFA already off).
         Errors: INVALID_ARGUMENT / MFA_CODE_INVALID, FAILED_PRECONDITION / FAILED_PRECONDITION.
         """
 
