@@ -62,7 +62,8 @@ class RevocationList:
         await self._revoke(f"rv:asid:{agent_session_id}", b"1")
 
     async def revoke_subject(self, tenant_id: str, subject: str) -> None:
-        """Every token of the subject issued up to now (a kill switch); later ones are valid."""
+        """Every token issued up to now in which `subject` takes part — as the token's subject
+        or anywhere in its `act` chain (a kill switch); later ones are valid."""
         await self._revoke(f"rv:sub:{tenant_id}:{subject}", repr(self._clock()).encode())
 
     async def _revoke(self, key: str, value: bytes) -> None:
@@ -97,8 +98,13 @@ class RevocationList:
         asid = actor.agent_session_id
         if asid and await self._cache.get(f"rv:asid:{asid}") is not None:
             return True
-        revoked_at = await self._cache.get(f"rv:sub:{actor.tenant_id}:{actor.subject}")
-        return revoked_at is not None and actor.issued_at <= float(revoked_at)
+        # The subject and every actor it acts through: disabling an agent (or a user) kills
+        # each token it appears in, delegated ones included, however deep in the chain.
+        for principal in actor.chain:
+            revoked_at = await self._cache.get(f"rv:sub:{actor.tenant_id}:{principal}")
+            if revoked_at is not None and actor.issued_at <= float(revoked_at):
+                return True
+        return False
 
     def forget(self) -> None:
         """Drop every memoised answer (a revocation happened somewhere)."""

@@ -893,3 +893,51 @@ async def test_service_accounts_and_tenant_key_cap(server, tenant):
             metadata=me,
         )
     ).api_key
+
+
+async def _exchange(server, subject_token, actor_token, scopes=("auth.whoami",)):
+    return (
+        await server.auth.ExchangeToken(
+            pb.ExchangeTokenRequest(
+                subject_token=subject_token, actor_token=actor_token, scopes=list(scopes)
+            )
+        )
+    ).access_token
+
+
+async def _disable(server, me, agent_id):
+    await server.auth.SetAgentDisabled(
+        pb.SetAgentDisabledRequest(agent_id=agent_id, disabled=True), metadata=me
+    )
+
+
+async def test_kill_switch_reaches_delegated_tokens_anywhere_in_the_chain(server, tenant):
+    """Disabling an agent kills every token it acts in at once: `sub` = the user, the agent in
+    `act` (directly, or as the prior actor of a sub-agent) — not only tokens whose `sub` it is."""
+    _, password = tenant
+    user_token = (await login(server, password)).tokens.access_token
+    me = bearer(user_token)
+    agent, agent_key = await _agent_with_key(server, me, ["member"])
+    sub_agent, sub_agent_key = await _agent_with_key(server, me, ["member"])
+    bystander, bystander_key = await _agent_with_key(server, me, ["member"])
+    direct = await _exchange(server, user_token, agent_key)
+    nested = await _exchange(server, direct, sub_agent_key)  # user → agent → sub-agent
+    unrelated = await _exchange(server, user_token, bystander_key)
+    for token in (direct, nested, unrelated):
+        assert (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(token))).actor
+    await _disable(server, me, agent.agent_id)  # the inner actor of `nested`
+    for token in (direct, nested):
+        status = await expect_error(server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(token)))
+        assert (status.code, status.reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+    # The user's session and other agents' delegations are untouched.
+    assert (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=me)).actor
+    assert (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(unrelated))).actor
+    # Disabling the outermost actor of a chain works the same way.
+    second = await _exchange(server, unrelated, sub_agent_key)  # user → bystander → sub-agent
+    await _disable(server, me, sub_agent.agent_id)
+    status = await expect_error(server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(second)))
+    assert status.reason == "TOKEN_REVOKED"
+    assert (
+        bystander.agent_id
+        and (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(unrelated))).actor
+    )

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from server.actor import ActorContext, AuthMethod, PrincipalType
+from server.actor import ActorContext, AuthMethod, DelegateActor, PrincipalType
 from server.cache import MemoryCache
 from server.revocation import RevocationList
 from server.tokens import (
@@ -107,3 +107,21 @@ async def test_subject_revocation_spares_later_tokens():
     assert await revocations.is_revoked(_actor(issued_at=99.0))
     assert await revocations.is_revoked(_actor(issued_at=100.0))
     assert not await revocations.is_revoked(_actor(issued_at=101.0, token_id="k"))
+
+
+async def test_subject_revocation_reaches_every_link_of_the_act_chain():
+    """Disabling an agent kills delegated tokens it acts in, however deep in the chain."""
+    clock = [100.0]
+    revocations = RevocationList(
+        MemoryCache(), staleness=0, max_token_ttl=60, clock=lambda: clock[0]
+    )
+    agent, sub_agent = DelegateActor("agent-1"), DelegateActor("agent-2")
+    direct = _actor(subject="u", act=(agent,), issued_at=99.0)
+    nested = _actor(subject="u", act=(sub_agent, agent), issued_at=99.0, token_id="n")
+    other = _actor(subject="u", act=(DelegateActor("agent-3"),), issued_at=99.0, token_id="o")
+    await revocations.revoke_subject("t", "agent-1")
+    assert await revocations.is_revoked(direct)
+    assert await revocations.is_revoked(nested)
+    assert not await revocations.is_revoked(other)
+    later = _actor(subject="u", act=(agent,), issued_at=101.0, token_id="l")
+    assert not await revocations.is_revoked(later)
