@@ -37,7 +37,9 @@ class ActorContext:
     it acts through (nested `act` claims). For user → agent → sub-agent that is
     (sub-agent, agent). `scopes` is None when the credential carries no scope restriction.
     `session_id` is the auth session (`sid`), `agent_session_id` the agent session (`asid`);
-    revoking either revokes the token.
+    revoking either revokes the token. `derived_from` names the credentials a delegated token
+    was exchanged from (token ids and API key ids, its `derived_from` claim); revoking any of
+    them revokes the token too.
     """
 
     tenant_id: str
@@ -54,6 +56,8 @@ class ActorContext:
     issuer: str = ""
     issued_at: float = 0.0
     expires_at: float = 0.0
+    # Ids of the credentials (tokens' `jti`, API key ids) a delegated token was exchanged from.
+    derived_from: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     @property

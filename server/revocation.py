@@ -51,6 +51,8 @@ class RevocationList:
         self._memo: dict[tuple[str | None, str | None, str | None, str, str], float] = {}
 
     async def revoke_token(self, token_id: str) -> None:
+        """A token (`jti`) or an API key (its id), and every delegated token exchanged from it
+        (their `derived_from` claim names it)."""
         await self._revoke(f"rv:jti:{token_id}", b"1")
 
     async def revoke_session(self, session_id: str) -> None:
@@ -98,6 +100,9 @@ class RevocationList:
         asid = actor.agent_session_id
         if asid and await self._cache.get(f"rv:asid:{asid}") is not None:
             return True
+        for source in actor.derived_from:  # the credentials a delegated token came from
+            if await self._cache.get(f"rv:jti:{source}") is not None:
+                return True
         # The subject and every actor it acts through: disabling an agent (or a user) kills
         # each token it appears in, delegated ones included, however deep in the chain.
         for principal in actor.chain:

@@ -367,6 +367,7 @@ def to_actor(claims: Mapping[str, Any], issuer: TrustedIssuer) -> ActorContext:
         act=_act_chain(claims.get("act")),
         session_id=_optional_str(claims.get("sid")),
         agent_session_id=_optional_str(claims.get("asid")),
+        derived_from=tuple(_strings(claims.get("derived_from"))),
         token_id=_optional_str(claims.get("jti")),
         issuer=issuer.issuer,
         issued_at=float(claims["iat"]),
@@ -388,7 +389,7 @@ def _strings(value: Any) -> list[str]:
         return value.split()
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
-    raise CredentialsMalformed("token roles or scopes are malformed")
+    raise CredentialsMalformed("token roles, scopes or derived_from are malformed")
 
 
 def _scopes(claims: Mapping[str, Any], mapping: ClaimMapping) -> frozenset[str] | None:

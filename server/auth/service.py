@@ -299,7 +299,9 @@ class Authenticator:
                 )
             )
         now = self._clock()
-        expires = now + self._config.delegation_ttl
+        # Never outlive either credential it was exchanged from (an API key about to expire,
+        # a user token near its end).
+        expires = min(now + self._config.delegation_ttl, subject.expires_at, actor.expires_at)
         claims: dict[str, Any] = {
             "iss": self._config.issuer,
             "aud": audience or self._config.audience,
@@ -315,6 +317,11 @@ class Authenticator:
         }
         if subject.session_id:
             claims["sid"] = subject.session_id  # revoking the user's session kills this token
+        sources = _sources(subject, actor)
+        if sources:
+            # Revoking any credential this came from (the user's API key or token, the agent's
+            # key, a delegated token it extends) kills this token too, with or without a `sid`.
+            claims["derived_from"] = sources
         if agent_session:
             claims["asid"] = agent_session
         token = await self._signer.sign_jwt(SYSTEM_TENANT, TOKEN_KEY, claims)
@@ -651,6 +658,12 @@ def _check_delegation(subject: ActorContext, actor: ActorContext, max_depth: int
             f"delegation chains are limited to {max_depth} actors",
             reason=reasons.ERROR_REASON_DELEGATION_TOO_DEEP,
         )
+
+
+def _sources(subject: ActorContext, actor: ActorContext) -> list[str]:
+    """The credential ids a delegated token derives from, inherited ones included."""
+    found = [*subject.derived_from, subject.token_id, *actor.derived_from, actor.token_id]
+    return list(dict.fromkeys(s for s in found if s))
 
 
 def _allows(holder: ActorContext, scope: str) -> bool:

@@ -941,3 +941,77 @@ async def test_kill_switch_reaches_delegated_tokens_anywhere_in_the_chain(server
         bystander.agent_id
         and (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(unrelated))).actor
     )
+
+
+async def _user_key(server, me, scopes=("auth.whoami",)):
+    return await server.auth.CreateApiKey(
+        pb.CreateApiKeyRequest(
+            request_id=str(uuid.uuid4()), scopes=list(scopes), expire_time=_later(3600)
+        ),
+        metadata=me,
+    )
+
+
+async def test_delegated_tokens_die_with_the_api_keys_they_came_from(server, tenant):
+    """A token exchanged from a user's API key has no `sid`; it is bound to the key instead
+    (and to the agent's key), so revoking either credential kills it — and the chains built on
+    it — on the next call."""
+    _, password = tenant
+    me = await _owner_token(server, password)
+    user_key = await _user_key(server, me)
+    _, agent_key = await _agent_with_key(server, me, ["member"])
+    _, sub_agent_key = await _agent_with_key(server, me, ["member"])
+    direct = await _exchange(server, user_key.api_key, agent_key)
+    nested = await _exchange(server, direct, sub_agent_key)
+    claims = jwt.decode(direct, options={"verify_signature": False})
+    assert "sid" not in claims and user_key.metadata.key_id in claims["derived_from"]
+    for token in (direct, nested):
+        assert (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(token))).actor
+    await server.auth.RevokeApiKey(
+        pb.RevokeApiKeyRequest(key_id=user_key.metadata.key_id), metadata=me
+    )
+    for token in (direct, nested):
+        status = await expect_error(server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(token)))
+        assert (status.code, status.reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+    # The agent's side: revoking the key the agent exchanged with kills its token as well.
+    other_key = await _user_key(server, me)
+    token = await _exchange(server, other_key.api_key, agent_key)
+    assert (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(token))).actor
+    await server.auth.RevokeApiKey(
+        pb.RevokeApiKeyRequest(key_id=agent_key.split("_")[2]), metadata=me
+    )
+    status = await expect_error(server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(token)))
+    assert status.reason == "TOKEN_REVOKED"
+    assert (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=_api(other_key.api_key))).actor
+
+
+async def test_delegated_token_dies_with_the_user_token_it_came_from(server, tenant):
+    _, password = tenant
+    user_token = (await login(server, password)).tokens.access_token
+    _, agent_key = await _agent_with_key(server, bearer(user_token), ["member"])
+    delegated = await _exchange(server, user_token, agent_key)
+    await server.auth.RevokeToken(
+        pb.RevokeTokenRequest(token=user_token), metadata=bearer(user_token)
+    )
+    status = await expect_error(server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(delegated)))
+    assert status.reason == "TOKEN_REVOKED"
+
+
+async def test_delegated_token_never_outlives_its_api_key(start_server):
+    now = [time.time()]
+    async with start_server(clock=lambda: now[0]) as server:
+        _, _, password = await server.app.auth.bootstrap("acme", EMAIL)
+        me = await _owner_token(server, password)
+        soon = await server.auth.CreateApiKey(
+            pb.CreateApiKeyRequest(
+                request_id=str(uuid.uuid4()), scopes=["auth.whoami"], expire_time=_later(120)
+            ),
+            metadata=me,
+        )
+        _, agent_key = await _agent_with_key(server, me, ["member"])
+        exchanged = await server.auth.ExchangeToken(
+            pb.ExchangeTokenRequest(
+                subject_token=soon.api_key, actor_token=agent_key, scopes=["auth.whoami"]
+            )
+        )
+        assert exchanged.expire_time.seconds <= soon.metadata.expire_time.seconds

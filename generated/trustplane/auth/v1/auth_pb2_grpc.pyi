@@ -113,7 +113,8 @@ class AuthServiceStub:
     """RFC 8693 token exchange: a user's access token (subject) and an agent's credential (actor:
     its API key or token) become a short-lived token with `sub` = the user and `act` = the
     agent (nested for a sub-agent), scopes = what the user, the agent and the request all
-    allow, bound to the user's auth session (revoking it kills this token), no refresh token.
+    allow, bound to the user's auth session and to both credentials it was exchanged from
+    (revoking any of them kills this token; it never outlives them), no refresh token.
     Errors: UNAUTHENTICATED / (any token reason) for either credential, INVALID_ARGUMENT /
     INVALID_ARGUMENT (scopes, tenant mismatch, not an agent), FAILED_PRECONDITION /
     DELEGATION_TOO_DEEP, INVALID_ARGUMENT / AGENT_SESSION_INVALID (`agent_session_id` is not a
@@ -255,7 +256,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """RFC 8693 token exchange: a user's access token (subject) and an agent's credential (actor:
     its API key or token) become a short-lived token with `sub` = the user and `act` = the
     agent (nested for a sub-agent), scopes = what the user, the agent and the request all
-    allow, bound to the user's auth session (revoking it kills this token), no refresh token.
+    allow, bound to the user's auth session and to both credentials it was exchanged from
+    (revoking any of them kills this token; it never outlives them), no refresh token.
     Errors: UNAUTHENTICATED / (any token reason) for either credential, INVALID_ARGUMENT /
     INVALID_ARGUMENT (scopes, tenant mismatch, not an agent), FAILED_PRECONDITION /
     DELEGATION_TOO_DEEP, INVALID_ARGUMENT / AGENT_SESSION_INVALID (`agent_session_id` is not a
@@ -514,7 +516,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """RFC 8693 token exchange: a user's access token (subject) and an agent's credential (actor:
         its API key or token) become a short-lived token with `sub` = the user and `act` = the
         agent (nested for a sub-agent), scopes = what the user, the agent and the request all
-        allow, bound to the user's auth session (revoking it kills this token), no refresh token.
+        allow, bound to the user's auth session and to both credentials it was exchanged from
+        (revoking any of them kills this token; it never outlives them), no refresh token.
         Errors: UNAUTHENTICATED / (any token reason) for either credential, INVALID_ARGUMENT /
         INVALID_ARGUMENT (scopes, tenant mismatch, not an agent), FAILED_PRECONDITION /
         DELEGATION_TOO_DEEP, INVALID_ARGUMENT / AGENT_SESSION_INVALID (`agent_session_id` is not a
