@@ -317,6 +317,7 @@ class App:
             clock=self.clock,
             mfa=self.mfa,
             agent_sessions=self.sessions,
+            permissions=self.security.authorizer,
         )
         await self.auth.start()
         await self.security.tokens.start()

@@ -125,6 +125,16 @@ class ApiKeyRevoker(Protocol):
     async def revoke(self, tenant_id: str, key_id: str) -> Any: ...
 
 
+class PermissionChecker(Protocol):
+    """Decides a permission beyond the method's own (the authorizer: PolicyAuthorizer), e.g.
+    `auth.sessions.manage` to act on another principal's sessions."""
+
+    async def decide(self, actor: ActorContext, permission: str) -> Any: ...
+
+
+SESSIONS_MANAGE = "auth.sessions.manage"
+
+
 def _is_admin(actor: ActorContext) -> bool:
     return bool({"admin", "owner"} & actor.roles)
 
@@ -145,8 +155,10 @@ class Authenticator:
         hasher: PasswordHasher | None = None,
         mfa: Mfa | None = None,
         agent_sessions: AgentSessions | None = None,
+        permissions: PermissionChecker | None = None,
     ) -> None:
         self._agent_sessions = agent_sessions
+        self._permissions = permissions
         self._page_tokens = page_tokens
         self._mfa = mfa
         self._store = store
@@ -347,25 +359,60 @@ class Authenticator:
 
     # --- sessions ---------------------------------------------------------------------------
 
-    async def sessions(self, actor: ActorContext) -> list[AuthSession]:
-        return await self._store.sessions(actor.tenant_id, actor.subject, self._clock())
+    async def sessions(
+        self, actor: ActorContext, principal_id: str, size: int, token: str
+    ) -> tuple[list[AuthSession], str]:
+        """Active sessions of the caller, or (admins) of a principal of the tenant; a page."""
+        limit = page_size(size)
+        whose = await self._session_owner(actor, principal_id)
+        query = f"auth.ListSessions\0{actor.tenant_id}\0{whose}"
+        after = self._page_tokens.decode(query, token)["after"] if token else ""
+        found = await self._store.sessions(actor.tenant_id, whose, self._clock(), limit + 1, after)
+        if len(found) <= limit:
+            return found, ""
+        return found[:limit], self._page_tokens.encode(query, {"after": found[limit - 1].id})
 
     async def revoke_session(self, actor: ActorContext, session_id: str) -> None:
+        """One of the caller's sessions, or (admins) any session of the tenant."""
         _require(session_id=session_id)
         if not _is_uuid(session_id):
             raise NotFound("session not found")
-        revoked = await self._store.revoke_sessions(
-            actor.tenant_id, actor.subject, self._clock(), session_id
+        now = self._clock()
+        revoked = bool(
+            await self._store.revoke_sessions(actor.tenant_id, actor.subject, now, session_id)
         )
-        if not revoked:
+        if not revoked and await self._manages_sessions(actor):
+            revoked = await self._store.revoke_tenant_session(actor.tenant_id, session_id, now)
+        if not revoked:  # another principal's session looks exactly like a missing one
             raise NotFound("session not found")
         await self._revocations.revoke_session(session_id)
 
-    async def revoke_all(self, actor: ActorContext) -> int:
-        revoked = await self._store.revoke_sessions(actor.tenant_id, actor.subject, self._clock())
+    async def revoke_all(self, actor: ActorContext, principal_id: str = "") -> int:
+        """Every session of the caller, or (admins) of a principal of the tenant."""
+        whose = await self._session_owner(actor, principal_id)
+        revoked = await self._store.revoke_sessions(actor.tenant_id, whose, self._clock())
         for session_id in revoked:
             await self._revocations.revoke_session(session_id)
         return len(revoked)
+
+    async def _session_owner(self, actor: ActorContext, principal_id: str) -> str:
+        """The principal whose sessions a call is about: the caller's own unless it names
+        another principal of the tenant and holds `auth.sessions.manage`."""
+        if not principal_id or principal_id == actor.subject:
+            return actor.subject
+        if not await self._manages_sessions(actor):
+            raise PermissionDenied(
+                f"another principal's sessions need {SESSIONS_MANAGE}",
+                metadata={"permission": SESSIONS_MANAGE},
+            )
+        if await self._store.principal(actor.tenant_id, principal_id) is None:
+            raise NotFound("principal not found")
+        return principal_id
+
+    async def _manages_sessions(self, actor: ActorContext) -> bool:
+        if self._permissions is None:  # nothing to ask: only one's own sessions (fail closed)
+            return False
+        return bool((await self._permissions.decide(actor, SESSIONS_MANAGE)).allowed)
 
     # --- agents -----------------------------------------------------------------------------
 

@@ -185,9 +185,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def ListSessions(self, request: Any, context: Any) -> Any:
         actor = _actor()
-        sessions = await self._auth.sessions(actor)
+        sessions, token = await self._auth.sessions(
+            actor, request.principal_id, request.page_size, request.page_token
+        )
         return auth_pb2.ListSessionsResponse(
-            sessions=[_session(s, actor.session_id) for s in sessions]
+            sessions=[_session(s, actor.session_id) for s in sessions], next_page_token=token
         )
 
     async def RevokeSession(self, request: Any, context: Any) -> Any:
@@ -195,7 +197,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.RevokeSessionResponse()
 
     async def RevokeAllSessions(self, request: Any, context: Any) -> Any:
-        revoked = await self._auth.revoke_all(_actor())
+        revoked = await self._auth.revoke_all(_actor(), request.principal_id)
         return auth_pb2.RevokeAllSessionsResponse(revoked=revoked)
 
     async def CreateAgent(self, request: Any, context: Any) -> Any:
@@ -396,4 +398,5 @@ def _session(session: AuthSession, current: str | None) -> auth_pb2.AuthSession:
         expire_time=wire.timestamp(session.expires_at),
         last_refresh_time=wire.timestamp(session.last_refresh_at),
         current=session.id == current,
+        principal_id=session.principal_id,
     )

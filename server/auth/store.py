@@ -553,19 +553,39 @@ class PgAuthStore:
                 _ts(now),
             )
 
-    async def sessions(self, tenant_id: str, principal_id: str, now: float) -> list[AuthSession]:
-        if not _is_uuid(principal_id):
+    async def sessions(
+        self, tenant_id: str, principal_id: str, now: float, limit: int, after: str = ""
+    ) -> list[AuthSession]:
+        """A principal's active sessions, newest first; `after` is the last session id of the
+        previous page (keyset: (created_at, id) strictly older than it)."""
+        if not _is_uuid(principal_id) or (after and not _is_uuid(after)):
             return []
         async with self._db.acquire() as conn:
             rows = await conn.fetch(
                 f"SELECT {_SESSION_COLUMNS} FROM auth_sessions s WHERE s.tenant_id = $1 AND "
-                "s.principal_id = $2 AND s.revoked_at IS NULL AND s.expires_at > $3 "
-                "ORDER BY s.created_at DESC",
+                "s.principal_id = $2 AND s.revoked_at IS NULL AND s.expires_at > $3 AND "
+                "($4::uuid IS NULL OR (s.created_at, s.id) < (SELECT a.created_at, a.id FROM "
+                "auth_sessions a WHERE a.tenant_id = $1 AND a.id = $4)) "
+                "ORDER BY s.created_at DESC, s.id DESC LIMIT $5",
                 tenant_id,
                 uuid.UUID(principal_id),
                 _ts(now),
+                uuid.UUID(after) if after else None,
+                limit,
             )
         return [_session(row) for row in rows]
+
+    async def revoke_tenant_session(self, tenant_id: str, session_id: str, now: float) -> bool:
+        """Revoke one live session of any principal of the tenant (administration)."""
+        async with self._db.acquire() as conn:
+            done = await conn.fetchval(
+                "UPDATE auth_sessions SET revoked_at = $3 WHERE tenant_id = $1 AND id = $2 "
+                "AND revoked_at IS NULL RETURNING true",
+                tenant_id,
+                uuid.UUID(session_id),
+                _ts(now),
+            )
+        return bool(done)
 
 
 _PRINCIPAL = (

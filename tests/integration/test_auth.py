@@ -1015,3 +1015,102 @@ async def test_delegated_token_never_outlives_its_api_key(start_server):
             )
         )
         assert exchanged.expire_time.seconds <= soon.metadata.expire_time.seconds
+
+
+async def _user(server, tenant_id, email, role):
+    hashed = await asyncio.to_thread(server.app.auth._hasher.hash, f"{role}-password-12")
+    user = await _store(server).create_user(tenant_id, email, hashed, [role], role)
+    return user, f"{role}-password-12"
+
+
+async def test_admins_list_and_revoke_any_session_of_the_tenant(server, tenant, idp):
+    owner, _ = tenant
+    admin, admin_password = await _user(server, owner.tenant_id, "a@acme.test", "admin")
+    member, member_password = await _user(server, owner.tenant_id, "m@acme.test", "member")
+    admin_tokens = (await login(server, admin_password, email="a@acme.test")).tokens
+    as_admin = bearer(admin_tokens.access_token)
+    mine = [(await login(server, member_password, email="m@acme.test")).tokens for _ in range(3)]
+    as_member = bearer(mine[0].access_token)
+
+    # An admin pages through a member's sessions (newest first, two per page).
+    first = await server.auth.ListSessions(
+        pb.ListSessionsRequest(principal_id=member.id, page_size=2), metadata=as_admin
+    )
+    assert len(first.sessions) == 2 and first.next_page_token
+    rest = await server.auth.ListSessions(
+        pb.ListSessionsRequest(
+            principal_id=member.id, page_size=2, page_token=first.next_page_token
+        ),
+        metadata=as_admin,
+    )
+    assert len(rest.sessions) == 1 and not rest.next_page_token
+    listed = [*first.sessions, *rest.sessions]
+    assert [s.session_id for s in listed] == [t.session_id for t in reversed(mine)]
+    assert {s.principal_id for s in listed} == {member.id} and not any(s.current for s in listed)
+    # The page token is bound to its query: not reusable for another principal.
+    status = await expect_error(
+        server.auth.ListSessions(
+            pb.ListSessionsRequest(principal_id=owner.id, page_token=first.next_page_token),
+            metadata=as_admin,
+        )
+    )
+    assert status.reason == "PAGE_TOKEN_INVALID"
+
+    # A member sees only its own; naming someone else is refused outright.
+    own = await server.auth.ListSessions(
+        pb.ListSessionsRequest(principal_id=member.id), metadata=as_member
+    )
+    assert len(own.sessions) == 3 and [s.current for s in own.sessions].count(True) == 1
+    for call in (
+        server.auth.ListSessions(pb.ListSessionsRequest(principal_id=admin.id), metadata=as_member),
+        server.auth.RevokeAllSessions(
+            pb.RevokeAllSessionsRequest(principal_id=admin.id), metadata=as_member
+        ),
+    ):
+        status = await expect_error(call)
+        assert (status.code, status.reason, status.metadata) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PERMISSION_DENIED",
+            {"permission": "auth.sessions.manage"},
+        )
+    status = await expect_error(
+        server.auth.RevokeSession(
+            pb.RevokeSessionRequest(session_id=admin_tokens.session_id), metadata=as_member
+        )
+    )
+    assert status.code is grpc.StatusCode.NOT_FOUND  # indistinguishable from a missing one
+    assert (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=as_admin)).actor
+
+    # Another tenant's admin finds neither the principal nor its sessions.
+    stranger = bearer(idp.token(roles=["admin"]))
+    for call in (
+        server.auth.ListSessions(pb.ListSessionsRequest(principal_id=member.id), metadata=stranger),
+        server.auth.RevokeSession(
+            pb.RevokeSessionRequest(session_id=mine[1].session_id), metadata=stranger
+        ),
+        server.auth.RevokeAllSessions(
+            pb.RevokeAllSessionsRequest(principal_id=member.id), metadata=stranger
+        ),
+    ):
+        assert (await expect_error(call)).code is grpc.StatusCode.NOT_FOUND
+    assert await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(mine[1].access_token))
+
+    # The admin revokes one session of the member, then all the others.
+    await server.auth.RevokeSession(
+        pb.RevokeSessionRequest(session_id=mine[1].session_id), metadata=as_admin
+    )
+    status = await expect_error(
+        server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(mine[1].access_token))
+    )
+    assert status.reason == "TOKEN_REVOKED"
+    assert (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=as_member)).actor
+    done = await server.auth.RevokeAllSessions(
+        pb.RevokeAllSessionsRequest(principal_id=member.id), metadata=as_admin
+    )
+    assert done.revoked == 2
+    for tokens in mine:
+        status = await expect_error(
+            server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(tokens.access_token))
+        )
+        assert status.reason == "TOKEN_REVOKED"
+    assert (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=as_admin)).actor

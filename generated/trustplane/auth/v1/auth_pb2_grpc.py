@@ -231,22 +231,31 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Lists the caller's own auth sessions.
+        """Lists active auth sessions, newest first: the caller's own, or (with `principal_id`, for
+        holders of `auth.sessions.manage`: admins and owners) those of any principal of the
+        tenant. Errors: PERMISSION_DENIED / PERMISSION_DENIED (another principal's, without
+        `auth.sessions.manage`), NOT_FOUND / NOT_FOUND (no such principal in the tenant),
+        INVALID_ARGUMENT / PAGE_TOKEN_INVALID, INVALID_ARGUMENT / INVALID_ARGUMENT (page_size).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeSession(self, request, context):
-        """Revokes one of the caller's sessions, and at once every token derived from it.
-        Errors: NOT_FOUND / NOT_FOUND.
+        """Revokes a session, and at once every token derived from it (delegated ones included): one
+        of the caller's own, or — for holders of `auth.sessions.manage` — any session of the
+        tenant. Errors: NOT_FOUND / NOT_FOUND (unknown, already ended, another tenant's, or another
+        principal's without `auth.sessions.manage`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeAllSessions(self, request, context):
-        """Revokes every session of the caller.
+        """Revokes every session of the caller, or (with `principal_id`, for holders of
+        `auth.sessions.manage`) of any principal of the tenant. Errors: PERMISSION_DENIED /
+        PERMISSION_DENIED (another principal's, without `auth.sessions.manage`), NOT_FOUND /
+        NOT_FOUND (no such principal in the tenant).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

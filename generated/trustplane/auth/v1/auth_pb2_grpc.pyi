@@ -55,13 +55,24 @@ class AuthServiceStub:
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """Publishes the public keys that verify access tokens (current and previous versions)."""
     ListSessions: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListSessionsRequest, _auth_pb2.ListSessionsResponse]
-    """Lists the caller's own auth sessions."""
+    """Lists active auth sessions, newest first: the caller's own, or (with `principal_id`, for
+    holders of `auth.sessions.manage`: admins and owners) those of any principal of the
+    tenant. Errors: PERMISSION_DENIED / PERMISSION_DENIED (another principal's, without
+    `auth.sessions.manage`), NOT_FOUND / NOT_FOUND (no such principal in the tenant),
+    INVALID_ARGUMENT / PAGE_TOKEN_INVALID, INVALID_ARGUMENT / INVALID_ARGUMENT (page_size).
+    """
     RevokeSession: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeSessionRequest, _auth_pb2.RevokeSessionResponse]
-    """Revokes one of the caller's sessions, and at once every token derived from it.
-    Errors: NOT_FOUND / NOT_FOUND.
+    """Revokes a session, and at once every token derived from it (delegated ones included): one
+    of the caller's own, or — for holders of `auth.sessions.manage` — any session of the
+    tenant. Errors: NOT_FOUND / NOT_FOUND (unknown, already ended, another tenant's, or another
+    principal's without `auth.sessions.manage`).
     """
     RevokeAllSessions: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeAllSessionsRequest, _auth_pb2.RevokeAllSessionsResponse]
-    """Revokes every session of the caller."""
+    """Revokes every session of the caller, or (with `principal_id`, for holders of
+    `auth.sessions.manage`) of any principal of the tenant. Errors: PERMISSION_DENIED /
+    PERMISSION_DENIED (another principal's, without `auth.sessions.manage`), NOT_FOUND /
+    NOT_FOUND (no such principal in the tenant).
+    """
     CreateAgent: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateAgentRequest, _auth_pb2.CreateAgentResponse]
     """Registers an agent owned by the caller. Its roles must be ones the caller holds.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (roles, expire_time, name),
@@ -198,13 +209,24 @@ class AuthServiceAsyncStub(AuthServiceStub):
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """Publishes the public keys that verify access tokens (current and previous versions)."""
     ListSessions: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListSessionsRequest, _auth_pb2.ListSessionsResponse]  # type: ignore[assignment]
-    """Lists the caller's own auth sessions."""
+    """Lists active auth sessions, newest first: the caller's own, or (with `principal_id`, for
+    holders of `auth.sessions.manage`: admins and owners) those of any principal of the
+    tenant. Errors: PERMISSION_DENIED / PERMISSION_DENIED (another principal's, without
+    `auth.sessions.manage`), NOT_FOUND / NOT_FOUND (no such principal in the tenant),
+    INVALID_ARGUMENT / PAGE_TOKEN_INVALID, INVALID_ARGUMENT / INVALID_ARGUMENT (page_size).
+    """
     RevokeSession: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeSessionRequest, _auth_pb2.RevokeSessionResponse]  # type: ignore[assignment]
-    """Revokes one of the caller's sessions, and at once every token derived from it.
-    Errors: NOT_FOUND / NOT_FOUND.
+    """Revokes a session, and at once every token derived from it (delegated ones included): one
+    of the caller's own, or — for holders of `auth.sessions.manage` — any session of the
+    tenant. Errors: NOT_FOUND / NOT_FOUND (unknown, already ended, another tenant's, or another
+    principal's without `auth.sessions.manage`).
     """
     RevokeAllSessions: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeAllSessionsRequest, _auth_pb2.RevokeAllSessionsResponse]  # type: ignore[assignment]
-    """Revokes every session of the caller."""
+    """Revokes every session of the caller, or (with `principal_id`, for holders of
+    `auth.sessions.manage`) of any principal of the tenant. Errors: PERMISSION_DENIED /
+    PERMISSION_DENIED (another principal's, without `auth.sessions.manage`), NOT_FOUND /
+    NOT_FOUND (no such principal in the tenant).
+    """
     CreateAgent: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateAgentRequest, _auth_pb2.CreateAgentResponse]  # type: ignore[assignment]
     """Registers an agent owned by the caller. Its roles must be ones the caller holds.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (roles, expire_time, name),
@@ -368,7 +390,12 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.ListSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.ListSessionsResponse, _abc.Awaitable[_auth_pb2.ListSessionsResponse]]:
-        """Lists the caller's own auth sessions."""
+        """Lists active auth sessions, newest first: the caller's own, or (with `principal_id`, for
+        holders of `auth.sessions.manage`: admins and owners) those of any principal of the
+        tenant. Errors: PERMISSION_DENIED / PERMISSION_DENIED (another principal's, without
+        `auth.sessions.manage`), NOT_FOUND / NOT_FOUND (no such principal in the tenant),
+        INVALID_ARGUMENT / PAGE_TOKEN_INVALID, INVALID_ARGUMENT / INVALID_ARGUMENT (page_size).
+        """
 
     @_abc_1.abstractmethod
     def RevokeSession(
@@ -376,8 +403,10 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.RevokeSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RevokeSessionResponse, _abc.Awaitable[_auth_pb2.RevokeSessionResponse]]:
-        """Revokes one of the caller's sessions, and at once every token derived from it.
-        Errors: NOT_FOUND / NOT_FOUND.
+        """Revokes a session, and at once every token derived from it (delegated ones included): one
+        of the caller's own, or — for holders of `auth.sessions.manage` — any session of the
+        tenant. Errors: NOT_FOUND / NOT_FOUND (unknown, already ended, another tenant's, or another
+        principal's without `auth.sessions.manage`).
         """
 
     @_abc_1.abstractmethod
@@ -386,7 +415,11 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.RevokeAllSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RevokeAllSessionsResponse, _abc.Awaitable[_auth_pb2.RevokeAllSessionsResponse]]:
-        """Revokes every session of the caller."""
+        """Revokes every session of the caller, or (with `principal_id`, for holders of
+        `auth.sessions.manage`) of any principal of the tenant. Errors: PERMISSION_DENIED /
+        PERMISSION_DENIED (another principal's, without `auth.sessions.manage`), NOT_FOUND /
+        NOT_FOUND (no such principal in the tenant).
+        """
 
     @_abc_1.abstractmethod
     def CreateAgent(
