@@ -316,14 +316,15 @@ async def test_api_key_expires(start_server, idp):
     async with start_server(clock=lambda: now[0]) as running:
         _, _, password = await running.app.auth.bootstrap("acme", EMAIL)
         me = await _owner_token(running, password)
+        expiry = now[0] + 86400  # by the server's clock, so a slow login cannot shift it
         key = (
             await running.auth.CreateApiKey(
-                pb.CreateApiKeyRequest(request_id=str(uuid.uuid4()), expire_time=_later(86400)),
+                pb.CreateApiKeyRequest(request_id=str(uuid.uuid4()), expire_time=_stamp(expiry)),
                 metadata=me,
             )
         ).api_key
         assert (await running.auth.WhoAmI(pb.WhoAmIRequest(), metadata=_api(key))).actor
-        now[0] += 86400 + 1
+        now[0] = expiry + 1
         status = await expect_error(running.auth.WhoAmI(pb.WhoAmIRequest(), metadata=_api(key)))
         assert status.reason == "API_KEY_INVALID"
 
@@ -1114,3 +1115,50 @@ async def test_admins_list_and_revoke_any_session_of_the_tenant(server, tenant, 
         )
         assert status.reason == "TOKEN_REVOKED"
     assert (await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=as_admin)).actor
+
+
+def _stamp(seconds):
+    from google.protobuf import timestamp_pb2
+
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+async def test_login_with_a_totp_code(server, tenant):
+    owner, password = tenant
+    me = await _owner_token(server, password)
+    secret = (await server.auth.EnrollMfa(pb.EnrollMfaRequest(), metadata=me)).secret
+    totp = pyotp.TOTP(secret)
+    await server.auth.ConfirmMfa(pb.ConfirmMfaRequest(code=totp.now()), metadata=me)
+    # The confirming code is spent; the next step's code is within the ±30 s window.
+    code = totp.at(time.time() + 30)
+    request = pb.LoginRequest(tenant="acme", email=EMAIL, password=password, totp_code=code)
+    logged = await server.auth.Login(request)
+    assert logged.actor.subject_id == owner.id and logged.tokens.refresh_token
+    who = await server.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(logged.tokens.access_token))
+    assert who.session_id == logged.tokens.session_id
+    replayed = await expect_error(server.auth.Login(request))  # each code works once
+    assert replayed.reason == "MFA_CODE_INVALID"
+    wrong_password = await expect_error(
+        server.auth.Login(
+            pb.LoginRequest(tenant="acme", email=EMAIL, password="nope", totp_code=code)
+        )
+    )
+    assert wrong_password.reason == "LOGIN_FAILED"  # the code never helps a wrong password
+
+
+async def test_many_accounts_from_one_address_back_off(start_server):
+    """Spraying one password over many accounts from one address: each account stays under
+    its own limit (2), the address's counter (4 * 2) throttles the spray."""
+    async with start_server(TRUSTPLANE_LOGIN_MAX_ATTEMPTS="2") as running:
+        await running.app.auth.bootstrap("acme", EMAIL)
+        for i in range(8):
+            status = await expect_error(login(running, "spray-1", email=f"user{i}@acme.test"))
+            assert status.reason == "LOGIN_FAILED", i
+        status = await expect_error(login(running, "spray-1", email="user8@acme.test"))
+        assert (status.code, status.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "LOGIN_THROTTLED",
+        )
+        assert status.retry_delay is not None and 0 < status.retry_delay <= 60
