@@ -6,10 +6,11 @@ same way (LOGIN_FAILED) after the same argon2 work, so logins cannot enumerate a
 
 Brute force: before any password is checked, the attempt takes a slot from two atomic
 counters in the cache — per account and per client address — so parallel guesses cannot get
-past the limit. A full counter answers RESOURCE_EXHAUSTED / LOGIN_THROTTLED with RetryInfo; each
-time a counter fills, its next window doubles (capped at one hour): exponential back-off, never
-a permanent lock an attacker could use against the account owner. A successful login clears the
-account counter.
+past the limit. A full counter locks its account or address and answers RESOURCE_EXHAUSTED /
+LOGIN_THROTTLED with RetryInfo; each lock lasts twice as long as the one before (one login
+window, then two, four, … capped at one hour; timed by the injected clock): exponential
+back-off, never a permanent lock an attacker could use against the account owner. A successful
+login clears the account's current counter.
 
 Access tokens are EdDSA JWTs signed through the Crypto service's keyring (tenant `_system`,
 key `auth-access-tokens`), verified by the authenticate layer with the JWKS of that key.
@@ -189,12 +190,12 @@ class Authenticator:
     ) -> tuple[IssuedTokens, Principal]:
         _require(tenant=tenant_name, email=email, password=password)
         account = f"login:acct:{_digest(tenant_name + chr(0) + email.lower())}"
-        await self._take_attempt(account, self._config.login_max_failures)
+        counter = await self._take_attempt(account, self._config.login_max_failures)
         await self._take_attempt(f"login:client:{client}", self._config.login_max_failures * 4)
         principal = await self._check_password(tenant_name, email, password)
         if principal.mfa_enabled:
             await self._second_factor(principal, totp_code, recovery_code)
-        await self._cache.delete(account + ":n")
+        await self._cache.delete(counter)
         return await self._new_session(principal), principal
 
     async def _second_factor(self, principal: Principal, totp_code: str, recovery: str) -> None:
@@ -220,16 +221,35 @@ class Authenticator:
         except (VerificationError, InvalidHashError):
             return False
 
-    async def _take_attempt(self, key: str, limit: int) -> None:
-        strikes = int(await self._cache.get(key + ":s") or 0)
-        window = min(self._config.login_window * 2**strikes, _MAX_WINDOW)
-        allowed, _ = await self._cache.incr_if_below(key + ":n", 1, limit, window)
+    async def _take_attempt(self, key: str, limit: int) -> str:
+        """Take one slot of `key`'s attempt counter (returned) or raise LoginThrottled.
+
+        `key:until` holds the end of the current lock (by this service's clock); `key:s` the
+        strikes so far. Each strike has its own counter (`key:n:<strikes>`, counting attempts
+        within the login window), so when a lock ends counting starts afresh. The first caller
+        to find a strike's counter full sets the lock — window * 2^strikes, at most an hour —
+        *then* moves to the next strike; attempts read the strikes *before* the lock, so a
+        concurrent attempt sees either the full counter or the lock, never a fresh counter
+        without the lock.
+        """
+        now = self._clock()
+        strikes = int(await self._cache.get(key + ":s") or 0)  # read before the lock: see above
+        until = await self._cache.get(key + ":until")
+        if until is not None and float(until) > now:
+            raise LoginThrottled(retry_after=float(until) - now)
+        counter = f"{key}:n:{strikes}"
+        allowed, _ = await self._cache.incr_if_below(counter, 1, limit, self._config.login_window)
         if allowed:
-            return
-        if strikes < 16 and await self._cache.set_if_absent(key + ":lock", b"1", 1.0):
-            await self._cache.incr(key + ":s", 1, ttl=86_400)
-        retry = await self._cache.ttl(key + ":n")
-        raise LoginThrottled(retry_after=retry if retry is not None else window)
+            return counter
+        lock = min(self._config.login_window * 2**strikes, _MAX_WINDOW)
+        if await self._cache.set_if_absent(f"{key}:full:{strikes}", b"1", lock):
+            await self._cache.set(key + ":until", repr(now + lock).encode(), ttl=lock)
+            if lock < _MAX_WINDOW:
+                await self._cache.incr(key + ":s", 1, ttl=86_400)
+            raise LoginThrottled(retry_after=lock)
+        until = await self._cache.get(key + ":until")
+        left = float(until) - self._clock() if until else lock  # the winner's clock read is later
+        raise LoginThrottled(retry_after=min(max(left, 0.0), lock))
 
     # --- tokens -----------------------------------------------------------------------------
 

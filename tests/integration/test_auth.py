@@ -1162,3 +1162,22 @@ async def test_many_accounts_from_one_address_back_off(start_server):
             "LOGIN_THROTTLED",
         )
         assert status.retry_delay is not None and 0 < status.retry_delay <= 60
+
+
+async def test_lockout_doubles_with_an_injected_clock(start_server):
+    now = [time.time()]
+    env = {"TRUSTPLANE_LOGIN_MAX_ATTEMPTS": "2", "TRUSTPLANE_LOGIN_WINDOW": "60"}
+    async with start_server(clock=lambda: now[0], **env) as running:
+        _, _, password = await running.app.auth.bootstrap("acme", EMAIL)
+        for lock in (60, 120, 240):
+            for _ in range(2):
+                assert (await expect_error(login(running, "wrong"))).reason == "LOGIN_FAILED"
+            locked = await expect_error(login(running, password))  # even the right password
+            assert locked.reason == "LOGIN_THROTTLED"
+            assert locked.retry_delay == pytest.approx(lock, abs=1)
+            now[0] += lock - 5
+            still = await expect_error(login(running, password))
+            assert still.reason == "LOGIN_THROTTLED"
+            assert still.retry_delay == pytest.approx(5, abs=1)
+            now[0] += 6  # the lock is over: counting starts again, the next lock is twice as long
+        assert (await login(running, password)).tokens.access_token
