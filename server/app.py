@@ -549,6 +549,9 @@ class App:
         if self.crypto is not None and self.db is not None:
             with contextlib.suppress(Exception):
                 await self.crypto.flush_usage()
+        if self.api_keys is not None and self.db is not None:
+            with contextlib.suppress(Exception):
+                await self.api_keys.flush()  # the last coalesced last-use times
         audit, self.audit = self.audit, None
         if audit is not None:
             await audit.close()  # after the server stopped: every answered call is queued

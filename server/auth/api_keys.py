@@ -10,7 +10,9 @@
   key); revocation and the agent kill switch still apply at once through the deny-list, which
   the authenticate layer consults on every call. Role changes of the owner apply within the
   cache TTL.
-- `last_used_at` / `last_seen_at` are written at most once a minute per key (coalesced).
+- `last_used_at` / `last_seen_at` are written at most once a minute per key (coalesced): uses
+  are noted in memory and written by `flush` (every sweep interval); what is remembered for
+  coalescing is bounded (entries older than a minute are dropped, at most 100 000 kept).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ MAC_KEY = "api-key-mac"
 MAX_TTL = 90 * 86_400.0
 _BASE62 = string.digits + string.ascii_letters
 _TOUCH_EVERY = 60.0
+_TOUCHED_LIMIT = 100_000  # keys remembered for coalescing; past it, old entries go
 
 
 class MacKeys(Protocol):
@@ -205,16 +208,34 @@ class ApiKeys:
     def _touch(self, actor: ActorContext, now: float) -> None:
         key_id = actor.token_id or ""
         if now - self._touched.get(key_id, 0.0) >= _TOUCH_EVERY:
+            if len(self._touched) >= _TOUCHED_LIMIT:
+                self._forget_touches(now)
             self._touched[key_id] = now
             self._pending[0][key_id] = now
             self._pending[1][actor.subject] = now
 
+    def _forget_touches(self, now: float) -> None:
+        """Drop what no longer coalesces anything (a write older than a minute); if every key
+        was written within the minute, drop them all — at worst one write too many each."""
+        self._touched = {k: t for k, t in self._touched.items() if now - t < _TOUCH_EVERY}
+        if len(self._touched) >= _TOUCHED_LIMIT:
+            self._touched.clear()
+
     async def flush(self) -> None:
-        """Write the coalesced last-use times (the sweeper calls this)."""
+        """Write the coalesced last-use times (a background job calls this every sweep
+        interval, and the server at shutdown). A failed write keeps them for the next flush."""
+        self._forget_touches(self._clock())
         keys, principals = self._pending
-        if keys or principals:
-            self._pending = ({}, {})
+        if not (keys or principals):
+            return
+        self._pending = ({}, {})
+        try:
             await self._store.touch(keys, principals)
+        except BaseException:
+            for pending, failed in zip(self._pending, (keys, principals), strict=True):
+                for name, when in failed.items():
+                    pending[name] = max(when, pending.get(name, when))
+            raise
 
 
 def _actor(record: ApiKeyRecord, principal: Principal) -> ActorContext:

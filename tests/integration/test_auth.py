@@ -1181,3 +1181,39 @@ async def test_lockout_doubles_with_an_injected_clock(start_server):
             assert still.retry_delay == pytest.approx(5, abs=1)
             now[0] += 6  # the lock is over: counting starts again, the next lock is twice as long
         assert (await login(running, password)).tokens.access_token
+
+
+async def test_last_use_is_written_at_most_once_a_minute(start_server):
+    now = [time.time()]
+    async with start_server(clock=lambda: now[0]) as running:
+        _, _, password = await running.app.auth.bootstrap("acme", EMAIL)
+        me = await _owner_token(running, password)
+        agent, key = await _agent_with_key(running, me, ["viewer"])
+        api_keys = running.app.api_keys
+
+        async def seen():
+            await api_keys.flush()  # what the background job does every sweep interval
+            listed = await running.auth.ListApiKeys(
+                pb.ListApiKeysRequest(principal_id=agent.agent_id), metadata=me
+            )
+            got = await running.auth.GetAgent(
+                pb.GetAgentRequest(agent_id=agent.agent_id), metadata=me
+            )
+            return listed.api_keys[0].last_used_time.seconds, got.agent.last_seen_time.seconds
+
+        assert await seen() == (0, 0)
+        start = now[0]
+        await running.auth.WhoAmI(pb.WhoAmIRequest(), metadata=_api(key))
+        assert await seen() == (int(start), int(start))
+        for step in (20, 20, 19):  # 59 s of use: coalesced, nothing new is written
+            now[0] += step
+            await running.auth.WhoAmI(pb.WhoAmIRequest(), metadata=_api(key))
+            assert await seen() == (int(start), int(start))
+        now[0] += 2  # a minute after the last write
+        await running.auth.WhoAmI(pb.WhoAmIRequest(), metadata=_api(key))
+        assert await seen() == (int(now[0]), int(now[0]))
+        # What it remembers to coalesce is bounded: entries older than a minute are dropped.
+        assert len(api_keys._touched) == 1
+        now[0] += 61
+        await api_keys.flush()
+        assert api_keys._touched == {}
