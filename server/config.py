@@ -89,14 +89,17 @@ class AuthConfig:
     max_token_ttl: float = 86_400.0
     access_token_ttl: float = 900.0
     refresh_token_ttl: float = 30 * 86_400.0
-    # Login attempts per account per window (per client address: four times as many); the
-    # window doubles each time it fills, up to an hour.
+    # Login attempts per account per window (per client address: four times as many); once
+    # they are used up the account (address) is locked for one window, then two, four, … up to
+    # an hour.
     login_max_failures: int = 5
     login_window: float = 60.0
     # RFC 8693 delegated tokens: lifetime and the longest `act` chain.
     delegation_ttl: float = 300.0
     delegation_max_depth: int = 3
     invitation_ttl: float = 7 * 86_400.0
+    # Automatic rotation period of the access-token signing key (None: rotated by hand only).
+    token_key_rotation: float | None = 30 * 86_400.0
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,11 @@ def _auth(env: _Env) -> AuthConfig:
         invitation_ttl=env.get(
             "TRUSTPLANE_INVITATION_TTL", str(7 * 86400), _float_range(60.0, 90 * 86400.0)
         ),
+        token_key_rotation=env.get(
+            "TRUSTPLANE_TOKEN_KEY_ROTATION",
+            str(30 * 86400),
+            _period_or_off(86400.0, 3650 * 86400.0),
+        ),
     )
 
 
@@ -437,6 +445,16 @@ def _float_range(low: float, high: float) -> Callable[[str], float]:
         if not low <= value <= high:
             raise ValueError(f"{value} is out of range {low}-{high}")
         return value
+
+    return parse
+
+
+def _period_or_off(low: float, high: float) -> Callable[[str], float | None]:
+    """Seconds between `low` and `high`, or 0 for "off" (None)."""
+    within = _float_range(low, high)
+
+    def parse(raw: str) -> float | None:
+        return None if raw.strip() in ("0", "0.0") else within(raw)
 
     return parse
 

@@ -102,6 +102,7 @@ class Signer(Protocol):
     """The Crypto keyring's signing API (KeyManager)."""
 
     async def ensure_signing_key(self, tenant_id: str, name: str, algorithm: Algorithm) -> Key: ...
+    async def ensure_rotation(self, tenant_id: str, name: str, period: float | None) -> Key: ...
     async def sign_jwt(self, tenant_id: str, name: str, claims: dict[str, Any]) -> str: ...
     async def jwks(self, tenant_id: str, name: str) -> dict[str, Any]: ...
 
@@ -173,6 +174,9 @@ class Authenticator:
 
     async def start(self) -> None:
         await self._signer.ensure_signing_key(SYSTEM_TENANT, TOKEN_KEY, Algorithm.ED25519)
+        # Rotated by the crypto sweeper like any key; GetJwks keeps the older versions.
+        period = self._config.token_key_rotation
+        await self._signer.ensure_rotation(SYSTEM_TENANT, TOKEN_KEY, period)
 
     async def jwks(self) -> dict[str, Any]:
         return await self._signer.jwks(SYSTEM_TENANT, TOKEN_KEY)

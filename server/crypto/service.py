@@ -444,6 +444,16 @@ class KeyManager:
             key = await self._store.require(tenant_id, name)
         return key
 
+    async def ensure_rotation(self, tenant_id: str, name: str, period: float | None) -> Key:
+        """Give a server-owned key an automatic rotation period (None: none), as configured;
+        nothing changes when it already has that period. The sweeper then rotates it like any
+        tenant key, and the previous versions keep verifying until they are destroyed."""
+        key = await self._store.require(tenant_id, name)
+        if key.rotation_period == period:
+            return key
+        patch = KeyPatch(rotation_period=period) if period else KeyPatch(clear_rotation=True)
+        return await self.update_key(tenant_id, name, patch, "")
+
     async def sign_jwt(self, tenant_id: str, name: str, claims: dict[str, Any]) -> str:
         """A compact JWS over `claims`, signed by the primary version, `kid` in its header."""
         key = await self._usable(tenant_id, name, Purpose.SIGN_VERIFY)
@@ -462,11 +472,13 @@ class KeyManager:
         )
 
     async def jwks(self, tenant_id: str, name: str) -> dict[str, Any]:
-        """Public JWKs of every usable version, for verifiers in any language."""
+        """Public JWKs of every version not destroyed — enabled, disabled or scheduled for
+        destruction — for verifiers in any language: a token signed before its version was
+        retired keeps verifying until the version's material is erased."""
         key = await self._store.require(tenant_id, name)
         keys = []
         for version in key.versions:
-            if version.state in (VersionState.ENABLED, VersionState.DISABLED):
+            if version.state is not VersionState.DESTROYED:
                 private = await self._object(key, version.version)
                 keys.append(
                     primitives.public_jwk(key.algorithm, private, f"{key.key_id}.{version.version}")

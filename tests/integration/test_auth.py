@@ -1217,3 +1217,59 @@ async def test_last_use_is_written_at_most_once_a_minute(start_server):
         now[0] += 61
         await api_keys.flush()
         assert api_keys._touched == {}
+
+
+async def _wait_for(predicate, timeout=10.0):
+    async with asyncio.timeout(timeout):
+        while True:
+            if await predicate():
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_token_signing_key_rotates_with_overlap(start_server):
+    """The access-token key rotates by its period in the crypto sweeper: new tokens get the new
+    kid, older tokens keep verifying (GetJwks and the server) while their version exists —
+    scheduled for destruction included."""
+    from server.auth.model import SYSTEM_TENANT, TOKEN_KEY
+
+    now = [time.time()]
+    env = {"TRUSTPLANE_CRYPTO_SWEEP_INTERVAL": "0.05", "TRUSTPLANE_TOKEN_KEY_ROTATION": "172800"}
+    async with start_server(clock=lambda: now[0], **env) as running:
+        crypto = running.app.crypto
+        key = await crypto.get_key(SYSTEM_TENANT, TOKEN_KEY)
+        assert key.rotation_period == 172800
+        assert key.next_rotation_at == pytest.approx(now[0] + 172800, abs=5)
+        _, _, password = await running.app.auth.bootstrap("acme", EMAIL)
+        old = (await login(running, password)).tokens.access_token
+
+        async def primary_is(version):
+            return (await crypto.get_key(SYSTEM_TENANT, TOKEN_KEY)).primary_version == version
+
+        now[0] += 172800 + 1  # the rotation is due: the sweeper does it
+        await _wait_for(lambda: primary_is(2))
+        now[0] = time.time()  # back to the wall clock, which the token verifier uses
+        new = (await login(running, password)).tokens.access_token
+        old_kid, new_kid = (jwt.get_unverified_header(t)["kid"] for t in (old, new))
+        assert (old_kid, new_kid) == (f"{key.key_id}.1", f"{key.key_id}.2")
+
+        async def published():
+            jwks = json.loads((await running.auth.GetJwks(pb.GetJwksRequest())).jwks)
+            return {k["kid"]: jwt.PyJWK(k).key for k in jwks["keys"]}
+
+        async def accepted(token):
+            try:
+                await running.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(token))
+            except grpc.aio.AioRpcError as error:
+                assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+                return False
+            return True
+
+        keys = await published()
+        for token, kid in ((old, old_kid), (new, new_kid)):
+            assert await accepted(token)
+            claims = jwt.decode(token, keys[kid], algorithms=["EdDSA"], audience="trustplane")
+            assert claims["sub"]
+        # Scheduled for destruction: still published, its tokens still verify.
+        await crypto.schedule_destruction(SYSTEM_TENANT, TOKEN_KEY, 1, 1)
+        assert old_kid in await published() and await accepted(old)

@@ -89,3 +89,14 @@ def test_config_is_frozen():
     config = Config.from_environ({})
     with pytest.raises(AttributeError):
         config.data_dir = Path("/elsewhere")  # type: ignore[misc]
+
+
+def test_token_key_rotation_period():
+    assert Config.from_environ({}).auth.token_key_rotation == 30 * 86400
+    assert (
+        Config.from_environ({"TRUSTPLANE_TOKEN_KEY_ROTATION": "0"}).auth.token_key_rotation is None
+    )
+    week = Config.from_environ({"TRUSTPLANE_TOKEN_KEY_ROTATION": "604800"})
+    assert week.auth.token_key_rotation == 604800
+    with pytest.raises(ConfigError, match="TRUSTPLANE_TOKEN_KEY_ROTATION"):
+        Config.from_environ({"TRUSTPLANE_TOKEN_KEY_ROTATION": "3600"})  # under a day

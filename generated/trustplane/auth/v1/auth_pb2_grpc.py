@@ -224,7 +224,9 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJwks(self, request, context):
-        """Publishes the public keys that verify access tokens (current and previous versions).
+        """Publishes the public keys that verify access tokens: every version of the signing key
+        that is not destroyed (the primary, and older ones until their destruction), each with
+        its `kid`. The key rotates every TRUSTPLANE_TOKEN_KEY_ROTATION (default 30 days).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,7 +53,10 @@ class AuthServiceStub:
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_auth_pb2.WhoAmIRequest, _auth_pb2.WhoAmIResponse]
     """Returns the caller as the server sees it."""
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
-    """Publishes the public keys that verify access tokens (current and previous versions)."""
+    """Publishes the public keys that verify access tokens: every version of the signing key
+    that is not destroyed (the primary, and older ones until their destruction), each with
+    its `kid`. The key rotates every TRUSTPLANE_TOKEN_KEY_ROTATION (default 30 days).
+    """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListSessionsRequest, _auth_pb2.ListSessionsResponse]
     """Lists active auth sessions, newest first: the caller's own, or (with `principal_id`, for
     holders of `auth.sessions.manage`: admins and owners) those of any principal of the
@@ -207,7 +210,10 @@ class AuthServiceAsyncStub(AuthServiceStub):
     WhoAmI: _aio.UnaryUnaryMultiCallable[_auth_pb2.WhoAmIRequest, _auth_pb2.WhoAmIResponse]  # type: ignore[assignment]
     """Returns the caller as the server sees it."""
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
-    """Publishes the public keys that verify access tokens (current and previous versions)."""
+    """Publishes the public keys that verify access tokens: every version of the signing key
+    that is not destroyed (the primary, and older ones until their destruction), each with
+    its `kid`. The key rotates every TRUSTPLANE_TOKEN_KEY_ROTATION (default 30 days).
+    """
     ListSessions: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListSessionsRequest, _auth_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """Lists active auth sessions, newest first: the caller's own, or (with `principal_id`, for
     holders of `auth.sessions.manage`: admins and owners) those of any principal of the
@@ -382,7 +388,10 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.GetJwksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.GetJwksResponse, _abc.Awaitable[_auth_pb2.GetJwksResponse]]:
-        """Publishes the public keys that verify access tokens (current and previous versions)."""
+        """Publishes the public keys that verify access tokens: every version of the signing key
+        that is not destroyed (the primary, and older ones until their destruction), each with
+        its `kid`. The key rotates every TRUSTPLANE_TOKEN_KEY_ROTATION (default 30 days).
+        """
 
     @_abc_1.abstractmethod
     def ListSessions(
