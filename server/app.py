@@ -284,7 +284,7 @@ class App:
         await self._migrate(self.db)
         self.cache = open_cache(self.config.cache.url, self.config.cache.prefix)
         self.crypto = self._build_crypto(self.db, self.cache)
-        self.own_keys = LocalKeySource(loader=self._token_jwks)
+        self.own_keys = LocalKeySource(loader=self._token_jwks, on_removed=self._forget_tokens)
         auth_store = PgAuthStore(self.db)
         self.api_keys = ApiKeys(auth_store, self.crypto, clock=self.clock)
         await self.api_keys.start()
@@ -336,6 +336,10 @@ class App:
                 self._every(self.config.crypto.sweep_interval, self.api_keys.flush),
                 name="api-key-last-use",
             ),
+            asyncio.create_task(  # rotations and destructions of the token key reach the verifier
+                self._every(self.config.crypto.sweep_interval, self.own_keys.refresh),
+                name="token-keys",
+            ),
             asyncio.create_task(
                 self._every(self.config.audit.checkpoint_interval, self.audit.checkpoints_due),
                 name="audit-checkpoints",
@@ -356,6 +360,12 @@ class App:
         assert self.security is not None
         sec = self.security
         return AuthenticateLayer(sec.tokens, sec.api_keys, sec.revocations)
+
+    def _forget_tokens(self) -> None:
+        """A token signing version was destroyed: tokens verified with it must not be
+        answered from the verified-token cache any more."""
+        if self.security is not None:
+            self.security.tokens.forget()
 
     async def _token_jwks(self) -> dict[str, Any]:
         """The public keys of our own access tokens, for the authenticate layer."""

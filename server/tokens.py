@@ -111,6 +111,9 @@ class KeySet:
             return self._keys.get(kid)
         return next(iter(self._keys.values())) if len(self._keys) == 1 else None
 
+    def kids(self) -> frozenset[str | None]:
+        return frozenset(self._keys)
+
 
 class JwksFileSource:
     """Keys from a JWKS file (how a Keycloak-style IdP's keys are configured); re-read on
@@ -130,14 +133,22 @@ class JwksFileSource:
 
 class LocalKeySource:
     """The server's own signing keys, published to it by the key owner (the Auth service's
-    keyring); `loader` is asked again on refresh."""
+    keyring); `loader` is asked again on refresh. When a publication drops a key (its version
+    was destroyed), `on_removed` runs, so tokens it verified can be forgotten."""
 
-    def __init__(self, loader: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        loader: Callable[[], Any] | None = None,
+        on_removed: Callable[[], None] | None = None,
+    ) -> None:
         self._loader = loader
+        self._on_removed = on_removed
         self._keys = KeySet()
 
     def publish(self, jwks: Mapping[str, Any]) -> None:
-        self._keys = KeySet.from_jwks(jwks)
+        before, self._keys = self._keys, KeySet.from_jwks(jwks)
+        if self._on_removed is not None and before.kids() - self._keys.kids():
+            self._on_removed()
 
     async def get(self, kid: str | None) -> PyJWK | None:
         return self._keys.select(kid)
@@ -267,6 +278,10 @@ class TokenVerifier:
 
     def stats(self) -> dict[str, float]:
         return {"hits": self.hits, "misses": self.misses, "size": len(self._verified)}
+
+    def forget(self) -> None:
+        """Drop every verified token (a key they may have been verified with is gone)."""
+        self._verified.clear()
 
     async def start(self) -> None:
         """Load every issuer's keys once; a broken source fails start-up loudly."""

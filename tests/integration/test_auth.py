@@ -1227,10 +1227,10 @@ async def _wait_for(predicate, timeout=10.0):
             await asyncio.sleep(0.05)
 
 
-async def test_token_signing_key_rotates_with_overlap(start_server):
+async def test_token_signing_key_rotates_with_overlap_until_destroyed(start_server):
     """The access-token key rotates by its period in the crypto sweeper: new tokens get the new
     kid, older tokens keep verifying (GetJwks and the server) while their version exists —
-    scheduled for destruction included."""
+    scheduled for destruction included — and stop once it is destroyed."""
     from server.auth.model import SYSTEM_TENANT, TOKEN_KEY
 
     now = [time.time()]
@@ -1273,3 +1273,22 @@ async def test_token_signing_key_rotates_with_overlap(start_server):
         # Scheduled for destruction: still published, its tokens still verify.
         await crypto.schedule_destruction(SYSTEM_TENANT, TOKEN_KEY, 1, 1)
         assert old_kid in await published() and await accepted(old)
+        # Destroyed: unpublished, and the server stops accepting its tokens (cache included).
+        now[0] += 86400 + 1
+        await _wait_for(lambda: primary_is(2))
+
+        async def destroyed():
+            versions = (await crypto.get_key(SYSTEM_TENANT, TOKEN_KEY)).versions
+            return versions[0].state.value == "destroyed"
+
+        await _wait_for(destroyed)
+        now[0] = time.time()
+        assert set(await published()) == {new_kid}
+
+        async def refused():
+            return not await accepted(old)
+
+        await _wait_for(refused)
+        status = await expect_error(running.auth.WhoAmI(pb.WhoAmIRequest(), metadata=bearer(old)))
+        assert status.reason == "TOKEN_SIGNATURE_INVALID"
+        assert await accepted(new)
