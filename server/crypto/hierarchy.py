@@ -2,13 +2,13 @@
 version's material. PostgreSQL only ever holds wrapped bytes.
 
 Root keys come from TRUSTPLANE_ROOT_KEY (base64, several separated by commas) or
-TRUSTPLANE_ROOT_KEY_FILE (one base64 key per line); the first is the primary, the rest can
-still unwrap (during a root rotation). With neither set, `<data_dir>/root.key` is used,
-generated on first start with mode 0600. Each root key has a short id (a hash of it) stored
-with every KEK it wraps, so the right one is picked and a server started with the wrong root
-key refuses instead of producing garbage. Wrapping is AES-256-GCM with a random nonce and the
-tenant (and key/version) bound as associated data; wraps are rare (one per tenant KEK and per
-key version), far below the random-nonce bound.
+TRUSTPLANE_ROOT_KEY_FILE (one base64 key per line, re-read when it changes); the first is the
+primary, the rest can still unwrap (during a root rotation). With neither set,
+`<data_dir>/root.key` is used, generated on first start with mode 0600. Each root key has a
+short id (a hash of it) stored with every KEK it wraps, so the right one is picked and a server
+started with the wrong root key refuses instead of producing garbage. Wrapping is AES-256-GCM
+with a random nonce and the tenant (and key/version) bound as associated data; wraps are rare
+(one per tenant KEK and per key version), far below the random-nonce bound.
 """
 
 from __future__ import annotations
@@ -82,10 +82,22 @@ def add_primary_key(path: Path) -> None:
 
 
 class RootKeys:
-    """The loaded root keys; `reload` re-reads the source (a rotation done elsewhere)."""
+    """The loaded root keys; `reload` re-reads the source (a rotation done elsewhere).
 
-    def __init__(self, load: Callable[[], list[bytes]]) -> None:
+    A key file is watched: before every wrap and unwrap (rare — a tenant KEK is unwrapped once
+    per cache TTL, wrapped once per tenant) its identity and modification time are compared
+    with those it was loaded from, and a changed file is read again. So after `keys
+    rotate-root --generate` a running server wraps new tenant KEKs under the new primary at
+    once, and a root key removed from the file is forgotten, with no restart and no message.
+    A file that cannot be read or parsed keeps the keys loaded before (and is logged).
+    """
+
+    def __init__(
+        self, load: Callable[[], list[bytes]], stamp: Callable[[], object] | None = None
+    ) -> None:
         self._load = load
+        self._stamp = stamp
+        self._loaded: object = None
         self._keys: dict[str, bytes] = {}
         self.primary_id = ""
         self.reload()
@@ -97,21 +109,43 @@ class RootKeys:
         path = key_file or data_dir / "root.key"
         if key_file is None and not path.exists():
             generate_key_file(path)
-        return cls(lambda: parse_keys(path.read_text(), str(path)))
+        return cls(lambda: parse_keys(path.read_text(), str(path)), lambda: _file_stamp(path))
 
     def reload(self) -> None:
-        keys = self._load()
+        stamp = self._stamp() if self._stamp is not None else None  # before reading: a change
+        keys = self._load()  # made while we read is seen next time
         self._keys = {root_key_id(key): key for key in keys}
         self.primary_id = root_key_id(keys[0])
+        self._loaded = stamp
+
+    def _follow_file(self) -> None:
+        """Re-read a key file that changed since it was loaded."""
+        if self._stamp is None or self._stamp() == self._loaded:
+            return
+        before = self.primary_id
+        try:
+            self.reload()
+        except (OSError, ValueError) as exc:
+            _log.warning(
+                "root key file changed but cannot be read; keeping the keys loaded: %s", exc
+            )
+            return
+        if self.primary_id != before:
+            _log.warning(
+                "root key file changed: new tenant KEKs are wrapped under a new primary root key",
+                extra={"root_key_id": self.primary_id},
+            )
 
     def wrap(self, material: bytes, context: bytes) -> tuple[str, bytes]:
         """Wrap under the primary root key: (root key id, nonce || ciphertext)."""
+        self._follow_file()
         return self.primary_id, seal(self._keys[self.primary_id], material, context)
 
     def unwrap(self, root_id: str, wrapped: bytes, context: bytes) -> bytes:
+        self._follow_file()
         key = self._keys.get(root_id)
-        if key is None:
-            self.reload()  # maybe rotated while we were running
+        if key is None and self._stamp is None:
+            self.reload()  # an environment value cannot change, but a loader may
             key = self._keys.get(root_id)
         if key is None:
             raise RootKeyUnavailable()
@@ -125,6 +159,15 @@ class RootKeys:
 
     def knows(self, root_id: str) -> bool:
         return root_id in self._keys
+
+
+def _file_stamp(path: Path) -> object:
+    """What changes when a file is replaced or rewritten (None when it is missing)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
 
 
 def seal(key: bytes, plaintext: bytes, context: bytes) -> bytes:

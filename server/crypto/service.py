@@ -506,12 +506,18 @@ class KeyManager:
         await self._store.add_usage(grouped)
 
     async def rotate_root(self) -> int:
-        """Rewrap every tenant KEK not under the primary root key; returns how many."""
+        """Rewrap every tenant KEK not under the primary root key; returns how many. Passes
+        repeat until one finds nothing left (at most five), so a KEK that a running server
+        wrapped under the old primary while a pass ran is rewrapped too."""
         done = 0
-        for tenant_id, root_id, wrapped in await self._store.keks_not_under(self._roots.primary_id):
-            kek = self._roots.unwrap(root_id, wrapped, kek_context(tenant_id))
-            new_root, rewrapped = self._roots.wrap(kek, kek_context(tenant_id))
-            done += await self._store.rewrap_kek(tenant_id, root_id, new_root, rewrapped)
+        for _ in range(5):
+            pending = await self._store.keks_not_under(self._roots.primary_id)
+            if not pending:
+                break
+            for tenant_id, root_id, wrapped in pending:
+                kek = self._roots.unwrap(root_id, wrapped, kek_context(tenant_id))
+                new_root, rewrapped = self._roots.wrap(kek, kek_context(tenant_id))
+                done += await self._store.rewrap_kek(tenant_id, root_id, new_root, rewrapped)
         return done
 
     async def follow(self) -> None:

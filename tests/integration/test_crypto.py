@@ -21,7 +21,7 @@ from trustplane.crypto.v1 import crypto_pb2 as pb
 
 from interceptors.idempotency import scope_key
 from server.actor import ActorContext, AuthMethod, PrincipalType
-from server.crypto.hierarchy import RootKeyUnavailable
+from server.crypto.hierarchy import RootKeyUnavailable, root_key_id
 from server.crypto.model import Algorithm
 from server.methods import spec_from_descriptor
 from tests.support.process import server_env
@@ -504,3 +504,55 @@ async def test_signing_api_for_other_services(server):
     await keys.rotate("_system", "auth-tokens")
     kids = {k["kid"] for k in (await keys.jwks("_system", "auth-tokens"))["keys"]}
     assert kids == {f"{key.key_id}.1", f"{key.key_id}.2"} and version == 1
+
+
+async def test_root_rotation_reaches_a_running_server_at_once(start_server, idp, tmp_path):
+    """After `keys rotate-root --generate`, the server that keeps running wraps a new tenant's KEK
+    under the new primary root key (no restart), still reads the old data, and keeps reading
+    everything once the old root key is removed from the file."""
+    key_file = tmp_path / "root.key"
+    key_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    key_file.chmod(0o600)
+    old_root = root_key_id(base64.b64decode(key_file.read_text().split()[0]))
+    env = {"TRUSTPLANE_ROOT_KEY_FILE": str(key_file), "TRUSTPLANE_KEY_CACHE_TTL": "0"}
+    kek_root = "SELECT root_key_id FROM crypto_tenant_keks WHERE tenant_id = $1"
+    async with start_server(**env) as running:
+        admin = bearer(idp.token(roles=["admin"]))
+        await create(running, admin)
+        sealed = (await encrypt(running, admin)).ciphertext
+        assert await running.app.db.fetchval(kek_root, TENANT) == old_root
+        cli = server_env(
+            DATABASE_URL=running.app.config.database.url, TRUSTPLANE_ROOT_KEY_FILE=str(key_file)
+        )
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "server", "keys", "rotate-root", "--generate"],
+            env=cli,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        new_root = root_key_id(base64.b64decode(key_file.read_text().split()[0]))
+        assert new_root != old_root
+        # A tenant that appears now gets its KEK from the running server, under the new root.
+        other = bearer(idp.token(roles=["admin"], tid=OTHER_TENANT))
+        await create(running, other)
+        other_sealed = (await encrypt(running, other, plaintext=b"theirs")).ciphertext
+        assert await running.app.db.fetchval(kek_root, OTHER_TENANT) == new_root
+        assert await running.app.db.fetchval(kek_root, TENANT) == new_root  # rewrapped
+        assert (await decrypt(running, admin, sealed)).plaintext == b"secret"
+        # The old root key leaves the file: the running server forgets it and reads on.
+        key_file.write_text(key_file.read_text().splitlines()[0] + "\n")
+        assert (await decrypt(running, admin, sealed)).plaintext == b"secret"
+        assert (await decrypt(running, other, other_sealed)).plaintext == b"theirs"
+        assert (await encrypt(running, other)).key_version == 1
+        remaining = await running.app.db.fetchval(
+            "SELECT count(*) FROM crypto_tenant_keks WHERE root_key_id <> $1", new_root
+        )
+        assert remaining == 0
+        config = running.app.config
+    async with start_server(config=config) as fresh:  # only the new root key exists now
+        assert (await decrypt(fresh, admin, sealed)).plaintext == b"secret"
+        assert (await decrypt(fresh, other, other_sealed)).plaintext == b"theirs"

@@ -1,0 +1,50 @@
+"""Root keys follow their key file while the server runs (no restart, no message)."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+
+from server.crypto.hierarchy import RootKeys, RootKeyUnavailable, kek_context, root_key_id
+
+
+def _key() -> tuple[bytes, str]:
+    raw = os.urandom(32)
+    return raw, base64.b64encode(raw).decode()
+
+
+def _write(path: Path, *lines: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("".join(line + "\n" for line in lines))
+    os.replace(temporary, path)  # as `keys rotate-root --generate` does
+
+
+def test_a_changed_file_is_followed(tmp_path: Path) -> None:
+    path = tmp_path / "root.key"
+    (old, old_text), (new, new_text) = _key(), _key()
+    _write(path, old_text)
+    roots = RootKeys.from_config(None, path, tmp_path)
+    old_id, wrapped = roots.wrap(b"k" * 32, kek_context("t"))
+    assert old_id == root_key_id(old)
+    _write(path, new_text, old_text)  # a new primary, the old key kept to unwrap
+    new_id, _ = roots.wrap(b"k" * 32, kek_context("t"))
+    assert new_id == root_key_id(new)
+    assert roots.unwrap(old_id, wrapped, kek_context("t")) == b"k" * 32
+    _write(path, new_text)  # the old key removed: forgotten as well
+    with pytest.raises(RootKeyUnavailable):
+        roots.unwrap(old_id, wrapped, kek_context("t"))
+
+
+def test_an_unreadable_file_keeps_the_loaded_keys(tmp_path: Path) -> None:
+    path = tmp_path / "root.key"
+    raw, text = _key()
+    _write(path, text)
+    roots = RootKeys.from_config(None, path, tmp_path)
+    _write(path, "not base64!")
+    root_id, wrapped = roots.wrap(b"m", kek_context("t"))
+    assert root_id == root_key_id(raw)
+    path.unlink()
+    assert roots.unwrap(root_id, wrapped, kek_context("t")) == b"m"
