@@ -15,7 +15,10 @@ import uuid
 import grpc
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from google.protobuf import duration_pb2, field_mask_pb2
 from trustplane.crypto.v1 import crypto_pb2 as pb
 
@@ -94,10 +97,13 @@ async def test_cross_tenant_keys_and_ciphertexts_are_not_found(server, idp, admi
     await create(server, other)  # same name in the other tenant: a different key
     status = await expect_error(decrypt(server, other, sealed.ciphertext))
     assert status.code is grpc.StatusCode.NOT_FOUND
-    listed = await server.crypto.ListKeys(pb.ListKeysRequest(), metadata=other)
-    assert [k.key_id for k in listed.keys] != [
-        (await server.crypto.GetKey(pb.GetKeyRequest(name="k"), metadata=admin)).key.key_id
-    ]
+    await create(server, admin, name="only-a")
+    mine = await server.crypto.ListKeys(pb.ListKeysRequest(), metadata=admin)
+    theirs = await server.crypto.ListKeys(pb.ListKeysRequest(), metadata=other)
+    assert {k.name for k in mine.keys} == {"k", "only-a"}
+    # The other tenant sees exactly its own key "k" and nothing of tenant A's.
+    assert [k.name for k in theirs.keys] == ["k"]
+    assert not {k.key_id for k in theirs.keys} & {k.key_id for k in mine.keys}
 
 
 async def test_ciphertext_bound_to_its_key(server, admin):
@@ -252,12 +258,45 @@ async def test_sign_verify_and_public_key(server, admin, algorithm, alg):
     public = await server.crypto.GetPublicKey(pb.GetPublicKeyRequest(name="k"), metadata=admin)
     jwk = json.loads(public.jwk)
     assert jwk["alg"] == alg and jwk["kid"] == signed.kid
-    # Verified offline, with only the public key, as any other language would.
-    key = serialization.load_pem_public_key(public.pem.encode())
-    token = jwt.api_jws.PyJWS()
-    assert key is not None and token is not None
-    loaded = jwt.PyJWK(jwk)
-    assert loaded.key_id == signed.kid
+    # Verified offline, with only the public key, as any other language would: from the PEM,
+    # and from the JWK's own coordinates.
+    from_pem = serialization.load_pem_public_key(public.pem.encode())
+    from_jwk = _public_key_from_jwk(jwk)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert from_pem.public_bytes(*spki) == from_jwk.public_bytes(*spki)
+    for key in (from_pem, from_jwk):
+        _verify_offline(key, algorithm, signed.signature, b"msg")  # raises if invalid
+        with pytest.raises(InvalidSignature):
+            _verify_offline(key, algorithm, signed.signature, b"other")
+    # And as a JOSE library would, with the JWK as published (ES256 wants r || s, not DER).
+    jose = jwt.get_algorithm_by_name(alg)
+    raw = signed.signature
+    if algorithm == pb.KEY_ALGORITHM_ECDSA_P256_SHA256:
+        r, s = decode_dss_signature(raw)
+        raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    assert jose.verify(b"msg", jwt.PyJWK(jwk).key, raw)
+    assert not jose.verify(b"other", jwt.PyJWK(jwk).key, raw)
+
+
+def _b64url(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _public_key_from_jwk(jwk):
+    """RFC 8037 (OKP) / RFC 7518 (EC) by hand: no JOSE library involved."""
+    if jwk["kty"] == "OKP":
+        assert jwk["crv"] == "Ed25519"
+        return ed25519.Ed25519PublicKey.from_public_bytes(_b64url(jwk["x"]))
+    assert (jwk["kty"], jwk["crv"]) == ("EC", "P-256")
+    x, y = (int.from_bytes(_b64url(jwk[c]), "big") for c in ("x", "y"))
+    return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+
+
+def _verify_offline(key, algorithm, signature, message):
+    if algorithm == pb.KEY_ALGORITHM_ED25519:
+        key.verify(signature, message)
+    else:
+        key.verify(signature, message, ec.ECDSA(hashes.SHA256()))  # DER, as the proto says
 
 
 async def test_mac_and_verify(server, admin):
