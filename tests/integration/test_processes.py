@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -49,6 +51,14 @@ def test_zero_setup_serves_health_and_reflection(tmp_path):
     log_lines = [line for line in out.splitlines() if line.startswith('{"ts"')]
     assert log_lines and not any(password in line or key in line for line in log_lines)
     assert '"msg":"stopped"' in out
+    # The root key was generated under the data directory, readable by this user only, and the
+    # server said so (without ever printing the key).
+    root_key = tmp_path / ".trustplane" / "root.key"
+    assert stat.S_IMODE(root_key.stat().st_mode) == 0o600
+    generated = [json.loads(line) for line in log_lines if "generated a new root key" in line]
+    assert len(generated) == 1 and generated[0]["level"] == "WARNING"
+    assert generated[0]["path"].endswith(".trustplane/root.key")
+    assert root_key.read_text().strip() not in out
 
 
 def test_workers_refused_without_redis(tmp_path):
