@@ -341,7 +341,10 @@ class KeyManager:
         key = await self._usable(tenant_id, name, Purpose.ENCRYPT_DECRYPT)
         sealer = await self._sealer(key)
         if any(len(plaintext) > MAX_ITEM_BYTES for plaintext, _ in items):
-            return [_seal_item(sealer, tenant_id, item) for item in items]
+            results = [_seal_item(sealer, tenant_id, item) for item in items]
+            sealed = sum(1 for result in results if result.error is None)
+            self._usage[(key.key_id, key.primary_version, "encrypt")] += sealed
+            return results
         self._usage[(key.key_id, key.primary_version, "encrypt")] += len(items)
         version = key.primary_version
         return [ItemResult(data, version) for data in sealer.seal_many(tenant_id, items)]
@@ -497,13 +500,19 @@ class KeyManager:
         await self.flush_usage()
 
     async def flush_usage(self) -> None:
+        """Add the counts gathered since the last flush to PostgreSQL, in one transaction; if
+        that fails, the counts are kept (added to those gathered meanwhile) for the next one."""
         if not self._usage:
             return
         counts, self._usage = self._usage, Counter()
         grouped: dict[tuple[str, int], dict[str, int]] = {}
         for (key_id, version, kind), n in counts.items():
             grouped.setdefault((key_id, version), {})[kind] = n
-        await self._store.add_usage(grouped)
+        try:
+            await self._store.add_usage(grouped)
+        except BaseException:
+            self._usage.update(counts)
+            raise
 
     async def rotate_root(self) -> int:
         """Rewrap every tenant KEK not under the primary root key; returns how many. Passes

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 
+import asyncpg
 import grpc
 import jwt
 import pytest
@@ -595,3 +596,85 @@ async def test_root_rotation_reaches_a_running_server_at_once(start_server, idp,
     async with start_server(config=config) as fresh:  # only the new root key exists now
         assert (await decrypt(fresh, admin, sealed)).plaintext == b"secret"
         assert (await decrypt(fresh, other, other_sealed)).plaintext == b"theirs"
+
+
+async def _wait_for_usage(running, metadata, expected, name="k"):
+    """Per-version usage as GetKey reports it, once the coalesced flush has written it."""
+    async with asyncio.timeout(10):
+        while True:
+            key = (await running.crypto.GetKey(pb.GetKeyRequest(name=name), metadata=metadata)).key
+            usage = [dict(v.usage) for v in key.versions]
+            if usage == expected:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_usage_is_counted_per_version(start_server, idp):
+    async with start_server(TRUSTPLANE_CRYPTO_SWEEP_INTERVAL="0.05") as running:
+        admin = bearer(idp.token(roles=["admin"]))
+        await create(running, admin)
+        sealed = [(await encrypt(running, admin)).ciphertext for _ in range(5)]
+        for ciphertext in sealed[:2]:
+            await decrypt(running, admin, ciphertext)
+        await _wait_for_usage(running, admin, [{"encrypt": 5, "decrypt": 2}])
+        await running.crypto.RotateKey(pb.RotateKeyRequest(name="k"), metadata=admin)
+        for _ in range(3):
+            await encrypt(running, admin)
+        items = [pb.EncryptItem(plaintext=b"p", associated_data=b"a")] * 4
+        await running.crypto.BatchEncrypt(
+            pb.BatchEncryptRequest(name="k", items=items), metadata=admin
+        )
+        await decrypt(running, admin, sealed[4])
+        await _wait_for_usage(running, admin, [{"encrypt": 5, "decrypt": 3}, {"encrypt": 7}])
+
+
+async def test_usage_counts_survive_a_failed_flush(start_server, idp):
+    """The write of the coalesced counts fails (the database refuses it): nothing is lost, the
+    next flush writes them with the ones gathered meanwhile."""
+    async with start_server(TRUSTPLANE_CRYPTO_SWEEP_INTERVAL="3600") as running:
+        admin = bearer(idp.token(roles=["admin"]))
+        await create(running, admin)
+        db = running.app.db.pool
+        await db.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$"
+        )
+        await db.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON crypto_key_versions "
+            "FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+        for _ in range(3):
+            await encrypt(running, admin)
+        with pytest.raises(asyncpg.RaiseError):
+            await running.app.crypto.flush_usage()
+        await db.execute("DROP TRIGGER refuse ON crypto_key_versions")
+        await encrypt(running, admin)
+        await running.app.crypto.flush_usage()
+        await _wait_for_usage(running, admin, [{"encrypt": 4}])
+
+
+async def test_batch_encrypt_reports_an_oversize_item_on_its_own(start_server, idp):
+    async with start_server(TRUSTPLANE_CRYPTO_SWEEP_INTERVAL="0.05") as running:
+        admin = bearer(idp.token(roles=["admin"]))
+        await create(running, admin)
+        items = [
+            pb.EncryptItem(plaintext=b"first", associated_data=b"a"),
+            pb.EncryptItem(plaintext=b"x" * (64 * 1024 + 1), associated_data=b"a"),
+            pb.EncryptItem(plaintext=b"third", associated_data=b"a"),
+        ]
+        results = (
+            await running.crypto.BatchEncrypt(
+                pb.BatchEncryptRequest(name="k", items=items), metadata=admin
+            )
+        ).results
+        error = results[1].error
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT.value[0],
+            "REQUEST_TOO_LARGE",
+        )
+        assert not results[1].data and "64 KiB" in error.message
+        for index, plaintext in ((0, b"first"), (2, b"third")):
+            assert not results[index].HasField("error")
+            opened = await decrypt(running, admin, results[index].data, aad=b"a")
+            assert opened.plaintext == plaintext
+        await _wait_for_usage(running, admin, [{"encrypt": 2, "decrypt": 2}])
