@@ -102,7 +102,7 @@ class KeyStore(Protocol):
     async def get(self, tenant_id: str, name: str) -> Key | None: ...
     async def require(self, tenant_id: str, name: str) -> Key: ...
     async def list_keys(self, tenant_id: str, after: str, limit: int) -> list[Key]: ...
-    async def material(self, key_id: str, version: int) -> bytes | None: ...
+    async def material(self, tenant_id: str, key_id: str, version: int) -> bytes | None: ...
     async def update(
         self, tenant_id: str, name: str, patch: KeyPatch, revision: int | None, now: float
     ) -> Key: ...
@@ -122,7 +122,7 @@ class KeyStore(Protocol):
     async def due_rotations(self, now: float) -> list[tuple[str, str]]: ...
     async def destroy_due(self, now: float) -> list[tuple[str, str, int]]: ...
     async def destroy_all(self, tenant_id: str, name: str, now: float) -> int: ...
-    async def add_usage(self, counts: dict[tuple[str, int], dict[str, int]]) -> None: ...
+    async def add_usage(self, counts: dict[tuple[str, str, int], dict[str, int]]) -> None: ...
 
 
 class ItemResult(NamedTuple):
@@ -176,7 +176,7 @@ class KeyManager:
         self._clock = clock
         self._keys = _TtlCache(material_ttl, cache_size, time.monotonic)
         self._material = _TtlCache(material_ttl, cache_size, time.monotonic)
-        self._usage: Counter[tuple[str, int, str]] = Counter()
+        self._usage: Counter[tuple[str, str, int, str]] = Counter()  # tenant, key, version, op
         self._loading: dict[tuple[str, str], asyncio.Future[Key]] = {}
         self.page_tokens = PageTokens(roots.derive(b"page-tokens"))
 
@@ -312,7 +312,7 @@ class KeyManager:
         key = await self._usable(tenant_id, name, Purpose.ENCRYPT_DECRYPT)
         self._check_readable(key, key.primary_version)
         sealer = await self._sealer(key)
-        self._usage[(key.key_id, key.primary_version, "encrypt")] += 1
+        self._usage[(key.tenant_id, key.key_id, key.primary_version, "encrypt")] += 1
         return sealer.seal(tenant_id, plaintext, aad), key.primary_version
 
     async def decrypt(
@@ -331,7 +331,7 @@ class KeyManager:
             plaintext = ciphertext.open_sealed(data, tenant_id, aad, subkey)
         except ciphertext.CiphertextError:
             raise CiphertextInvalid() from None
-        self._usage[(key.key_id, header.key_version, "decrypt")] += 1
+        self._usage[(key.tenant_id, key.key_id, header.key_version, "decrypt")] += 1
         return plaintext, header.key_version
 
     async def batch_encrypt(
@@ -343,9 +343,9 @@ class KeyManager:
         if any(len(plaintext) > MAX_ITEM_BYTES for plaintext, _ in items):
             results = [_seal_item(sealer, tenant_id, item) for item in items]
             sealed = sum(1 for result in results if result.error is None)
-            self._usage[(key.key_id, key.primary_version, "encrypt")] += sealed
+            self._usage[(key.tenant_id, key.key_id, key.primary_version, "encrypt")] += sealed
             return results
-        self._usage[(key.key_id, key.primary_version, "encrypt")] += len(items)
+        self._usage[(key.tenant_id, key.key_id, key.primary_version, "encrypt")] += len(items)
         version = key.primary_version
         return [ItemResult(data, version) for data in sealer.seal_many(tenant_id, items)]
 
@@ -386,7 +386,7 @@ class KeyManager:
         _check_size(message, "message")
         key = await self._usable(tenant_id, name, Purpose.SIGN_VERIFY)
         private = await self._object(key, key.primary_version)
-        self._usage[(key.key_id, key.primary_version, "sign")] += 1
+        self._usage[(key.tenant_id, key.key_id, key.primary_version, "sign")] += 1
         signature = primitives.sign(key.algorithm, private, message)
         return signature, key.primary_version, f"{key.key_id}.{key.primary_version}"
 
@@ -396,14 +396,14 @@ class KeyManager:
         key = await self._usable(tenant_id, name, Purpose.SIGN_VERIFY)
         self._check_readable(key, version)
         private = await self._object(key, version)
-        self._usage[(key.key_id, version, "verify")] += 1
+        self._usage[(key.tenant_id, key.key_id, version, "verify")] += 1
         return primitives.verify(key.algorithm, private, message, signature)
 
     async def mac(self, tenant_id: str, name: str, data: bytes) -> tuple[bytes, int]:
         _check_size(data, "data")
         key = await self._usable(tenant_id, name, Purpose.MAC)
         material = await self._object(key, key.primary_version)
-        self._usage[(key.key_id, key.primary_version, "mac")] += 1
+        self._usage[(key.tenant_id, key.key_id, key.primary_version, "mac")] += 1
         return primitives.mac(material, data), key.primary_version
 
     async def verify_mac(
@@ -412,7 +412,7 @@ class KeyManager:
         key = await self._usable(tenant_id, name, Purpose.MAC)
         self._check_readable(key, version)
         material = await self._object(key, version)
-        self._usage[(key.key_id, version, "verify_mac")] += 1
+        self._usage[(key.tenant_id, key.key_id, version, "verify_mac")] += 1
         return primitives.verify_mac(material, data, tag)
 
     async def public_key(
@@ -468,7 +468,7 @@ class KeyManager:
         }
         signing_input = f"{_b64(header)}.{_b64(claims)}".encode()
         private = await self._object(key, version)
-        self._usage[(key.key_id, version, "sign")] += 1
+        self._usage[(key.tenant_id, key.key_id, version, "sign")] += 1
         signature = primitives.jws_signature(key.algorithm, private, signing_input)
         return (
             signing_input.decode() + "." + base64.urlsafe_b64encode(signature).decode().rstrip("=")
@@ -505,9 +505,9 @@ class KeyManager:
         if not self._usage:
             return
         counts, self._usage = self._usage, Counter()
-        grouped: dict[tuple[str, int], dict[str, int]] = {}
-        for (key_id, version, kind), n in counts.items():
-            grouped.setdefault((key_id, version), {})[kind] = n
+        grouped: dict[tuple[str, str, int], dict[str, int]] = {}
+        for (tenant_id, key_id, version, kind), n in counts.items():
+            grouped.setdefault((tenant_id, key_id, version), {})[kind] = n
         try:
             await self._store.add_usage(grouped)
         except BaseException:
@@ -610,7 +610,7 @@ class KeyManager:
         return found
 
     async def _version_material(self, key: Key, version: int) -> bytes:
-        wrapped = await self._store.material(key.key_id, version)
+        wrapped = await self._store.material(key.tenant_id, key.key_id, version)
         if wrapped is None:
             raise KeyVersionDestroyed(metadata={"version": str(version)})
         kek = await self._kek(key.tenant_id)

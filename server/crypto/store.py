@@ -1,6 +1,10 @@
 """PostgreSQL store of the crypto feature: the only place its SQL lives.
 
-Every query names the tenant. Driver errors become domain errors here, by exception class.
+Every query is scoped by tenant: it names the tenant, or — for a key's versions, which have no
+tenant column — joins the key row and names the tenant there, or works on a key row it locked
+by (tenant, name) earlier in the same transaction. The exceptions are deliberate system-wide
+jobs: the sweeper's `due_rotations` and `destroy_due`, and root-key rotation's
+`keks_not_under`. Driver errors become domain errors here, by exception class.
 """
 
 from __future__ import annotations
@@ -139,8 +143,10 @@ class PgKeyStore:
             if row is None:
                 return None
             versions = await conn.fetch(
-                "SELECT version, state, created_at, destroy_at, usage FROM crypto_key_versions "
-                "WHERE key_id = $1 ORDER BY version",
+                "SELECT v.version, v.state, v.created_at, v.destroy_at, v.usage "
+                "FROM crypto_key_versions v JOIN crypto_keys k ON k.id = v.key_id "
+                "WHERE k.tenant_id = $1 AND v.key_id = $2 ORDER BY v.version",
+                tenant_id,
                 row["id"],
             )
         return _key(row, versions)
@@ -162,11 +168,13 @@ class PgKeyStore:
             )
         return [_key(row, ()) for row in rows]
 
-    async def material(self, key_id: str, version: int) -> bytes | None:
+    async def material(self, tenant_id: str, key_id: str, version: int) -> bytes | None:
         async with self._db.acquire() as conn:
             value = await conn.fetchval(
-                "SELECT wrapped_material FROM crypto_key_versions "
-                "WHERE key_id = $1 AND version = $2",
+                "SELECT v.wrapped_material FROM crypto_key_versions v "
+                "JOIN crypto_keys k ON k.id = v.key_id "
+                "WHERE k.tenant_id = $1 AND v.key_id = $2 AND v.version = $3",
+                tenant_id,
                 uuid.UUID(key_id),
                 version,
             )
@@ -190,13 +198,14 @@ class PgKeyStore:
             await conn.execute(
                 "UPDATE crypto_keys SET labels = $2, rotation_period = $3, next_rotation_at = $4,"
                 " min_decryption_version = $5, revision = revision + 1, updated_at = $6 "
-                "WHERE id = $1",
+                "WHERE id = $1 AND tenant_id = $7",
                 row["id"],
                 labels,
                 period,
                 _ts(next_at),
                 minimum,
                 _ts(now),
+                tenant_id,
             )
         return await self.require(tenant_id, name)
 
@@ -225,11 +234,12 @@ class PgKeyStore:
             period = row["rotation_period"]
             await conn.execute(
                 "UPDATE crypto_keys SET primary_version = $2, revision = revision + 1, "
-                "updated_at = $3, next_rotation_at = $4 WHERE id = $1",
+                "updated_at = $3, next_rotation_at = $4 WHERE id = $1 AND tenant_id = $5",
                 row["id"],
                 version,
                 _ts(now),
                 _ts(now + period) if period else None,
+                tenant_id,
             )
         return await self.require(tenant_id, name)
 
@@ -268,9 +278,11 @@ class PgKeyStore:
                 _ts(destroy_at),
             )
             await conn.execute(
-                "UPDATE crypto_keys SET revision = revision + 1, updated_at = $2 WHERE id = $1",
+                "UPDATE crypto_keys SET revision = revision + 1, updated_at = $2 "
+                "WHERE id = $1 AND tenant_id = $3",
                 row["id"],
                 _ts(now),
+                tenant_id,
             )
         return await self.require(tenant_id, name)
 
@@ -302,9 +314,11 @@ class PgKeyStore:
                 _ts(now),
             )
             await conn.execute(
-                "UPDATE crypto_keys SET revision = revision + 1, updated_at = $2 WHERE id = $1",
+                "UPDATE crypto_keys SET revision = revision + 1, updated_at = $2 "
+                "WHERE id = $1 AND tenant_id = $3",
                 row["id"],
                 _ts(now),
+                tenant_id,
             )
         return int(status.split()[-1])
 
@@ -320,18 +334,20 @@ class PgKeyStore:
             )
         return [(r["tenant_id"], r["name"], r["version"]) for r in rows]
 
-    async def add_usage(self, counts: dict[tuple[str, int], dict[str, int]]) -> None:
-        """Add coalesced per-version operation counts."""
+    async def add_usage(self, counts: dict[tuple[str, str, int], dict[str, int]]) -> None:
+        """Add coalesced per-version operation counts, keyed by (tenant, key id, version)."""
         async with self._db.transaction() as conn:
-            for (key_id, version), kinds in counts.items():
+            for (tenant_id, key_id, version), kinds in counts.items():
                 await conn.execute(
-                    "UPDATE crypto_key_versions SET usage = (SELECT jsonb_object_agg(k, "
-                    "COALESCE((usage->>k)::bigint, 0) + COALESCE((($3::jsonb)->>k)::bigint, 0))"
-                    " FROM jsonb_object_keys(usage || $3::jsonb) AS k) "
-                    "WHERE key_id = $1 AND version = $2",
+                    "UPDATE crypto_key_versions v SET usage = (SELECT jsonb_object_agg(n, "
+                    "COALESCE((v.usage->>n)::bigint, 0) + COALESCE((($3::jsonb)->>n)::bigint, 0))"
+                    " FROM jsonb_object_keys(v.usage || $3::jsonb) AS n) FROM crypto_keys k "
+                    "WHERE k.id = v.key_id AND k.tenant_id = $4 AND v.key_id = $1 "
+                    "AND v.version = $2",
                     uuid.UUID(key_id),
                     version,
                     json.dumps(kinds),
+                    tenant_id,
                 )
 
 

@@ -678,3 +678,17 @@ async def test_batch_encrypt_reports_an_oversize_item_on_its_own(start_server, i
             opened = await decrypt(running, admin, results[index].data, aad=b"a")
             assert opened.plaintext == plaintext
         await _wait_for_usage(running, admin, [{"encrypt": 2, "decrypt": 2}])
+
+
+async def test_store_reads_and_writes_versions_only_within_the_tenant(server, admin):
+    """A key id alone never reaches another tenant's version material or usage counters."""
+    from server.crypto.store import PgKeyStore
+
+    key = await create(server, admin)
+    store = PgKeyStore(server.app.db)
+    assert await store.material(TENANT, key.key_id, 1) is not None
+    assert await store.material(OTHER_TENANT, key.key_id, 1) is None
+    await store.add_usage({(OTHER_TENANT, key.key_id, 1): {"encrypt": 5}})
+    await store.add_usage({(TENANT, key.key_id, 1): {"encrypt": 2}})
+    stored = await store.require(TENANT, "k")
+    assert stored.versions[0].usage == {"encrypt": 2}
