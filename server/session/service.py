@@ -185,7 +185,7 @@ class AgentDirectory(Protocol):
 class AgentSessionRevoker(Protocol):
     """The deny-list (RevocationList)."""
 
-    async def revoke_agent_session(self, session_id: str) -> None: ...
+    async def revoke_agent_session(self, tenant_id: str, session_id: str) -> None: ...
 
 
 def _is_admin(actor: ActorContext) -> bool:
@@ -486,7 +486,7 @@ class SessionManager:
         """A session reached a terminal state: tell watchers, revoke its delegated tokens."""
         await self._announce("sessions", session.id, session.revision)
         try:
-            await self._revocations.revoke_agent_session(session.id)
+            await self._revocations.revoke_agent_session(session.tenant_id, session.id)
         except CacheUnavailable:
             # The deny-list is unreachable, and so every token check fails closed meanwhile;
             # the sweeper writes the entry once the cache is back.
@@ -579,10 +579,10 @@ class SessionManager:
         for approval in await self._store.expire_due_approvals(now, _SWEEP_BATCH):
             await self._announce("approvals", approval.id, approval.revision)
         pending = await self._store.unrevoked(_SWEEP_BATCH)
-        for session_id in pending:
-            await self._revocations.revoke_agent_session(session_id)
+        for tenant_id, session_id in pending:
+            await self._revocations.revoke_agent_session(tenant_id, session_id)
         if pending:
-            await self._store.mark_revoked(pending, self._clock())
+            await self._store.mark_revoked([s for _, s in pending], self._clock())
         cutoff = now - self._config.retention_days * 86_400.0
         purged = await self._store.purge(cutoff, _SWEEP_BATCH)
         if purged:

@@ -20,7 +20,7 @@ from trustplane.session.v1 import session_pb2_grpc
 
 from tests.support.process import ROOT, server_env
 from tests.support.status import expect_error
-from tests.support.tokens import OTHER_TENANT, bearer
+from tests.support.tokens import OTHER_TENANT, TENANT, bearer
 
 AGENT = "agent-7"
 S = pb.SessionState
@@ -396,6 +396,24 @@ async def test_list_filters_and_pages(server, idp):
         )
     )
     assert forged.reason == "PAGE_TOKEN_INVALID"
+
+
+async def test_ending_a_session_revokes_only_its_own_tenants_tokens(server, idp):
+    """The deny-list entry of an agent session is per tenant (`rv:asid:<tenant>:<id>`): a token
+    of another tenant carrying the same `asid` names another tenant's session and stays valid."""
+    svc, me = stub(server), agent_token(idp)
+    ended = await create(svc, me)
+
+    def bound(tenant):
+        claims = {"act": {"sub": AGENT, "ptype": "agent"}, "asid": ended.session_id}
+        return bearer(idp.token(sub="user-1", ptype="user", tid=tenant, **claims))
+
+    ours, theirs = bound(TENANT), bound(OTHER_TENANT)
+    await svc.CancelSession(pb.CancelSessionRequest(session_id=ended.session_id), metadata=me)
+    revoked = await expect_error(get(svc, ours, ended.session_id))
+    assert (revoked.code, revoked.reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+    elsewhere = await expect_error(get(svc, theirs, ended.session_id))
+    assert (elsewhere.code, elsewhere.reason) == (grpc.StatusCode.NOT_FOUND, "NOT_FOUND")
 
 
 async def test_expiry_lazy_and_by_sweeper_then_purge(start_server, idp, database_url):
