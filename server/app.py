@@ -298,6 +298,8 @@ class App:
         )
         self.mfa = Mfa(auth_store, self.crypto, self.cache, clock=self.clock)
         await self.mfa.start()
+        self.audit = self._build_audit(self.db, self.crypto)
+        await self.audit.start()
         self.sessions = SessionManager(
             PgSessionStore(self.db),
             auth_store,
@@ -305,6 +307,7 @@ class App:
             self.cache,
             self.config.session,
             self.crypto.page_tokens,
+            audit=self.audit if self.config.audit.enabled else None,  # expiry, revocations
             clock=self.clock,
         )
         self.auth = Authenticator(
@@ -321,8 +324,6 @@ class App:
         await self.auth.start()
         await self.security.tokens.start()
         self._following = asyncio.create_task(self.security.revocations.follow())
-        self.audit = self._build_audit(self.db, self.crypto)
-        await self.audit.start()
         self.policy = self._build_policy(self.db, self.cache, self.policy_bundles, self.security)
         self._services = [*build_services(self), *self._extra_services]
         self._background += [

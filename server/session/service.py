@@ -5,7 +5,9 @@ EXPIRED, PENDING | ACTIVE → CANCELLED. Every transition is one conditional UPD
 PostgreSQL, so of racing transitions exactly one wins; the losers are told the state they
 found. Expiry happens lazily on read and in `sweep` (any process). Ending a session puts its
 id on the revocation deny-list, so delegated tokens bound to it (`asid`) stop authenticating;
-`tokens_revoked_at` records that, and the sweeper retries any that did not get there.
+`tokens_revoked_at` records that, and the sweeper retries any that did not get there. Expiry
+and each revocation are security-class audit entries the manager records itself
+(`SecurityEvents`): durable from the sweeper and from transition calls, queued on a read.
 
 Watchers: every session revision is stored (agent_session_events) in the statement that makes
 the change, and a message on the cache's pub/sub channel only says "look again". A watcher
@@ -35,6 +37,7 @@ from typing import Any, Protocol, TypeVar
 from trustplane.common.v1 import error_reason_pb2 as reasons
 
 from server.actor import ActorContext, PrincipalType
+from server.audit.model import EVENT, SECURITY, Record
 from server.cache import Cache, CacheUnavailable
 from server.config import SessionConfig
 from server.errors import (
@@ -188,6 +191,16 @@ class AgentSessionRevoker(Protocol):
     async def revoke_agent_session(self, tenant_id: str, session_id: str) -> None: ...
 
 
+class SecurityEvents(Protocol):
+    """Where what happens to a session outside any RPC is recorded: expiry and the revocation
+    of its delegated tokens (AuditLog). `offer` queues without waiting (False: the queue is
+    full), `put` waits for room, `commit` returns once the entries are durable."""
+
+    def offer(self, record: Record) -> bool: ...
+    async def put(self, record: Record) -> None: ...
+    async def commit(self, records: Sequence[Record]) -> list[int]: ...
+
+
 def _is_admin(actor: ActorContext) -> bool:
     return bool({"admin", "owner"} & actor.roles)
 
@@ -220,11 +233,13 @@ class SessionManager:
         config: SessionConfig,
         page_tokens: PageTokens,
         *,
+        audit: SecurityEvents | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._agents = agents
         self._revocations = revocations
+        self._audit = audit
         self._cache = cache
         self._config = config
         self._page_tokens = page_tokens
@@ -347,7 +362,11 @@ class SessionManager:
         )
         if expired is None:  # someone else changed it first: read what won
             return await self._live_view(tenant_id, session_id)
-        await self._ended(expired)
+        revoked = await self._ended(expired)
+        # A read must stay fast: its audit entries are queued, not waited for.
+        await self._queue(_expired_event(expired, "read"))
+        if revoked is not None:
+            await self._queue(revoked)
         return expired
 
     async def list_sessions(
@@ -472,7 +491,9 @@ class SessionManager:
             )
             if changed is not None:
                 if target.terminal:
-                    await self._ended(changed)
+                    revoked = await self._ended(changed)
+                    if revoked is not None:  # a security call: durable before the answer
+                        await self._commit([revoked])
                 else:
                     await self._announce("sessions", changed.id, changed.revision)
                 return changed
@@ -482,17 +503,34 @@ class SessionManager:
             raise invalid_transition(current.state.value, target.value, names)
         raise EtagMismatch()
 
-    async def _ended(self, session: AgentSession) -> None:
-        """A session reached a terminal state: tell watchers, revoke its delegated tokens."""
+    async def _ended(self, session: AgentSession) -> Record | None:
+        """A session reached a terminal state: tell watchers, revoke its delegated tokens.
+        Returns the revocation's audit entry for the caller to record (None: deferred)."""
         await self._announce("sessions", session.id, session.revision)
         try:
             await self._revocations.revoke_agent_session(session.tenant_id, session.id)
         except CacheUnavailable:
             # The deny-list is unreachable, and so every token check fails closed meanwhile;
-            # the sweeper writes the entry once the cache is back.
+            # the sweeper writes the entry once the cache is back (and records it then).
             _log.warning("agent session revocation deferred", extra={"session": session.id})
-            return
+            return None
         await self._store.mark_revoked([session.id], self._clock())
+        return _revoked_event(session, self._clock())
+
+    async def _queue(self, record: Record) -> None:
+        """An audit entry through the bounded queue: no wait unless it is full."""
+        if self._audit is not None and not self._audit.offer(record):
+            await self._audit.put(record)
+
+    async def _commit(self, records: Sequence[Record]) -> None:
+        """Audit entries, durably, one commit per tenant (they are group-committed)."""
+        if self._audit is None or not records:
+            return
+        tenants: dict[str, list[Record]] = {}
+        for record in records:
+            tenants.setdefault(record.tenant_id, []).append(record)
+        audit = self._audit
+        await asyncio.gather(*(audit.commit(group) for group in tenants.values()))
 
     async def _announce(self, kind: str, resource_id: str, revision: int) -> None:
         """Tell watchers in every process to look again; best effort (they also poll)."""
@@ -574,8 +612,10 @@ class SessionManager:
         """Expire sessions and approvals past their time, retry deferred revocations, and
         purge what ended more than the retention period ago. Safe in every process at once."""
         now = self._clock()
-        for session in await self._store.expire_due(now, _SWEEP_BATCH):
-            await self._ended(session)
+        expired = await self._store.expire_due(now, _SWEEP_BATCH)
+        revoked = [await self._ended(session) for session in expired]  # tokens die first
+        events = [_expired_event(s, "sweep") for s in expired]
+        await self._commit([*events, *(r for r in revoked if r is not None)])
         for approval in await self._store.expire_due_approvals(now, _SWEEP_BATCH):
             await self._announce("approvals", approval.id, approval.revision)
         pending = await self._store.unrevoked(_SWEEP_BATCH)
@@ -583,6 +623,8 @@ class SessionManager:
             await self._revocations.revoke_agent_session(tenant_id, session_id)
         if pending:
             await self._store.mark_revoked([s for _, s in pending], self._clock())
+            at = self._clock()
+            await self._commit([_deferred_revocation(t, s, at) for t, s in pending])
         cutoff = now - self._config.retention_days * 86_400.0
         purged = await self._store.purge(cutoff, _SWEEP_BATCH)
         if purged:
@@ -908,6 +950,48 @@ class SessionManager:
                 FieldViolation("ttl", f"between 1 second and {int(maximum)} seconds")
             )
         return ttl
+
+
+def _system_event(
+    tenant_id: str, session_id: str, event_type: str, now: float, attributes: dict[str, str]
+) -> Record:
+    """A security-class audit entry for something the server itself did to a session: no
+    method, no subject (no caller acted); the session is its `session_id` and `resource`."""
+    return Record(
+        tenant_id=tenant_id,
+        kind=EVENT,
+        time_ms=int(now * 1000),
+        method="",
+        code="OK",
+        session_id=session_id,
+        resource=session_id,
+        event_type=event_type,
+        attributes=attributes,
+        audit_class=SECURITY,
+    )
+
+
+def _expired_event(session: AgentSession, trigger: str) -> Record:
+    """`session.expired`: found past its expiry on a read (`read`) or by the sweeper (`sweep`)."""
+    facts = {"trigger": trigger, "agent_id": session.agent_id, "state": session.state.value}
+    if session.user_id:
+        facts["user_id"] = session.user_id
+    ended = session.ended_at if session.ended_at is not None else session.updated_at
+    record = _system_event(session.tenant_id, session.id, "session.expired", ended, facts)
+    return replace(record, occurred_at_ms=int(session.expires_at * 1000))
+
+
+def _revoked_event(session: AgentSession, now: float) -> Record:
+    """`session.tokens_revoked`: the ended session's delegated tokens are on the deny-list."""
+    facts = {"state": session.state.value, "deferred": "false"}
+    return _system_event(session.tenant_id, session.id, "session.tokens_revoked", now, facts)
+
+
+def _deferred_revocation(tenant_id: str, session_id: str, now: float) -> Record:
+    """`session.tokens_revoked` by the sweeper, for a session that ended while the cache was
+    unreachable."""
+    facts = {"deferred": "true"}
+    return _system_event(tenant_id, session_id, "session.tokens_revoked", now, facts)
 
 
 def _redeem_failure(

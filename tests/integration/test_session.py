@@ -112,6 +112,54 @@ PATHS = {
 }
 
 
+async def session_events(server, idp, session_id):
+    """The server's own audit entries (kind event) about one session, oldest first."""
+    await server.app.audit.flush()
+    listed = await server.audit.ListEntries(
+        audit_pb2.ListEntriesRequest(kind=audit_pb2.ENTRY_KIND_EVENT, session_id=session_id),
+        metadata=bearer(idp.token(roles=["viewer"])),
+    )
+    return list(listed.entries)
+
+
+async def test_expiry_and_revocation_are_security_audit_entries(start_server, idp):
+    """Expiry is a transition no caller makes: the server records it, lazily on read (queued)
+    and by the sweeper (committed before the sweep goes on), with the revocation of the
+    session's delegated tokens it triggers."""
+    now = [time.time()]
+    async with start_server(clock=lambda: now[0]) as server:
+        svc, me = stub(server), agent_token(idp)
+        lazy = await create(svc, me, ttl=seconds(60))
+        swept = await create(svc, me, ttl=seconds(60))
+        await svc.StartSession(pb.StartSessionRequest(session_id=swept.session_id), metadata=me)
+        cancelled = await create(svc, me)
+        now[0] += 61
+        assert (await get(svc, me, lazy.session_id)).state == S.SESSION_STATE_EXPIRED
+        await server.app.sessions.sweep()
+        await svc.CancelSession(
+            pb.CancelSessionRequest(session_id=cancelled.session_id), metadata=me
+        )
+        for session, trigger in ((lazy, "read"), (swept, "sweep")):
+            events = await session_events(server, idp, session.session_id)
+            assert [e.event_type for e in events] == ["session.expired", "session.tokens_revoked"]
+            expired, revoked = events
+            assert (expired.audit_class, expired.code, expired.method) == ("security", "OK", "")
+            assert (expired.subject, expired.resource) == ("", session.session_id)
+            assert dict(expired.attributes) == {
+                "trigger": trigger,
+                "agent_id": AGENT,
+                "state": "EXPIRED",
+            }
+            assert revoked.audit_class == "security"
+            assert dict(revoked.attributes) == {"state": "EXPIRED", "deferred": "false"}
+        # An explicit transition is its call's own entry; the revocation it causes is recorded.
+        (revoked,) = await session_events(server, idp, cancelled.session_id)
+        assert (revoked.event_type, revoked.attributes["state"]) == (
+            "session.tokens_revoked",
+            "CANCELLED",
+        )
+
+
 async def test_every_transition_from_every_state(start_server, idp):
     now = [time.time()]
     async with start_server(clock=lambda: now[0]) as server:
