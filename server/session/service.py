@@ -618,17 +618,30 @@ class SessionManager:
         await self._commit([*events, *(r for r in revoked if r is not None)])
         for approval in await self._store.expire_due_approvals(now, _SWEEP_BATCH):
             await self._announce("approvals", approval.id, approval.revision)
-        pending = await self._store.unrevoked(_SWEEP_BATCH)
-        for tenant_id, session_id in pending:
-            await self._revocations.revoke_agent_session(tenant_id, session_id)
-        if pending:
-            await self._store.mark_revoked([s for _, s in pending], self._clock())
-            at = self._clock()
-            await self._commit([_deferred_revocation(t, s, at) for t, s in pending])
+        await self._revoke_deferred()
         cutoff = now - self._config.retention_days * 86_400.0
         purged = await self._store.purge(cutoff, _SWEEP_BATCH)
         if purged:
             _log.info("purged ended sessions", extra={"count": purged})
+
+    async def _revoke_deferred(self) -> None:
+        """Write the deny-list entries an ending could not (the cache was unreachable); while
+        it still is, they stay pending for the next sweep and the rest of the sweep goes on."""
+        pending = await self._store.unrevoked(_SWEEP_BATCH)
+        written: list[tuple[str, str]] = []
+        try:
+            for tenant_id, session_id in pending:
+                await self._revocations.revoke_agent_session(tenant_id, session_id)
+                written.append((tenant_id, session_id))
+        except CacheUnavailable:
+            _log.warning(
+                "agent session revocations still deferred",
+                extra={"pending": len(pending) - len(written)},
+            )
+        if written:
+            await self._store.mark_revoked([s for _, s in written], self._clock())
+            at = self._clock()
+            await self._commit([_deferred_revocation(t, s, at) for t, s in written])
 
     # --- delegation hook (Auth) -------------------------------------------------------------
 

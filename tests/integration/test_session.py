@@ -4,6 +4,7 @@ delegated tokens dying with their session, watchers, tasks, tenant isolation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from trustplane.auth.v1 import auth_pb2
 from trustplane.session.v1 import session_pb2 as pb
 from trustplane.session.v1 import session_pb2_grpc
 
+from tests.support import services
 from tests.support.process import ROOT, server_env
 from tests.support.status import expect_error
 from tests.support.tokens import OTHER_TENANT, TENANT, bearer
@@ -859,6 +861,86 @@ async def test_delegated_token_dies_with_its_agent_session(server):
     await server.auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(key))
     foreign = await expect_error(create(svc, me, agent_id=str(uuid.uuid4())))
     assert foreign.code is grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_session_for_someone_elses_agent_is_refused(server, idp):
+    tenant, _, password = await server.app.auth.bootstrap("acme", "owner@acme.test")
+    login = await server.auth.Login(
+        auth_pb2.LoginRequest(tenant="acme", email="owner@acme.test", password=password)
+    )
+    owner = bearer(login.tokens.access_token)
+    agent = (
+        await server.auth.CreateAgent(
+            auth_pb2.CreateAgentRequest(request_id=str(uuid.uuid4()), display_name="helper"),
+            metadata=owner,
+        )
+    ).agent
+    svc = stub(server)
+    mallory = bearer(idp.token(sub="mallory", roles=["member"], tid=tenant))
+    status = await expect_error(create(svc, mallory, agent_id=agent.agent_id))
+    assert (status.code, status.reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
+    listed = await svc.ListSessions(pb.ListSessionsRequest(), metadata=owner)
+    assert list(listed.sessions) == []  # nothing was created
+    # Its owner may, and so may an admin of the tenant (any agent).
+    assert (await create(svc, owner, agent_id=agent.agent_id)).agent_id == agent.agent_id
+    admin = bearer(idp.token(sub="ada", roles=["admin"], tid=tenant))
+    assert (await create(svc, admin, agent_id=agent.agent_id)).agent_id == agent.agent_id
+
+
+async def test_a_revocation_the_cache_missed_is_written_by_the_sweeper(
+    start_server, idp, database_url
+):
+    """Redis (started by this test) goes away while a session expires: the expiry stands, the
+    revocation is deferred, bound tokens cannot be checked at all meanwhile (fail closed), and
+    once Redis is back the sweeper writes the entry, after which the token is revoked."""
+    port = services.free_port()
+    redis = contextlib.ExitStack()
+    redis.enter_context(services.redis_server(port))
+    now = [time.time()]
+    try:
+        async with start_server(
+            clock=lambda: now[0],
+            REDIS_URL=f"redis://127.0.0.1:{port}/0",
+            TRUSTPLANE_REVOCATION_STALENESS="0",
+        ) as server:
+            svc, me = stub(server), agent_token(idp)
+            session = await create(svc, me, ttl=seconds(60))
+            claims = {"act": {"sub": AGENT, "ptype": "agent"}, "asid": session.session_id}
+            bound = bearer(idp.token(sub="user-1", ptype="user", **claims))
+            assert (await get(svc, bound, session.session_id)).session_id == session.session_id
+            redis.close()  # Redis is gone
+            now[0] += 61
+            await server.app.sessions.sweep()
+            conn = await asyncpg.connect(database_url)
+            try:
+                row = await conn.fetchrow(
+                    "SELECT state, tokens_revoked_at FROM agent_sessions WHERE id = $1",
+                    uuid.UUID(session.session_id),
+                )
+                assert (row["state"], row["tokens_revoked_at"]) == ("EXPIRED", None)
+                down = await expect_error(get(svc, bound, session.session_id))
+                assert down.code is grpc.StatusCode.UNAVAILABLE  # never accepted meanwhile
+                redis.enter_context(services.redis_server(port))  # back, empty
+                await server.app.sessions.sweep()
+                revoked_at = await conn.fetchval(
+                    "SELECT tokens_revoked_at FROM agent_sessions WHERE id = $1",
+                    uuid.UUID(session.session_id),
+                )
+                assert revoked_at is not None
+            finally:
+                await conn.close()
+            status = await expect_error(get(svc, bound, session.session_id))
+            assert (status.code, status.reason) == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "TOKEN_REVOKED",
+            )
+            events = await session_events(server, idp, session.session_id)
+            assert [(e.event_type, dict(e.attributes)) for e in events] == [
+                ("session.expired", {"trigger": "sweep", "agent_id": AGENT, "state": "EXPIRED"}),
+                ("session.tokens_revoked", {"deferred": "true"}),
+            ]
+    finally:
+        redis.close()
 
 
 def _later(seconds_from_now):
