@@ -289,12 +289,27 @@ resource_policies:
 
 async def _policy_check_request(ctx: BenchContext) -> tuple[bytes, Headers]:
     """Activates the bench bundle for the test IdP's tenant; a member's Check of 2 tools x
-    (invoke, configure) in a session labelled `private_data`, as encoded request and headers."""
+    (invoke, configure) in a stored session labelled `private_data` (its agent acting for the
+    member created it, so the member takes part in it; the Check reads its labels), as encoded
+    request and headers."""
     admin = ctx.idp.token(roles=["admin"], exp=int(time.time()) + 3600)
     stub = policy_pb2_grpc.PolicyServiceStub(ctx.channel)
     put = policy_pb2.PutBundleRequest(source=_POLICY_BUNDLE, activate=True)
     await stub.PutBundle(put, metadata=(("authorization", f"Bearer {admin}"),))
-    member = ctx.idp.token(roles=["member"], sub="bench-user", exp=int(time.time()) + 3600)
+    expires = int(time.time()) + 3600
+    member = ctx.idp.token(roles=["member"], sub="bench-user", exp=expires)
+    delegated = ctx.idp.token(
+        roles=["member"],
+        sub="bench-user",
+        act={"sub": "bench-agent", "ptype": "agent"},
+        exp=expires,
+    )
+    session = await session_pb2_grpc.SessionServiceStub(ctx.channel).CreateSession(
+        session_pb2.CreateSessionRequest(
+            request_id=str(uuid.uuid4()), role="bench", labels=["private_data"]
+        ),
+        metadata=(("authorization", f"Bearer {delegated}"),),
+    )
     owned = struct_pb2.Struct()
     owned.update({"owner": "bench-user"})
     request = policy_pb2.CheckRequest(
@@ -303,7 +318,7 @@ async def _policy_check_request(ctx: BenchContext) -> tuple[bytes, Headers]:
             policy_pb2.Resource(kind="tool", id="send_email"),
         ],
         actions=["invoke", "configure"],
-        session=policy_pb2.SessionContext(id="bench-session", labels=["private_data"]),
+        session=policy_pb2.SessionContext(id=session.session.session_id),
     )
     return request.SerializeToString(), (("authorization", f"Bearer {member}"),)
 

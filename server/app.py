@@ -346,6 +346,7 @@ class App:
                 name="session-sweep",
             ),
             asyncio.create_task(self.policy_bundles.follow(), name="policy-follow"),
+            asyncio.create_task(self.sessions.follow(), name="session-follow"),
         ]
         await self._start_grpc(self.db, self.cache, self.security)
         self._start_metrics()
@@ -402,6 +403,7 @@ class App:
             self.config.policy,
             self.crypto.page_tokens,
             redeemer=self.sessions,
+            sessions=self.sessions,  # the labels and state a decision's session really has
             clock=self.clock,
         )
 

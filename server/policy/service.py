@@ -88,6 +88,44 @@ class ApprovalRedeemer(Protocol):
     ) -> object: ...
 
 
+class _SessionState(Protocol):
+    @property
+    def value(self) -> str: ...
+    @property
+    def terminal(self) -> bool: ...
+
+
+class StoredSession(Protocol):
+    """What a decision needs of a stored agent session (the Session service's AgentSession)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def agent_id(self) -> str: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def created_by(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def parent_session_id(self) -> str | None: ...
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+    @property
+    def metadata(self) -> Mapping[str, object]: ...
+    @property
+    def state(self) -> _SessionState: ...
+
+
+class SessionSource(Protocol):
+    """Reads the agent session a decision runs in: the tenant's session as of now (past its
+    expiry it reads as expired), None when the tenant has none with that id. Fast: a cached
+    GetSession-like read. The Session service (`SessionManager`) implements it."""
+
+    async def session_for_policy(self, tenant_id: str, session_id: str) -> StoredSession | None: ...
+
+
 class PermissionChecker(Protocol):
     """Decides a permission for a caller (the authorizer), for `check_others`."""
 
@@ -132,6 +170,16 @@ class CheckOthersDenied(PermissionDenied):
 class QuotaNotFound(NotFound):
     reason = reasons.ERROR_REASON_POLICY_QUOTA_NOT_FOUND
     default_message = "no such quota in the active policy bundle"
+
+
+class PolicySessionNotFound(NotFound):
+    reason = reasons.ERROR_REASON_POLICY_SESSION_NOT_FOUND
+    default_message = "no such agent session for the caller"
+
+
+class SessionMismatch(PermissionDenied):
+    reason = reasons.ERROR_REASON_POLICY_SESSION_MISMATCH
+    default_message = "the credential is bound to another agent session"
 
 
 # --- questions and answers ------------------------------------------------------------------
@@ -195,12 +243,15 @@ class FilterPage:
 
 @dataclass(frozen=True)
 class _Asked:
-    """A question resolved against the caller: who, through whom, in which tenant."""
+    """A question resolved against the caller: who, through whom, in which tenant and which
+    session (`session_key`: its part of every decision-cache key, computed once)."""
 
     tenant_id: str
     principal: Principal
     delegates: tuple[Principal, ...]
     agent_id: str
+    session: Session = dataclasses.field(default_factory=Session)
+    session_key: Hashable = ()
 
 
 _NO_BUNDLE_VERSION = ""
@@ -219,6 +270,7 @@ class PolicyEngine:
         page_tokens: PageTokens,
         *,
         redeemer: ApprovalRedeemer | None = None,
+        sessions: SessionSource | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -228,6 +280,7 @@ class PolicyEngine:
         self._config = config
         self._page_tokens = page_tokens
         self._redeemer = redeemer
+        self._sessions = sessions
         self._clock = clock
         self._platform = engine.platform_bundle()
 
@@ -320,8 +373,11 @@ class PolicyEngine:
         for index, resource in enumerate(question.resources):
             for action in question.actions:
                 request = self._request(asked, resource, action, question)
-                decision = self._decide(bundle, request, asked.delegates)
+                decision = self._decide(bundle, request, asked)
                 verdict = self._verdict(index, request, decision, asked.tenant_id, next(ids))
+                if asked.session.ended:
+                    verdicts.append(_ended(verdict))
+                    continue
                 verdicts.append(
                     await self._settle(actor, asked, bundle, request, verdict, question)
                 )
@@ -342,8 +398,10 @@ class PolicyEngine:
         asked = await self._asked(actor, question)
         bundle = await self._bundles.get(asked.tenant_id)
         request = self._request(asked, question.resources[0], question.actions[0], question)
-        decision = self._decide(bundle, request, asked.delegates, explain=True)
+        decision = self._decide(bundle, request, asked, explain=True)
         verdict = self._verdict(0, request, decision, asked.tenant_id, next(_decision_ids(1)))
+        if asked.session.ended:
+            verdict = _ended(verdict)
         return verdict, decision.trace or ()
 
     async def filter(
@@ -363,7 +421,7 @@ class PolicyEngine:
         while index < len(question.resources) and len(allowed) < limit:
             resource = question.resources[index]
             request = self._request(asked, resource, question.actions[0], question)
-            if self._decide(bundle, request, asked.delegates).allowed:
+            if self._decide(bundle, request, asked).allowed and not asked.session.ended:
                 allowed.append((index, resource))
             index += 1
         more = index < len(question.resources)
@@ -378,7 +436,8 @@ class PolicyEngine:
                 Principal(link.subject, frozenset(), {}, actor.tenant_id, link.subject_type.value)
                 for link in actor.act
             )
-            return _Asked(actor.tenant_id, subject, delegates, actor.actor_id)
+            session = await self._session(actor, question.session, others=False)
+            return _in_session(_Asked(actor.tenant_id, subject, delegates, actor.actor_id), session)
         if not (await self._permissions.decide(actor, CHECK_OTHERS)).allowed:
             raise CheckOthersDenied()
         base = question.principal or _caller(actor)
@@ -389,27 +448,56 @@ class PolicyEngine:
             base, tenant=actor.tenant_id, chain=tuple(d.id for d in delegates)
         )
         agent = delegates[0].id if delegates else principal.id
-        return _Asked(actor.tenant_id, principal, delegates, agent)
+        session = await self._session(actor, question.session, others=True)
+        return _in_session(_Asked(actor.tenant_id, principal, delegates, agent), session)
+
+    async def _session(self, actor: ActorContext, asked: Session, *, others: bool) -> Session:
+        """The session the decisions run in. A stored one — named in the request, or the one
+        the credential is bound to (`asid`) — is read from the Session service: its labels
+        (the request's can only add to them) and its attributes. A self-check may name only a
+        session the caller takes part in; with `check_others`, any of the tenant."""
+        bound = actor.agent_session_id
+        if bound and asked.id and asked.id != bound:
+            raise SessionMismatch()
+        session_id = asked.id or bound
+        if not session_id:
+            return asked  # outside any session: the call's own labels, nothing to read
+        if asked.attr:
+            raise InvalidArgument.fields(
+                FieldViolation("session.attr", "a stored session's attributes are the server's")
+            )
+        stored = None
+        if self._sessions is not None and len(session_id) <= _NAME_MAX:
+            stored = await self._sessions.session_for_policy(actor.tenant_id, session_id)
+        if stored is None or not (others or _takes_part(actor, stored)):
+            raise PolicySessionNotFound()
+        return Session(
+            id=stored.id,
+            labels=frozenset(stored.labels) | asked.labels,
+            attr=_session_attributes(stored),
+            ended=stored.state.terminal,
+        )
 
     @staticmethod
     def _request(asked: _Asked, resource: Resource, action: str, question: Question) -> Request:
-        return Request(asked.principal, resource, action, question.session, question.context)
+        return Request(asked.principal, resource, action, asked.session, question.context)
 
     def _decide(
         self,
         bundle: CompiledBundle | None,
         request: Request,
-        delegates: tuple[Principal, ...],
+        asked: _Asked,
         *,
         explain: bool = False,
     ) -> Decision:
         """The rules' decision, through the decision cache (not for explanations)."""
+        delegates = asked.delegates
         if explain:
             return self._evaluate(bundle, request, delegates, explain=True)
         cache = self._bundles.decisions
         if not cache.enabled:
             return self._evaluate(bundle, request, delegates)
-        key = _decision_key(bundle, request, delegates)
+        key = _decision_key(bundle, request, delegates, asked.session_key)
         decision = cache.get(key)
         if decision is None:
             decision = self._evaluate(bundle, request, delegates)
@@ -512,7 +600,7 @@ class PolicyEngine:
                 question.approval_token,
                 digest=verdict.call_digest,
                 principal_id=asked.agent_id,
-                session_id=question.session.id or None,
+                session_id=asked.session.id or None,
             )
         except TrustplaneError:
             return dataclasses.replace(verdict, effect=Effect.DENY, reason=Reason.APPROVAL_INVALID)
@@ -528,7 +616,7 @@ class PolicyEngine:
     ) -> Verdict:
         now = self._clock()
         cost = question.cost or 1
-        subjects = [_subject(q, asked, question.session) for q in quotas]
+        subjects = [_subject(q, asked) for q in quotas]
         windows = [_window(q, now) for q in quotas]
         charges = [
             Charge(_quota_key(asked.tenant_id, q, s, w), cost, q.limit, reset - now + 1.0)
@@ -690,10 +778,14 @@ def _principal_key(p: Principal) -> Hashable:
 
 
 def _decision_key(
-    bundle: CompiledBundle | None, request: Request, delegates: tuple[Principal, ...]
+    bundle: CompiledBundle | None,
+    request: Request,
+    delegates: tuple[Principal, ...],
+    session_key: Hashable,
 ) -> Hashable:
-    """Everything the decision depends on: the deciding versions and every engine input."""
-    resource, session = request.resource, request.session
+    """Everything the decision depends on: the deciding versions and every engine input
+    (`session_key`: `_session_key(request.session)`, computed once per question)."""
+    resource = request.resource
     return (
         "check",
         bundle.content_hash if bundle is not None else "",
@@ -703,10 +795,49 @@ def _decision_key(
         resource.id,
         _frozen(resource.attr) if resource.attr else (),
         request.action,
-        session.id,
-        session.labels,
-        _frozen(session.attr) if session.attr else (),
+        session_key,
         _frozen(request.context) if request.context else (),
+    )
+
+
+def _session_key(session: Session) -> Hashable:
+    return (session.id, session.labels, _frozen(session.attr) if session.attr else ())
+
+
+def _in_session(asked: _Asked, session: Session) -> _Asked:
+    return dataclasses.replace(asked, session=session, session_key=_session_key(session))
+
+
+def _takes_part(actor: ActorContext, session: StoredSession) -> bool:
+    """Whether the caller (anyone in its chain) is the session's agent, user or creator."""
+    return bool({session.agent_id, session.user_id, session.created_by} & set(actor.chain))
+
+
+def _session_attributes(session: StoredSession) -> dict[str, object]:
+    """`session.attr` of a stored session: the server's facts about it, never the caller's."""
+    attributes: dict[str, object] = {
+        "state": session.state.value,
+        "agent_id": session.agent_id,
+        "role": session.role,
+        "metadata": dict(session.metadata),
+    }
+    if session.user_id:
+        attributes["user_id"] = session.user_id
+    if session.parent_session_id:
+        attributes["parent_session_id"] = session.parent_session_id
+    return attributes
+
+
+def _ended(verdict: Verdict) -> Verdict:
+    """In an ended session nothing is allowed (no approval redeemed, no quota consumed)."""
+    return dataclasses.replace(
+        verdict,
+        effect=Effect.DENY,
+        reason=Reason.SESSION_ENDED,
+        rule=None,
+        approver_roles=(),
+        approval_ttl_seconds=None,
+        call_digest=b"",
     )
 
 
@@ -718,20 +849,20 @@ def _fingerprint(asked: _Asked, question: Question) -> str:
         [_principal_key(d) for d in asked.delegates],
         question.actions,
         [[r.kind, r.id, dict(r.attr)] for r in question.resources],
-        [question.session.id, sorted(question.session.labels), dict(question.session.attr)],
+        [asked.session.id, sorted(asked.session.labels), dict(asked.session.attr)],
         dict(question.context),
     ]
     return hashlib.sha256(_canonical(body).encode()).hexdigest()
 
 
-def _subject(quota: Quota, asked: _Asked, session: Session) -> str:
+def _subject(quota: Quota, asked: _Asked) -> str:
     if quota.per is QuotaScope.TENANT:
         return ""
     if quota.per is QuotaScope.PRINCIPAL:
         return asked.principal.id
     if quota.per is QuotaScope.AGENT:
         return asked.agent_id
-    return session.id
+    return asked.session.id
 
 
 def _scoped(quota: Quota, subject: str) -> str:

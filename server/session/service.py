@@ -30,6 +30,7 @@ import os
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
@@ -50,6 +51,7 @@ from server.errors import (
     PermissionDenied,
 )
 from server.page_token import PageTokens, page_size
+from server.revocation import raise_if_cancelled
 from server.session.model import (
     SESSION_TRANSITIONS,
     TASK_TRANSITIONS,
@@ -77,6 +79,10 @@ _MAX_METADATA = 16 * 1024
 _MAX_PAYLOAD = 64 * 1024
 _MAX_TEXT = 1024
 _SWEEP_BATCH = 500
+_POLICY_READS_KEPT = 10_000
+CHANGED = "sessions:changed"
+"""The cache channel on which every session change is announced (payload: the session id), so
+every process drops its policy read of it."""
 T = TypeVar("T")
 
 
@@ -245,6 +251,9 @@ class SessionManager:
         self._page_tokens = page_tokens
         self._clock = clock
         self._closing = asyncio.Event()
+        # session id -> (monotonic expiry, session): policy reads, dropped on every change.
+        self._policy_reads: OrderedDict[str, tuple[float, AgentSession]] = OrderedDict()
+        self._forgotten = 0  # bumped by every drop: a read that raced one is not kept
 
     def close(self) -> None:
         """Shutting down: open watch streams end cleanly now instead of holding the server's
@@ -343,6 +352,50 @@ class SessionManager:
 
     async def get_session(self, actor: ActorContext, session_id: str) -> AgentSession:
         return await self._live_view(actor.tenant_id, session_id)
+
+    async def session_for_policy(self, tenant_id: str, session_id: str) -> AgentSession | None:
+        """The session a policy decision runs in, as of now (past its expiry it reads as
+        EXPIRED; the expiry itself is recorded by the sweeper or the next read, not here), or
+        None. Reused in-process for at most `policy_read_ttl` seconds; every change to the
+        session, in any process, drops the copy (`CHANGED`)."""
+        now = time.monotonic()
+        cached = self._policy_reads.get(session_id)
+        if cached is not None and cached[0] > now and cached[1].tenant_id == tenant_id:
+            self._policy_reads.move_to_end(session_id)
+            return _as_seen(cached[1], self._clock())
+        generation = self._forgotten
+        session = await self._store.session(tenant_id, session_id)
+        if session is None:
+            return None  # absence is not cached: a session created elsewhere is seen at once
+        if self._config.policy_read_ttl > 0 and generation == self._forgotten:
+            self._policy_reads[session.id] = (now + self._config.policy_read_ttl, session)
+            self._policy_reads.move_to_end(session.id)
+            while len(self._policy_reads) > _POLICY_READS_KEPT:
+                self._policy_reads.popitem(last=False)
+        return _as_seen(session, self._clock())
+
+    def forget(self, session_id: str | None = None) -> None:
+        """Drop the policy read of one session (None: of all)."""
+        self._forgotten += 1
+        if session_id is None:
+            self._policy_reads.clear()
+        else:
+            self._policy_reads.pop(session_id, None)
+
+    async def follow(self) -> None:
+        """Drop policy reads of sessions other processes change; runs until cancelled. A
+        broken subscription drops everything (messages may have been missed)."""
+        while True:
+            try:
+                async with self._cache.subscribe(CHANGED) as subscription:
+                    self.forget()
+                    async for _channel, message in subscription:
+                        self.forget(message.decode())
+            except CacheUnavailable:
+                raise_if_cancelled()
+                _log.warning("session change channel unavailable; retrying")
+            self.forget()
+            await asyncio.sleep(1.0)
 
     async def _live_view(self, tenant_id: str, session_id: str) -> AgentSession:
         """The session, expired first if its time has passed (lazy expiry)."""
@@ -533,9 +586,14 @@ class SessionManager:
         await asyncio.gather(*(audit.commit(group) for group in tenants.values()))
 
     async def _announce(self, kind: str, resource_id: str, revision: int) -> None:
-        """Tell watchers in every process to look again; best effort (they also poll)."""
+        """Tell watchers in every process to look again, and (sessions) every process to drop
+        its policy read; best effort (watchers also poll, policy reads also expire)."""
+        if kind == "sessions":
+            self.forget(resource_id)
         try:
             await self._cache.publish(_channel(kind, resource_id), str(revision).encode())
+            if kind == "sessions":
+                await self._cache.publish(CHANGED, resource_id.encode())
         except CacheUnavailable:
             _log.warning("watch notification lost", extra={"kind": kind})
 

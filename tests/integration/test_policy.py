@@ -105,6 +105,32 @@ def member(idp):
     return bearer(idp.token(roles=["member"], sub="mia"))
 
 
+AGENT = "agent-x"
+
+
+def agent_token(idp, agent=AGENT, **claims):
+    """An agent's own credential (a member of the tenant)."""
+    return bearer(idp.token(sub=agent, ptype="agent", **claims))
+
+
+@pytest.fixture
+def agent(idp):
+    return agent_token(idp)
+
+
+async def new_session(running, credentials, labels=()) -> str:
+    """A stored agent session created by `credentials` (an agent: its own session)."""
+    sessions = session_pb2_grpc.SessionServiceStub(running.channel)
+    request = session_pb2.CreateSessionRequest(request_id=str(uuid.uuid4()), labels=list(labels))
+    return str((await sessions.CreateSession(request, metadata=credentials)).session.session_id)
+
+
+async def add_labels(running, credentials, session_id, *labels):
+    sessions = session_pb2_grpc.SessionServiceStub(running.channel)
+    request = session_pb2.AddSessionLabelsRequest(session_id=session_id, labels=list(labels))
+    await sessions.AddSessionLabels(request, metadata=credentials)
+
+
 async def put(running, metadata, source, *, activate=True, **kw):
     request = pb.PutBundleRequest(
         source=source, activate=activate, request_id=str(uuid.uuid4()), **kw
@@ -278,18 +304,109 @@ async def test_tenant_isolation(server, idp, admin, member):
 # --- Check ----------------------------------------------------------------------------------
 
 
-async def test_session_labels_deny_exfiltration(server, admin, member):
+async def test_session_labels_deny_exfiltration(server, admin, agent):
     await put(server, admin, TOOLS)
-    tainted = pb.SessionContext(id="s1", labels=["untrusted_input", "private_data"])
+    tainted = await new_session(server, agent, ["untrusted_input", "private_data"])
     decisions = await check(
-        server, member, [("tool", "send_email"), ("tool", "search")], session=tainted
+        server,
+        agent,
+        [("tool", "send_email"), ("tool", "search")],
+        session=pb.SessionContext(id=tainted),
     )
     assert [(d.effect, d.rule) for d in decisions] == [
         (DENY, "no-exfiltration"),
         (ALLOW, "members-invoke"),
     ]
-    clean = pb.SessionContext(id="s2", labels=["private_data"])
-    assert (await one(server, member, rid="send_email", session=clean)).effect == ALLOW
+    clean = pb.SessionContext(id=await new_session(server, agent, ["private_data"]))
+    assert (await one(server, agent, rid="send_email", session=clean)).effect == ALLOW
+    # Outside any stored session the call's own labels are all there is.
+    outside = pb.SessionContext(labels=["untrusted_input", "private_data"])
+    assert (await one(server, agent, rid="send_email", session=outside)).effect == DENY
+
+
+async def test_omitting_labels_cannot_bypass_the_exfiltration_rule(server, idp, admin, agent):
+    """The labels are the stored session's: a runtime that names its session but sends no
+    labels (or whose token is bound to the session and names none) is still denied."""
+    await put(server, admin, TOOLS)
+    tainted = await new_session(server, agent, ["private_data"])
+    named = pb.SessionContext(id=tainted)
+    assert (await one(server, agent, rid="send_email", session=named)).effect == ALLOW
+    await add_labels(server, agent, tainted, "untrusted_input")  # e.g. it read a web page
+    decision = await one(server, agent, rid="send_email", session=named)  # no labels sent
+    assert (decision.effect, decision.rule) == (DENY, "no-exfiltration")
+    bound = bearer(
+        idp.token(
+            sub="user-1", roles=["member"], act={"sub": AGENT, "ptype": "agent"}, asid=tainted
+        )
+    )
+    as_user = pb.Principal(id="user-1", roles=["member"])  # the user's side of the chain
+    decision = (await check(server, admin, [("tool", "send_email")], principal=as_user))[0]
+    assert decision.effect == ALLOW  # outside the session, the user may email
+    decision = await one(server, bound, rid="send_email")  # no session named: the bound one
+    assert (decision.effect, decision.rule) == (DENY, "no-exfiltration")
+    # Sent labels only add to the stored ones; sent attributes are refused.
+    added = pb.SessionContext(id=await new_session(server, agent), labels=["untrusted_input"])
+    assert (await one(server, agent, rid="send_email", session=added)).effect == ALLOW
+    added.labels.append("private_data")
+    assert (await one(server, agent, rid="send_email", session=added)).effect == DENY
+    forged = pb.SessionContext(id=tainted, attr=struct(state="ACTIVE"))
+    status = await expect_error(one(server, agent, rid="send_email", session=forged))
+    assert [f for f, _ in status.field_violations] == ["session.attr"]
+
+
+async def test_a_label_added_in_another_process_applies_at_once(start_server, make_config, idp):
+    """Policy reads of a session are cached per process (here for a minute); a change in any
+    process drops them everywhere (pub/sub), so the next Check sees the new label."""
+    config = make_config(TRUSTPLANE_SESSION_POLICY_READ_TTL="60")
+    admin, agent = bearer(idp.token(roles=["admin"])), agent_token(idp)
+    async with start_server(config) as first, start_server(config) as second:
+        await put(first, admin, TOOLS)
+        session = pb.SessionContext(id=await new_session(first, agent, ["private_data"]))
+        assert (await one(first, agent, rid="send_email", session=session)).effect == ALLOW
+        await add_labels(second, agent, session.id, "untrusted_input")
+        for _ in range(100):
+            if (await one(first, agent, rid="send_email", session=session)).effect == DENY:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the first process kept its stale read of the session")
+
+
+async def test_a_session_the_caller_takes_no_part_in_is_not_found(server, idp, admin, agent):
+    await put(server, admin, TOOLS)
+    theirs = await new_session(server, agent_token(idp, "agent-y"))
+    for session_id in (theirs, str(uuid.uuid4()), "s-made-up"):
+        status = await expect_error(
+            one(server, agent, rid="search", session=pb.SessionContext(id=session_id))
+        )
+        assert (status.code, status.reason) == (
+            grpc.StatusCode.NOT_FOUND,
+            "POLICY_SESSION_NOT_FOUND",
+        )
+    other_tenant = agent_token(idp, tid=OTHER_TENANT)
+    status = await expect_error(
+        one(server, other_tenant, rid="search", session=pb.SessionContext(id=theirs))
+    )
+    assert status.reason == "POLICY_SESSION_NOT_FOUND"
+    # An administrator deciding for someone else may name any session of the tenant.
+    bot = pb.Principal(id="bot", roles=["agent"], type="agent")
+    decision = (
+        await check(
+            server, admin, [("tool", "search")], principal=bot, session=pb.SessionContext(id=theirs)
+        )
+    )[0]
+    assert decision.effect == ALLOW
+
+
+async def test_nothing_is_allowed_in_an_ended_session(server, admin, agent):
+    await put(server, admin, TOOLS)
+    session_id = await new_session(server, agent)
+    sessions = session_pb2_grpc.SessionServiceStub(server.channel)
+    await sessions.CancelSession(
+        session_pb2.CancelSessionRequest(session_id=session_id), metadata=agent
+    )
+    decision = await one(server, agent, rid="search", session=pb.SessionContext(id=session_id))
+    assert (decision.effect, decision.reason) == (DENY, pb.DECISION_REASON_SESSION_ENDED)
 
 
 async def test_require_approval_says_what_to_ask(server, admin, member):
@@ -423,8 +540,9 @@ async def test_fifty_concurrent_checks_never_exceed_the_quota(start_server, idp,
     async with start_server(**overrides) as running:
         admin = bearer(idp.token(roles=["admin"]))
         await put(running, admin, TOOLS)
-        session = pb.SessionContext(id="s-busy")
-        tokens = [bearer(idp.token(roles=["member"], sub=f"u{i % 5}")) for i in range(50)]
+        busy = await new_session(running, agent_token(idp))
+        session = pb.SessionContext(id=busy)
+        tokens = [agent_token(idp, jti=uuid.uuid4().hex) for _ in range(50)]
         results = await asyncio.gather(
             *(one(running, t, rid="shell", session=session) for t in tokens)
         )
@@ -436,74 +554,110 @@ async def test_fifty_concurrent_checks_never_exceed_the_quota(start_server, idp,
             (pb.DECISION_REASON_QUOTA_EXCEEDED, "shell-per-session")
         }
         assert all(d.quotas[0].exceeded and d.quotas[0].reset_time.seconds for d in refused)
-        # Another session has its own budget; tools without the quota are not counted.
-        assert (
-            await one(running, tokens[0], rid="shell", session=pb.SessionContext(id="s2"))
-        ).effect == ALLOW
+        # Another session has its own budget.
+        other = pb.SessionContext(id=await new_session(running, tokens[0]))
+        assert (await one(running, tokens[0], rid="shell", session=other)).effect == ALLOW
         usage = await stub(running).GetQuotaUsage(
-            pb.GetQuotaUsageRequest(name="shell-per-session", subject="s-busy"), metadata=admin
+            pb.GetQuotaUsageRequest(name="shell-per-session", subject=busy), metadata=admin
         )
         assert (usage.usage.used, usage.usage.remaining, usage.usage.limit) == (10, 0, 10)
 
 
-async def test_a_retried_check_is_charged_once(server, admin, member):
+async def test_a_retried_check_is_charged_once(server, admin, agent):
     await put(server, admin, TOOLS)
-    session = pb.SessionContext(id="s-retry")
+    session_id = await new_session(server, agent)
+    session = pb.SessionContext(id=session_id)
     request_id = str(uuid.uuid4())
-    first = await one(server, member, rid="shell", session=session, request_id=request_id)
-    retry = await one(server, member, rid="shell", session=session, request_id=request_id)
+    first = await one(server, agent, rid="shell", session=session, request_id=request_id)
+    retry = await one(server, agent, rid="shell", session=session, request_id=request_id)
     assert first.effect == retry.effect == ALLOW
     assert first.quotas[0].remaining == retry.quotas[0].remaining == 9
-    other = await one(server, member, rid="shell", session=session, request_id=str(uuid.uuid4()))
+    other = await one(server, agent, rid="shell", session=session, request_id=str(uuid.uuid4()))
     assert other.quotas[0].remaining == 8
     usage = await stub(server).GetQuotaUsage(
-        pb.GetQuotaUsageRequest(name="shell-per-session", subject="s-retry"), metadata=admin
+        pb.GetQuotaUsageRequest(name="shell-per-session", subject=session_id), metadata=admin
     )
     assert usage.usage.used == 2
 
 
-async def test_a_retry_is_charged_once_even_without_its_replay_copy(server, admin):
+async def test_a_per_session_quota_cannot_be_escaped_by_naming_another_session(
+    server, idp, admin, agent
+):
+    await put(server, admin, TOOLS)
+    mine = await new_session(server, agent)
+    for _ in range(10):
+        assert (
+            await one(server, agent, rid="shell", session=pb.SessionContext(id=mine))
+        ).effect == ALLOW
+    spent = await one(server, agent, rid="shell", session=pb.SessionContext(id=mine))
+    assert (spent.effect, spent.reason) == (DENY, pb.DECISION_REASON_QUOTA_EXCEEDED)
+    theirs = await new_session(server, agent_token(idp, "agent-y"))
+    for elsewhere in (theirs, str(uuid.uuid4()), "s-fresh-counter"):
+        status = await expect_error(
+            one(server, agent, rid="shell", session=pb.SessionContext(id=elsewhere))
+        )
+        assert status.reason == "POLICY_SESSION_NOT_FOUND"
+    # A token bound to the session cannot name another one, and naming none is its own.
+    bound = agent_token(idp, asid=mine)
+    status = await expect_error(
+        one(server, bound, rid="shell", session=pb.SessionContext(id=theirs))
+    )
+    assert (status.code, status.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "POLICY_SESSION_MISMATCH",
+    )
+    assert (await one(server, bound, rid="shell")).reason == pb.DECISION_REASON_QUOTA_EXCEEDED
+    usage = await stub(server).GetQuotaUsage(
+        pb.GetQuotaUsageRequest(name="shell-per-session", subject=theirs), metadata=admin
+    )
+    assert usage.usage.used == 0  # nothing was charged to the session it named
+
+
+async def test_a_retry_is_charged_once_even_without_its_replay_copy(server, idp, admin):
     """The idempotency layer's replay copy is lost (a crash between the charge and the cache
     write, or the record expired): the per-decision receipt still prevents a second charge."""
     await put(server, admin, TOOLS)
+    agent = agent_token(idp)
     request = pb.CheckRequest(
         resources=[pb.Resource(kind="tool", id="shell")],
         actions=["invoke"],
-        session=pb.SessionContext(id="s-crash"),
+        session=pb.SessionContext(id=await new_session(server, agent)),
         request_id=str(uuid.uuid4()),
     )
-    first = (await stub(server).Check(request, metadata=admin)).decisions[0]
-    actor = ActorContext(TENANT, "user-1", PrincipalType.USER, AuthMethod.JWT)
+    first = (await stub(server).Check(request, metadata=agent)).decisions[0]
+    actor = ActorContext(TENANT, AGENT, PrincipalType.AGENT, AuthMethod.JWT)
     spec = spec_from_descriptor(
         pb.DESCRIPTOR.services_by_name["PolicyService"].methods_by_name["Check"]
     )
     assert await server.app.cache.delete(scope_key(actor, spec, request.request_id))
-    call = stub(server).Check(request, metadata=admin)
+    call = stub(server).Check(request, metadata=agent)
     again = (await call).decisions[0]
     assert dict(await call.initial_metadata()).get("idempotency-replayed") is None
     assert again.decision_id != first.decision_id  # decided again ...
     assert again.quotas[0].remaining == first.quotas[0].remaining == 9  # ... charged once
 
 
-async def test_quota_usage_list_and_reset(server, admin, member):
+async def test_quota_usage_list_and_reset(server, admin, member, agent):
     await put(server, admin, TOOLS)
-    session = pb.SessionContext(id="s-r")
+    session_id = await new_session(server, agent)
+    session = pb.SessionContext(id=session_id)
     for _ in range(3):
-        await one(server, member, rid="shell", session=session)
+        await one(server, agent, rid="shell", session=session)
     listed = await stub(server).ListQuotaUsage(
-        pb.ListQuotaUsageRequest(subject="s-r"), metadata=admin
+        pb.ListQuotaUsageRequest(subject=session_id), metadata=admin
     )
     assert [(u.name, u.used, u.scope) for u in listed.usages] == [
         ("shell-per-session", 3, pb.QUOTA_SCOPE_SESSION)
     ]
     status = await expect_error(
         stub(server).ResetQuotaUsage(
-            pb.ResetQuotaUsageRequest(name="shell-per-session", subject="s-r"), metadata=member
+            pb.ResetQuotaUsageRequest(name="shell-per-session", subject=session_id),
+            metadata=member,
         )
     )
     assert status.code is grpc.StatusCode.PERMISSION_DENIED
     reset = await stub(server).ResetQuotaUsage(
-        pb.ResetQuotaUsageRequest(name="shell-per-session", subject="s-r"), metadata=admin
+        pb.ResetQuotaUsageRequest(name="shell-per-session", subject=session_id), metadata=admin
     )
     assert (reset.usage.used, reset.usage.remaining) == (0, 10)
     status = await expect_error(
@@ -765,8 +919,8 @@ async def test_a_quota_holds_across_processes(start_server, make_config, idp):
     admin = bearer(idp.token(roles=["admin"]))
     async with start_server(config) as first, start_server(config) as second:
         await put(first, admin, TOOLS)
-        session = pb.SessionContext(id="s-shared")
-        tokens = [bearer(idp.token(roles=["member"], sub=f"u{i}")) for i in range(50)]
+        session = pb.SessionContext(id=await new_session(first, agent_token(idp)))
+        tokens = [agent_token(idp, jti=uuid.uuid4().hex) for _ in range(50)]
         servers = [first, second]
         results = await asyncio.gather(
             *(one(servers[i % 2], t, rid="shell", session=session) for i, t in enumerate(tokens))

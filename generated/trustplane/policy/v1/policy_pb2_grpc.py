@@ -154,10 +154,11 @@ class PolicyServiceServicer:
         Allowed decisions consume the quotas that apply to them, atomically and at most once per
         `request_id`. Deciding for another principal (or with `delegates`) needs
         `policy.decisions.check_others`. Decisions are audited without delaying the answer.
-        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds),
-        INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE, PERMISSION_DENIED /
-        POLICY_CHECK_OTHERS_DENIED, UNAVAILABLE / UNAVAILABLE (the quota store is unreachable
-        while a quota applies: quotas fail closed).
+        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds,
+        `session.attr` with a stored session), INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE,
+        PERMISSION_DENIED / POLICY_CHECK_OTHERS_DENIED, NOT_FOUND / POLICY_SESSION_NOT_FOUND,
+        PERMISSION_DENIED / POLICY_SESSION_MISMATCH, UNAVAILABLE / UNAVAILABLE (the quota store
+        is unreachable while a quota applies: quotas fail closed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -75,10 +75,11 @@ class PolicyServiceStub:
     Allowed decisions consume the quotas that apply to them, atomically and at most once per
     `request_id`. Deciding for another principal (or with `delegates`) needs
     `policy.decisions.check_others`. Decisions are audited without delaying the answer.
-    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds),
-    INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE, PERMISSION_DENIED /
-    POLICY_CHECK_OTHERS_DENIED, UNAVAILABLE / UNAVAILABLE (the quota store is unreachable
-    while a quota applies: quotas fail closed).
+    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds,
+    `session.attr` with a stored session), INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE,
+    PERMISSION_DENIED / POLICY_CHECK_OTHERS_DENIED, NOT_FOUND / POLICY_SESSION_NOT_FOUND,
+    PERMISSION_DENIED / POLICY_SESSION_MISMATCH, UNAVAILABLE / UNAVAILABLE (the quota store
+    is unreachable while a quota applies: quotas fail closed).
     """
     Explain: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ExplainRequest, _policy_pb2.ExplainResponse]
     """Decides one resource x action like Check and returns the evaluation trace (every rule and
@@ -148,10 +149,11 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     Allowed decisions consume the quotas that apply to them, atomically and at most once per
     `request_id`. Deciding for another principal (or with `delegates`) needs
     `policy.decisions.check_others`. Decisions are audited without delaying the answer.
-    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds),
-    INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE, PERMISSION_DENIED /
-    POLICY_CHECK_OTHERS_DENIED, UNAVAILABLE / UNAVAILABLE (the quota store is unreachable
-    while a quota applies: quotas fail closed).
+    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds,
+    `session.attr` with a stored session), INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE,
+    PERMISSION_DENIED / POLICY_CHECK_OTHERS_DENIED, NOT_FOUND / POLICY_SESSION_NOT_FOUND,
+    PERMISSION_DENIED / POLICY_SESSION_MISMATCH, UNAVAILABLE / UNAVAILABLE (the quota store
+    is unreachable while a quota applies: quotas fail closed).
     """
     Explain: _aio.UnaryUnaryMultiCallable[_policy_pb2.ExplainRequest, _policy_pb2.ExplainResponse]  # type: ignore[assignment]
     """Decides one resource x action like Check and returns the evaluation trace (every rule and
@@ -254,10 +256,11 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         Allowed decisions consume the quotas that apply to them, atomically and at most once per
         `request_id`. Deciding for another principal (or with `delegates`) needs
         `policy.decisions.check_others`. Decisions are audited without delaying the answer.
-        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds),
-        INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE, PERMISSION_DENIED /
-        POLICY_CHECK_OTHERS_DENIED, UNAVAILABLE / UNAVAILABLE (the quota store is unreachable
-        while a quota applies: quotas fail closed).
+        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds,
+        `session.attr` with a stored session), INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE,
+        PERMISSION_DENIED / POLICY_CHECK_OTHERS_DENIED, NOT_FOUND / POLICY_SESSION_NOT_FOUND,
+        PERMISSION_DENIED / POLICY_SESSION_MISMATCH, UNAVAILABLE / UNAVAILABLE (the quota store
+        is unreachable while a quota applies: quotas fail closed).
         """
 
     @_abc_1.abstractmethod
