@@ -42,6 +42,7 @@ from server.audit.servicer import AuditServicer
 from server.audit.store import PgAuditStore
 from server.audit.subjects import Subjects
 from server.auth.api_keys import ApiKeys
+from server.auth.directory import PrincipalDirectory
 from server.auth.mfa import Mfa
 from server.auth.service import Authenticator
 from server.auth.servicer import AuthServicer
@@ -246,6 +247,7 @@ class App:
         self.sessions: SessionManager | None = None
         self.policy: PolicyEngine | None = None
         self.policy_bundles: ActiveBundles | None = None
+        self._principals: PrincipalDirectory | None = None
         self._audit_digest_key = b""
         self._background: list[asyncio.Task[None]] = []
         self.metrics = Metrics()
@@ -289,12 +291,16 @@ class App:
         self.api_keys = ApiKeys(auth_store, self.crypto, clock=self.clock)
         await self.api_keys.start()
         self.policy_bundles = self._build_policy_bundles(self.db, self.cache)
+        # Roles, attributes and the kill switch of every principal in a call, for decisions.
+        self._principals = PrincipalDirectory(
+            auth_store, ttl=self.config.policy.principal_cache_ttl, clock=self.clock
+        )
         self.security = build_security(
             self.config,
             self.cache,
             self.own_keys,
             self.api_keys,
-            PolicyAuthorizer(self.policy_bundles),
+            PolicyAuthorizer(self.policy_bundles, self._principals),
         )
         self.mfa = Mfa(auth_store, self.crypto, self.cache, clock=self.clock)
         await self.mfa.start()
@@ -404,6 +410,7 @@ class App:
             self.crypto.page_tokens,
             redeemer=self.sessions,
             sessions=self.sessions,  # the labels and state a decision's session really has
+            principals=self._principals,
             clock=self.clock,
         )
 

@@ -176,6 +176,10 @@ class PolicyConfig:
     # How long a Check's quota receipt (per request_id) is kept: retries within it never
     # charge twice.
     receipt_ttl: float = 86_400.0
+    # Seconds the roles, attributes and disabled flag of a principal (read from the Auth store
+    # for delegates and callers) are reused in-process; bounds how long a role change or the
+    # kill switch takes to reach decisions. 0: read every time.
+    principal_cache_ttl: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -368,6 +372,9 @@ def _policy(env: _Env) -> PolicyConfig:
         ),
         receipt_ttl=env.get(
             "TRUSTPLANE_POLICY_RECEIPT_TTL", "86400", _float_range(60.0, 30 * 86400.0)
+        ),
+        principal_cache_ttl=env.get(
+            "TRUSTPLANE_POLICY_PRINCIPAL_CACHE_TTL", "1", _float_range(0.0, 60.0)
         ),
     )
 

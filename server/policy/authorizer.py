@@ -4,13 +4,16 @@ Each RPC's declared permission is an action on the resource kind `trustplane.met
 (resource id = the permission). The decision has three parts, all of which must allow:
 
 1. the platform bundle (`engine.platform_bundle()`, built from `server.permissions`'
-   ROLE_GRANTS) over the caller's roles;
+   ROLE_GRANTS) over the caller's roles — and, for a delegated token, over the stored roles of
+   every delegate of its `act` chain the Auth service knows (`server.policy.principals`): an
+   agent acting for a user may do only what both may; a disabled (or expired) delegate may do
+   nothing;
 2. the credential's scopes, which only narrow (as before the policy engine existed);
 3. the tenant's active bundle, which can only restrict: when it has a `trustplane.method`
    policy, a DENY rule that matches, a condition that fails to evaluate (fail closed) or a
    REQUIRE_APPROVAL (suite methods cannot wait for approvals) for the subject or any principal
-   of its delegation chain denies; its ALLOW rules and its default deny change nothing, so a
-   tenant can never grant more than the platform does.
+   of its delegation chain (with its stored roles and attributes) denies; its ALLOW rules and
+   its default deny change nothing, so a tenant can never grant more than the platform does.
 
 `policy.bundles.*` is exempt from part 3, so a tenant whose bundle locks everyone out of
 something can always repair the bundle. Decisions are cached per (version, inputs).
@@ -27,6 +30,12 @@ from server.policy.active import ActiveBundles
 from server.policy.engine import CompiledBundle
 from server.policy.model import Decision as PolicyDecision
 from server.policy.model import Effect, Principal, Reason, Request, Resource
+from server.policy.principals import (
+    CallPrincipals,
+    PrincipalDirectory,
+    call_principals,
+    principal_key,
+)
 
 METHOD_KIND = "trustplane.method"
 REPAIR_PERMISSIONS = ("policy.bundles.",)
@@ -40,8 +49,9 @@ _NO_SCOPE = Decision(False, "the credential's scopes do not include it")
 class PolicyAuthorizer:
     """`interceptors.authorize.Authorizer` through the policy engine."""
 
-    def __init__(self, bundles: ActiveBundles) -> None:
+    def __init__(self, bundles: ActiveBundles, directory: PrincipalDirectory | None = None) -> None:
         self._bundles = bundles
+        self._directory = directory
         self._platform = engine.platform_bundle()
         self._platform_decisions: dict[tuple[frozenset[str], str], bool] = {}
 
@@ -50,16 +60,30 @@ class PolicyAuthorizer:
             return _NO_ROLE
         if actor.scopes is not None and not any_matches(actor.scopes, permission):
             return _NO_SCOPE
+        principals = await call_principals(self._directory, actor)
+        refused = self._chain_refusal(principals, permission)
+        if refused is not None:
+            return refused
         if permission.startswith(REPAIR_PERMISSIONS):
             return _ALLOWED
         bundle = await self._bundles.get(actor.tenant_id)
         if bundle is None or not bundle.has_policy(METHOD_KIND):
             return _ALLOWED
-        restriction = self._tenant_restriction(bundle, actor, permission)
+        restriction = self._tenant_restriction(bundle, principals, permission)
         if restriction is None:
             return _ALLOWED
         rule = f" (rule {restriction.rule})" if restriction.rule else ""
         return Decision(False, f"the tenant's policy {_verb(restriction)} it{rule}")
+
+    def _chain_refusal(self, principals: CallPrincipals, permission: str) -> Decision | None:
+        """Delegation is the intersection: each known delegate's own roles must grant it."""
+        if principals.disabled is not None:
+            return Decision(False, f"{principals.disabled} in the delegation chain is disabled")
+        for delegate in principals.delegates:
+            known = delegate.id in principals.known
+            if known and not self._platform_allows(delegate.roles, permission):
+                return Decision(False, f"no role of {delegate.id} (delegation chain) grants it")
+        return None
 
     def _platform_allows(self, roles: frozenset[str], permission: str) -> bool:
         key = (roles, permission)
@@ -73,10 +97,10 @@ class PolicyAuthorizer:
         return allowed
 
     def _tenant_restriction(
-        self, bundle: CompiledBundle, actor: ActorContext, permission: str
+        self, bundle: CompiledBundle, principals: CallPrincipals, permission: str
     ) -> PolicyDecision | None:
         """The first restricting decision over the subject and its delegation chain."""
-        for principal in method_principals(actor):
+        for principal in (principals.subject, *principals.delegates):
             decision = self._decide(bundle, principal, permission)
             if restricts(decision):
                 return decision
@@ -86,16 +110,7 @@ class PolicyAuthorizer:
         self, bundle: CompiledBundle, principal: Principal, permission: str
     ) -> PolicyDecision:
         cache = self._bundles.decisions
-        key: Hashable = (
-            "method",
-            bundle.content_hash,
-            principal.id,
-            principal.roles,
-            principal.type,
-            principal.tenant,
-            principal.chain,
-            permission,
-        )
+        key: Hashable = ("method", bundle.content_hash, principal_key(principal), permission)
         decision = cache.get(key)
         if decision is None:
             request = Request(principal, Resource(METHOD_KIND, permission), permission)
@@ -107,20 +122,6 @@ class PolicyAuthorizer:
 def restricts(decision: PolicyDecision) -> bool:
     """Whether a tenant's decision on a suite method takes something away."""
     return decision.effect is not Effect.ALLOW and decision.reason is not Reason.NO_MATCHING_RULE
-
-
-def method_principals(actor: ActorContext) -> tuple[Principal, ...]:
-    """The subject (with its roles) and each delegate of its chain (type only: a token does
-    not carry a delegate's roles)."""
-    chain = tuple(link.subject for link in actor.act)
-    subject = Principal(
-        actor.subject, actor.roles, {}, actor.tenant_id, actor.subject_type.value, chain
-    )
-    delegates = tuple(
-        Principal(link.subject, frozenset(), {}, actor.tenant_id, link.subject_type.value)
-        for link in actor.act
-    )
-    return (subject, *delegates)
 
 
 def _verb(decision: PolicyDecision) -> str:

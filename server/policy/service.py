@@ -60,6 +60,7 @@ from server.policy.model import (
     StoredBundle,
     TraceStep,
 )
+from server.policy.principals import PrincipalDirectory, call_principals, frozen, principal_key
 
 CHECK_OTHERS = "policy.decisions.check_others"
 MAX_COST = 10**9
@@ -252,6 +253,7 @@ class _Asked:
     agent_id: str
     session: Session = dataclasses.field(default_factory=Session)
     session_key: Hashable = ()
+    known: frozenset[str] = frozenset()  # delegates the Auth service knows (real roles)
 
 
 _NO_BUNDLE_VERSION = ""
@@ -271,6 +273,7 @@ class PolicyEngine:
         *,
         redeemer: ApprovalRedeemer | None = None,
         sessions: SessionSource | None = None,
+        principals: PrincipalDirectory | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -281,6 +284,7 @@ class PolicyEngine:
         self._page_tokens = page_tokens
         self._redeemer = redeemer
         self._sessions = sessions
+        self._principals = principals
         self._clock = clock
         self._platform = engine.platform_bundle()
 
@@ -431,13 +435,18 @@ class PolicyEngine:
 
     async def _asked(self, actor: ActorContext, question: Question) -> _Asked:
         if question.principal is None and not question.delegates:
-            subject = _caller(actor)
-            delegates = tuple(
-                Principal(link.subject, frozenset(), {}, actor.tenant_id, link.subject_type.value)
-                for link in actor.act
-            )
+            principals = await call_principals(self._principals, actor)
+            if principals.disabled is not None:
+                raise PermissionDenied(f"{principals.disabled} in the delegation chain is disabled")
             session = await self._session(actor, question.session, others=False)
-            return _in_session(_Asked(actor.tenant_id, subject, delegates, actor.actor_id), session)
+            asked = _Asked(
+                actor.tenant_id,
+                principals.subject,
+                principals.delegates,
+                actor.actor_id,
+                known=principals.known,
+            )
+            return _in_session(asked, session)
         if not (await self._permissions.decide(actor, CHECK_OTHERS)).allowed:
             raise CheckOthersDenied()
         base = question.principal or _caller(actor)
@@ -449,7 +458,10 @@ class PolicyEngine:
         )
         agent = delegates[0].id if delegates else principal.id
         session = await self._session(actor, question.session, others=True)
-        return _in_session(_Asked(actor.tenant_id, principal, delegates, agent), session)
+        # The roles the question gives its delegates are the ones to decide with.
+        known = frozenset(d.id for d in delegates)
+        asked = _Asked(actor.tenant_id, principal, delegates, agent, known=known)
+        return _in_session(asked, session)
 
     async def _session(self, actor: ActorContext, asked: Session, *, others: bool) -> Session:
         """The session the decisions run in. A stored one — named in the request, or the one
@@ -491,16 +503,15 @@ class PolicyEngine:
         explain: bool = False,
     ) -> Decision:
         """The rules' decision, through the decision cache (not for explanations)."""
-        delegates = asked.delegates
         if explain:
-            return self._evaluate(bundle, request, delegates, explain=True)
+            return self._evaluate(bundle, request, asked, explain=True)
         cache = self._bundles.decisions
         if not cache.enabled:
-            return self._evaluate(bundle, request, delegates)
-        key = _decision_key(bundle, request, delegates, asked.session_key)
+            return self._evaluate(bundle, request, asked)
+        key = _decision_key(bundle, request, asked)
         decision = cache.get(key)
         if decision is None:
-            decision = self._evaluate(bundle, request, delegates)
+            decision = self._evaluate(bundle, request, asked)
             cache.put(key, decision)
         return decision
 
@@ -508,14 +519,15 @@ class PolicyEngine:
         self,
         bundle: CompiledBundle | None,
         request: Request,
-        delegates: tuple[Principal, ...],
+        asked: _Asked,
         *,
         explain: bool = False,
     ) -> Decision:
         """Suite methods: as the authorize layer decides them. Other kinds: the tenant's
         bundle alone (none: default deny)."""
+        delegates = asked.delegates
         if request.resource.kind == METHOD_KIND:
-            return self._method(bundle, request, delegates, explain=explain)
+            return self._method(bundle, request, asked, explain=explain)
         if bundle is None:
             return Decision(
                 Effect.DENY,
@@ -530,19 +542,27 @@ class PolicyEngine:
         self,
         bundle: CompiledBundle | None,
         request: Request,
-        delegates: tuple[Principal, ...],
+        asked: _Asked,
         *,
         explain: bool,
     ) -> Decision:
-        """The platform bundle over the subject's roles (a delegated token's scopes already
-        narrowed it), then the first restriction the tenant's bundle puts on the subject or
-        any delegate — exactly what `PolicyAuthorizer` enforces for the RPC."""
+        """The platform bundle over the subject's roles and over each delegate's the Auth
+        service knows (a delegated token's scopes already narrowed the rest), then the first
+        restriction the tenant's bundle puts on the subject or any delegate — exactly what
+        `PolicyAuthorizer` enforces for the RPC."""
+        delegates = asked.delegates
         platform = engine.decide(self._platform, request, explain=explain)
+        for delegate in delegates:
+            if not platform.allowed:
+                break
+            if delegate.id in asked.known:
+                as_delegate = dataclasses.replace(request, principal=delegate)
+                platform = engine.decide(self._platform, as_delegate, explain=explain)
         if not platform.allowed or bundle is None or not bundle.has_policy(METHOD_KIND):
             return platform
         for principal in (request.principal, *delegates):
-            asked = dataclasses.replace(request, principal=principal)
-            tenant = engine.decide(bundle, asked, explain=explain)
+            as_principal = dataclasses.replace(request, principal=principal)
+            tenant = engine.decide(bundle, as_principal, explain=explain)
             if restricts(tenant):
                 return tenant
         return platform
@@ -759,49 +779,27 @@ def call_digest(tenant_id: str, request: Request) -> bytes:
     return hashlib.sha256(_canonical(body).encode()).digest()
 
 
-def _frozen(value: object) -> Hashable:
-    """A hashable, type-faithful form of an attribute value for cache keys (True, 1 and 1.0
-    must not collide: CEL tells them apart)."""
-    if isinstance(value, dict):
-        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
-    if isinstance(value, list):
-        return ("[", *(_frozen(v) for v in value))
-    if isinstance(value, bool | float):
-        return (type(value).__name__, value)
-    if value is None or isinstance(value, int | str):
-        return value
-    return ("?", str(value))
-
-
-def _principal_key(p: Principal) -> Hashable:
-    return (p.id, p.roles, p.type, p.tenant, p.chain, _frozen(p.attr) if p.attr else ())
-
-
-def _decision_key(
-    bundle: CompiledBundle | None,
-    request: Request,
-    delegates: tuple[Principal, ...],
-    session_key: Hashable,
-) -> Hashable:
-    """Everything the decision depends on: the deciding versions and every engine input
-    (`session_key`: `_session_key(request.session)`, computed once per question)."""
+def _decision_key(bundle: CompiledBundle | None, request: Request, asked: _Asked) -> Hashable:
+    """Everything the decision depends on: the deciding versions and every engine input (the
+    session's part computed once per question, `asked.session_key`)."""
     resource = request.resource
     return (
         "check",
         bundle.content_hash if bundle is not None else "",
-        _principal_key(request.principal),
-        tuple(_principal_key(d) for d in delegates),
+        principal_key(request.principal),
+        tuple(principal_key(d) for d in asked.delegates),
+        asked.known,
         resource.kind,
         resource.id,
-        _frozen(resource.attr) if resource.attr else (),
+        frozen(resource.attr) if resource.attr else (),
         request.action,
-        session_key,
-        _frozen(request.context) if request.context else (),
+        asked.session_key,
+        frozen(request.context) if request.context else (),
     )
 
 
 def _session_key(session: Session) -> Hashable:
-    return (session.id, session.labels, _frozen(session.attr) if session.attr else ())
+    return (session.id, session.labels, frozen(session.attr) if session.attr else ())
 
 
 def _in_session(asked: _Asked, session: Session) -> _Asked:
@@ -845,8 +843,8 @@ def _fingerprint(asked: _Asked, question: Question) -> str:
     """What a Filter page token is bound to: the whole query except the page fields."""
     body = [
         asked.tenant_id,
-        _principal_key(asked.principal),
-        [_principal_key(d) for d in asked.delegates],
+        principal_key(asked.principal),
+        [principal_key(d) for d in asked.delegates],
         question.actions,
         [[r.kind, r.id, dict(r.attr)] for r in question.resources],
         [asked.session.id, sorted(asked.session.labels), dict(asked.session.attr)],

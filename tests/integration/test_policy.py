@@ -18,6 +18,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from trustplane.audit.v1 import audit_pb2
+from trustplane.auth.v1 import auth_pb2
 from trustplane.crypto.v1 import crypto_pb2
 from trustplane.policy.v1 import policy_pb2 as pb
 from trustplane.policy.v1 import policy_pb2_grpc
@@ -490,14 +491,95 @@ async def test_the_call_digest_binds_the_resource_attributes(server, admin, memb
     assert await digest(10) != await digest(11)
 
 
-async def test_delegation_is_the_intersection(server, idp, admin):
-    await put(server, admin, TOOLS)
-    direct = bearer(idp.token(roles=["member"], sub="u1"))
-    assert (await one(server, direct)).effect == ALLOW
-    # A delegate's roles are not in the token: the bundle must allow it on its own terms.
-    through_agent = bearer(idp.token(roles=["member"], sub="u1", act={"sub": "agent-7"}))
-    decision = await one(server, through_agent)
-    assert (decision.effect, decision.principal_id) == (DENY, "agent-7")
+INTERSECTION = """
+version: intersection
+resource_policies:
+  - resource: tool
+    rules:
+      - name: analysts-run-reports
+        actions: [invoke]
+        roles: [analyst]
+        effect: ALLOW
+"""
+
+
+async def registered_tenant(running):
+    """A tenant of this server with its owner logged in (agents need a registered owner)."""
+    tenant, _, password = await running.app.auth.bootstrap("acme", "owner@acme.test")
+    login = await running.auth.Login(
+        auth_pb2.LoginRequest(tenant="acme", email="owner@acme.test", password=password)
+    )
+    return tenant, bearer(login.tokens.access_token)
+
+
+async def registered_agent(running, owner, roles) -> str:
+    request = auth_pb2.CreateAgentRequest(
+        request_id=str(uuid.uuid4()), display_name="helper", purpose="reports", roles=roles
+    )
+    return str((await running.auth.CreateAgent(request, metadata=owner)).agent.agent_id)
+
+
+def acting_for(idp, tenant, roles, agent_id):
+    """A user's token delegated to `agent_id` (RFC 8693 `act`)."""
+    act = {"sub": agent_id, "ptype": "agent"}
+    return bearer(idp.token(sub="u1", roles=roles, tid=tenant, act=act))
+
+
+async def test_delegation_is_the_intersection(server, idp):
+    """Each principal of the chain is decided with its own roles: the user's from its token,
+    the agent's as the Auth service holds them."""
+    tenant, owner = await registered_tenant(server)
+    await put(server, owner, INTERSECTION)
+    analyst = await registered_agent(server, owner, ["member", "analyst"])
+    plain = await registered_agent(server, owner, ["member"])
+    both = await one(server, acting_for(idp, tenant, ["member", "analyst"], analyst))
+    assert (both.effect, both.rule, both.principal_id) == (ALLOW, "analysts-run-reports", "u1")
+    agent_denied = await one(server, acting_for(idp, tenant, ["member", "analyst"], plain))
+    assert (agent_denied.effect, agent_denied.principal_id) == (DENY, plain)
+    user_denied = await one(server, acting_for(idp, tenant, ["member"], analyst))
+    assert (user_denied.effect, user_denied.principal_id) == (DENY, "u1")
+    # An agent this server does not know (an external issuer's) has no roles here.
+    unknown = await one(server, acting_for(idp, tenant, ["member", "analyst"], "agent-7"))
+    assert (unknown.effect, unknown.principal_id) == (DENY, "agent-7")
+
+
+async def test_suite_methods_are_the_intersection_and_obey_the_kill_switch(start_server, idp):
+    async with start_server(TRUSTPLANE_POLICY_PRINCIPAL_CACHE_TTL="0") as server:
+        tenant, owner = await registered_tenant(server)
+        reader = await registered_agent(server, owner, ["viewer"])
+        writer = await registered_agent(server, owner, ["member"])
+        via_reader = acting_for(idp, tenant, ["member"], reader)
+        via_writer = acting_for(idp, tenant, ["member"], writer)
+        await create_key(server, via_writer, "by-the-writer")
+        status = await expect_error(create_key(server, via_reader, "by-the-reader"))
+        assert (status.code, status.metadata) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            {"permission": "crypto.keys.create"},
+        )
+        assert reader in status.message
+        await server.crypto.GetKey(
+            crypto_pb2.GetKeyRequest(name="by-the-writer"), metadata=via_reader
+        )
+        status = await expect_error(one(server, via_reader))  # not even Check (a member's)
+        assert reader in status.message
+        # Check on trustplane.method agrees (asked by an administrator, for that chain).
+        user = pb.Principal(id="u1", roles=["member"], type="user")
+        chain = [pb.Principal(id=reader, roles=["viewer"], type="agent")]
+        admin = bearer(idp.token(sub="ada", roles=["admin"], tid=tenant))
+        resource = [("trustplane.method", "")]
+        asked = await check(
+            server, admin, resource, ["crypto.keys.create"], principal=user, delegates=chain
+        )
+        assert (asked[0].effect, asked[0].principal_id) == (DENY, reader)
+        await server.auth.SetAgentDisabled(
+            auth_pb2.SetAgentDisabledRequest(agent_id=writer, disabled=True), metadata=owner
+        )
+        status = await expect_error(
+            server.crypto.GetKey(
+                crypto_pb2.GetKeyRequest(name="by-the-writer"), metadata=via_writer
+            )
+        )
+        assert status.code is grpc.StatusCode.PERMISSION_DENIED and "disabled" in status.message
 
 
 async def test_checking_others_needs_a_permission(server, admin, member):
