@@ -4,10 +4,11 @@
 activate; roll back; each activation announced to every process) and answers questions:
 
 * Check: for one principal (the caller unless `policy.decisions.check_others` is held), every
-  resource x action. Rules decide first (the engine, through the decision cache); a
-  REQUIRE_APPROVAL with an approval token is redeemed through the `ApprovalRedeemer` (none
-  wired: fail closed); an ALLOW then consumes the quotas that apply, atomically in the cache
-  (`Cache.charge`) and at most once per request id (a receipt per decision). The decisions
+  resource x action. Rules decide first (the engine, through the decision cache); an ALLOW,
+  or a REQUIRE_APPROVAL presented with an approval token, then consumes the quotas that apply,
+  atomically in the cache (`Cache.charge`) and at most once per request id (a receipt per
+  decision); only then is the token redeemed through the `ApprovalRedeemer` (none wired: fail
+  closed), and a refused token gives the charge back. The decisions
   (`decision_attributes`) go into the Check call's own audit entry, an access-class entry
   queued without waiting for the write (unless the bounded queue is full: back-pressure).
 * Explain: one decision with the evaluation trace; nothing consumed or redeemed.
@@ -31,7 +32,7 @@ from typing import Protocol
 from trustplane.common.v1 import error_reason_pb2 as reasons
 
 from server.actor import ActorContext
-from server.cache import Cache, Charge
+from server.cache import Cache, CacheUnavailable, Charge
 from server.config import PolicyConfig
 from server.errors import (
     FailedPrecondition,
@@ -254,6 +255,14 @@ class _Asked:
     session: Session = dataclasses.field(default_factory=Session)
     session_key: Hashable = ()
     known: frozenset[str] = frozenset()  # delegates the Auth service knows (real roles)
+
+
+@dataclass(frozen=True)
+class _Charged:
+    """A quota charge made by this call (to refund if the decision does not stand)."""
+
+    charges: tuple[Charge, ...]
+    receipt: str | None
 
 
 _NO_BUNDLE_VERSION = ""
@@ -576,19 +585,39 @@ class PolicyEngine:
         verdict: Verdict,
         question: Question,
     ) -> Verdict:
-        """Approvals, then quotas, on top of the rules' decision."""
-        if verdict.effect is Effect.REQUIRE_APPROVAL and question.approval_token:
-            verdict = await self._redeem(asked, verdict, question)
-        if verdict.effect is not Effect.ALLOW or bundle is None:
+        """Quotas, then the approval token, on top of the rules' decision. A token is spent
+        only on a decision that is otherwise allowed, quotas included: quotas are charged
+        first, and refunded if the token is then refused."""
+        redeem = verdict.effect is Effect.REQUIRE_APPROVAL and bool(question.approval_token)
+        if redeem:
+            if self._redeemer is None:
+                return dataclasses.replace(
+                    verdict, effect=Effect.DENY, reason=Reason.APPROVAL_UNAVAILABLE
+                )
+            verdict = dataclasses.replace(verdict, effect=Effect.ALLOW, reason=Reason.APPROVED)
+        if verdict.effect is not Effect.ALLOW:
             return verdict
-        match = engine.quotas_for(bundle, request)
-        if match.failed is not None:
-            return dataclasses.replace(
-                verdict, effect=Effect.DENY, reason=Reason.CONDITION_ERROR, rule=match.failed.name
-            )
-        if not match.quotas:
+        charged: _Charged | None = None
+        if bundle is not None:
+            match = engine.quotas_for(bundle, request)
+            if match.failed is not None:
+                return dataclasses.replace(
+                    verdict,
+                    effect=Effect.DENY,
+                    reason=Reason.CONDITION_ERROR,
+                    rule=match.failed.name,
+                )
+            if match.quotas:
+                verdict, charged = await self._charge(actor, asked, verdict, match.quotas, question)
+        if not redeem or verdict.effect is not Effect.ALLOW:
             return verdict
-        return await self._charge(actor, asked, verdict, match.quotas, question)
+        if await self._redeem(asked, verdict, question):
+            return verdict
+        if charged is not None:
+            await self._refund(charged)
+        return dataclasses.replace(
+            verdict, effect=Effect.DENY, reason=Reason.APPROVAL_INVALID, quotas=()
+        )
 
     @staticmethod
     def _verdict(
@@ -609,11 +638,9 @@ class PolicyEngine:
             call_digest=call_digest(tenant, request) if approval else b"",
         )
 
-    async def _redeem(self, asked: _Asked, verdict: Verdict, question: Question) -> Verdict:
-        if self._redeemer is None:
-            return dataclasses.replace(
-                verdict, effect=Effect.DENY, reason=Reason.APPROVAL_UNAVAILABLE
-            )
+    async def _redeem(self, asked: _Asked, verdict: Verdict, question: Question) -> bool:
+        """Spend the approval token; False when it is refused (and so not spent)."""
+        assert self._redeemer is not None
         try:  # the token was requested by the identity making the call (the acting agent)
             await self._redeemer.redeem_approval(
                 asked.tenant_id,
@@ -623,8 +650,8 @@ class PolicyEngine:
                 session_id=asked.session.id or None,
             )
         except TrustplaneError:
-            return dataclasses.replace(verdict, effect=Effect.DENY, reason=Reason.APPROVAL_INVALID)
-        return dataclasses.replace(verdict, effect=Effect.ALLOW, reason=Reason.APPROVED)
+            return False
+        return True
 
     async def _charge(
         self,
@@ -633,7 +660,8 @@ class PolicyEngine:
         verdict: Verdict,
         quotas: tuple[Quota, ...],
         question: Question,
-    ) -> Verdict:
+    ) -> tuple[Verdict, _Charged | None]:
+        """Consume the quotas; the charge made (None: refused, or a retry's receipt)."""
         now = self._clock()
         cost = question.cost or 1
         subjects = [_subject(q, asked) for q in quotas]
@@ -651,15 +679,28 @@ class PolicyEngine:
             for q, s, used, (_, reset) in zip(quotas, subjects, result.values, windows, strict=True)
         )
         if result.charged:
-            return dataclasses.replace(verdict, quotas=states)
+            made = None if result.replayed else _Charged(tuple(charges), receipt)
+            return dataclasses.replace(verdict, quotas=states), made
         stopper = next(s for s in states if s.exceeded)
-        return dataclasses.replace(
+        denied = dataclasses.replace(
             verdict,
             effect=Effect.DENY,
             reason=Reason.QUOTA_EXCEEDED,
             rule=stopper.quota.name,
             quotas=states,
         )
+        return denied, None
+
+    async def _refund(self, charged: _Charged) -> None:
+        """Give back a charge whose decision did not stand. Best effort: if the cache cannot
+        be reached the units stay consumed (the safe side)."""
+        try:
+            for charge in charged.charges:
+                await self._cache.incr(charge.key, -charge.amount, ttl=charge.ttl)
+            if charged.receipt is not None:
+                await self._cache.delete(charged.receipt)
+        except CacheUnavailable:
+            _log.warning("quota refund lost; the units stay consumed")
 
     # --- quotas -------------------------------------------------------------------------------
 

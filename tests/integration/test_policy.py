@@ -475,6 +475,51 @@ async def test_an_approval_token_allows_the_same_call_exactly_once(server, idp, 
     assert (await decide(payment(10, other))).effect == ALLOW
 
 
+PAYMENTS = TOOLS.replace(
+    "quotas:\n",
+    """quotas:
+  - name: one-payment-a-day
+    resource: tool
+    actions: [invoke]
+    condition: resource.id == 'make_payment'
+    limit: 1
+    window_seconds: 86400
+    per: principal
+""",
+)
+
+
+async def test_a_quota_denial_does_not_spend_the_approval_token(server, idp, admin, member):
+    """Quotas are charged before the token is redeemed: a decision the quota stops leaves the
+    token unspent, and a refused token gives the charge back."""
+    await put(server, admin, PAYMENTS)
+    finance = bearer(idp.token(roles=["admin", "finance"], sub="fin-1"))
+
+    async def pay(token=""):
+        return await one(server, member, rid="make_payment", approval_token=token)
+
+    async def used():
+        usage = await stub(server).GetQuotaUsage(
+            pb.GetQuotaUsageRequest(name="one-payment-a-day", subject="mia"), metadata=admin
+        )
+        return usage.usage.used
+
+    digest = (await pay()).approval.call_digest
+    first, second = [await approval_token(server, member, finance, digest) for _ in range(2)]
+    assert (await pay(first)).reason == pb.DECISION_REASON_APPROVED
+    stopped = await pay(second)
+    assert (stopped.effect, stopped.reason) == (DENY, pb.DECISION_REASON_QUOTA_EXCEEDED)
+    await stub(server).ResetQuotaUsage(
+        pb.ResetQuotaUsageRequest(name="one-payment-a-day", subject="mia"), metadata=admin
+    )
+    refused = await pay("tpap_not-a-token")
+    assert (refused.reason, list(refused.quotas)) == (pb.DECISION_REASON_APPROVAL_INVALID, [])
+    assert await used() == 0  # the refused token's charge was given back
+    allowed = await pay(second)  # still unspent
+    assert (allowed.effect, allowed.reason) == (ALLOW, pb.DECISION_REASON_APPROVED)
+    assert await used() == 1
+
+
 async def test_the_call_digest_binds_the_resource_attributes(server, admin, member):
     await put(server, admin, TOOLS)
 
