@@ -60,14 +60,15 @@ class PolicyAuthorizer:
             return _NO_ROLE
         if actor.scopes is not None and not any_matches(actor.scopes, permission):
             return _NO_SCOPE
-        principals = await call_principals(self._directory, actor)
+        bundle = None
+        if not permission.startswith(REPAIR_PERMISSIONS):
+            bundle = await self._bundles.get(actor.tenant_id)
+        restricting = bundle is not None and bundle.has_policy(METHOD_KIND)
+        principals = await call_principals(self._directory, actor, subject_attributes=restricting)
         refused = self._chain_refusal(principals, permission)
         if refused is not None:
             return refused
-        if permission.startswith(REPAIR_PERMISSIONS):
-            return _ALLOWED
-        bundle = await self._bundles.get(actor.tenant_id)
-        if bundle is None or not bundle.has_policy(METHOD_KIND):
+        if bundle is None or not restricting:
             return _ALLOWED
         restriction = self._tenant_restriction(bundle, principals, permission)
         if restriction is None:
@@ -78,7 +79,7 @@ class PolicyAuthorizer:
     def _chain_refusal(self, principals: CallPrincipals, permission: str) -> Decision | None:
         """Delegation is the intersection: each known delegate's own roles must grant it."""
         if principals.disabled is not None:
-            return Decision(False, f"{principals.disabled} in the delegation chain is disabled")
+            return Decision(False, f"{principals.disabled} in the call is disabled")
         for delegate in principals.delegates:
             known = delegate.id in principals.known
             if known and not self._platform_allows(delegate.roles, permission):

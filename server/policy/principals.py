@@ -4,7 +4,8 @@ A credential names its subject (with the roles it was issued with) and the deleg
 RFC 8693 `act` chain, but says nothing of a delegate's roles, and a delegate's roles may change
 or the agent be switched off after the token was issued. So every principal of the chain is
 looked up in a `PrincipalDirectory` (the Auth service's `server.auth.directory`, wired in
-`server/app.py`): its stored roles and attributes, and whether it may act at all. A delegate the
+`server/app.py`): its stored roles and attributes, and whether it may act at all; so is the
+subject, for its attributes (its roles are the credential's). A delegate the
 directory does not know (an external issuer's agent) keeps the id and type the token gives it
 and no roles: rules for it must match on `roles: ["*"]`, and the platform part of a suite
 method's decision is left to the credential's scopes.
@@ -54,24 +55,26 @@ class CallPrincipals:
 
 
 async def call_principals(
-    directory: PrincipalDirectory | None, actor: ActorContext
+    directory: PrincipalDirectory | None, actor: ActorContext, *, subject_attributes: bool
 ) -> CallPrincipals:
-    """The caller's subject (roles from its credential) and its delegates, each delegate with
-    its stored roles and attributes. Without delegates nothing is looked up."""
+    """The caller's subject (roles and type from its credential; with `subject_attributes`,
+    its stored attributes, and whether it may act) and its delegates, each with its stored
+    roles and attributes. Nothing is looked up when there is nothing to look up."""
     chain = tuple(link.subject for link in actor.act)
-    subject = Principal(
-        actor.subject, actor.roles, {}, actor.tenant_id, actor.subject_type.value, chain
-    )
-    if not actor.act:
-        return CallPrincipals(subject, ())
+    wanted = (actor.subject, *chain) if subject_attributes else chain
     found: Mapping[str, PrincipalRecord] = {}
-    if directory is not None:
-        found = await directory.principals(actor.tenant_id, chain)
+    if directory is not None and wanted:
+        found = await directory.principals(actor.tenant_id, wanted)
+    own = found.get(actor.subject) if subject_attributes else None
+    attributes = dict(own.attributes) if own is not None else {}
+    subject = Principal(
+        actor.subject, actor.roles, attributes, actor.tenant_id, actor.subject_type.value, chain
+    )
     delegates = tuple(
         _delegate(actor, link.subject, link.subject_type.value, found) for link in actor.act
     )
-    disabled = next((link.subject for link in actor.act if _disabled(found, link.subject)), None)
-    return CallPrincipals(subject, delegates, frozenset(found), disabled)
+    disabled = next((p for p in wanted if _disabled(found, p)), None)
+    return CallPrincipals(subject, delegates, frozenset(found) & frozenset(chain), disabled)
 
 
 def _delegate(

@@ -444,9 +444,9 @@ class PolicyEngine:
 
     async def _asked(self, actor: ActorContext, question: Question) -> _Asked:
         if question.principal is None and not question.delegates:
-            principals = await call_principals(self._principals, actor)
+            principals = await call_principals(self._principals, actor, subject_attributes=True)
             if principals.disabled is not None:
-                raise PermissionDenied(f"{principals.disabled} in the delegation chain is disabled")
+                raise PermissionDenied(f"{principals.disabled} in the call is disabled")
             session = await self._session(actor, question.session, others=False)
             asked = _Asked(
                 actor.tenant_id,
@@ -458,7 +458,10 @@ class PolicyEngine:
             return _in_session(asked, session)
         if not (await self._permissions.decide(actor, CHECK_OTHERS)).allowed:
             raise CheckOthersDenied()
-        base = question.principal or _caller(actor)
+        base = question.principal
+        if base is None:  # the caller, through explicit delegates
+            own = await call_principals(self._principals, actor, subject_attributes=True)
+            base = own.subject
         delegates = tuple(
             dataclasses.replace(d, tenant=actor.tenant_id, chain=()) for d in question.delegates
         )
@@ -740,17 +743,6 @@ class PolicyEngine:
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def _caller(actor: ActorContext) -> Principal:
-    return Principal(
-        actor.subject,
-        actor.roles,
-        {},
-        actor.tenant_id,
-        actor.subject_type.value,
-        tuple(link.subject for link in actor.act),
-    )
 
 
 def _version_id(value: str) -> str:

@@ -557,9 +557,9 @@ async def registered_tenant(running):
     return tenant, bearer(login.tokens.access_token)
 
 
-async def registered_agent(running, owner, roles) -> str:
+async def registered_agent(running, owner, roles, purpose="reports") -> str:
     request = auth_pb2.CreateAgentRequest(
-        request_id=str(uuid.uuid4()), display_name="helper", purpose="reports", roles=roles
+        request_id=str(uuid.uuid4()), display_name="helper", purpose=purpose, roles=roles
     )
     return str((await running.auth.CreateAgent(request, metadata=owner)).agent.agent_id)
 
@@ -586,6 +586,49 @@ async def test_delegation_is_the_intersection(server, idp):
     # An agent this server does not know (an external issuer's) has no roles here.
     unknown = await one(server, acting_for(idp, tenant, ["member", "analyst"], "agent-7"))
     assert (unknown.effect, unknown.principal_id) == (DENY, "agent-7")
+
+
+BY_PURPOSE = """
+version: by-purpose
+derived_roles:
+  report-agent:
+    parent_roles: ["*"]
+    condition: principal.attr.purpose == 'reports'
+resource_policies:
+  - resource: tool
+    rules:
+      - name: report-agents-run-reports
+        actions: [invoke]
+        derived_roles: [report-agent]
+        effect: ALLOW
+  - resource: trustplane.method
+    rules:
+      - name: untrusted-agents-make-no-keys
+        actions: [crypto.keys.create]
+        roles: ["*"]
+        effect: DENY
+        condition: principal.type == 'agent' && principal.attr.purpose == 'untrusted'
+"""
+
+
+async def test_the_callers_own_attributes_are_loaded(server, idp):
+    """A self-check (and the authorize layer) sees the caller's stored attributes, so rules on
+    `principal.attr` decide instead of failing closed on a missing attribute."""
+    tenant, owner = await registered_tenant(server)
+    await put(server, owner, BY_PURPOSE)
+    reporter = await registered_agent(server, owner, ["member"], purpose="reports")
+    other = await registered_agent(server, owner, ["member"], purpose="untrusted")
+
+    def own(agent_id):
+        return bearer(idp.token(sub=agent_id, ptype="agent", tid=tenant))
+
+    decision = await one(server, own(reporter), rid="report")
+    assert (decision.effect, decision.rule) == (ALLOW, "report-agents-run-reports")
+    decision = await one(server, own(other), rid="report")
+    assert (decision.effect, decision.reason) == (DENY, pb.DECISION_REASON_NO_MATCHING_RULE)
+    await create_key(server, own(reporter), "reports-key")  # the condition is false, not an error
+    status = await expect_error(create_key(server, own(other), "untrusted-key"))
+    assert "untrusted-agents-make-no-keys" in status.message
 
 
 async def test_suite_methods_are_the_intersection_and_obey_the_kill_switch(start_server, idp):
