@@ -21,7 +21,9 @@ something can always repair the bundle. Decisions are cached per (version, input
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 from server.actor import ActorContext
 from server.permissions import Decision, any_matches
@@ -41,9 +43,21 @@ METHOD_KIND = "trustplane.method"
 REPAIR_PERMISSIONS = ("policy.bundles.",)
 """Permissions a tenant bundle cannot restrict (see the module docstring)."""
 
-_ALLOWED = Decision(True)
-_NO_ROLE = Decision(False, "no role of the caller grants it")
-_NO_SCOPE = Decision(False, "the credential's scopes do not include it")
+_NO_ROLE = "no role of the caller grants it"
+_NO_SCOPE = "the credential's scopes do not include it"
+_RESOURCE_MAX = 256
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """A decision before it is recorded: its effect, the reason code and rule for the audit
+    line, and the version that decided."""
+
+    allowed: bool
+    code: str  # ALLOWED, NO_MATCHING_RULE, SCOPE_MISSING, PRINCIPAL_DISABLED or an engine reason
+    version: str
+    rule: str | None = None
+    message: str = ""
 
 
 class PolicyAuthorizer:
@@ -56,10 +70,28 @@ class PolicyAuthorizer:
         self._platform_decisions: dict[tuple[frozenset[str], str], bool] = {}
 
     async def decide(self, actor: ActorContext, permission: str) -> Decision:
+        """The decision, with its audit line: decision id, effect, reason, rule, version
+        prefix, resource and action, as Check's `decision.<n>` attributes."""
+        outcome = await self._outcome(actor, permission)
+        line = " ".join(
+            [
+                os.urandom(16).hex(),
+                "ALLOW" if outcome.allowed else "DENY",
+                outcome.code,
+                outcome.rule or "-",
+                outcome.version[:16] or "-",
+                f"{METHOD_KIND}/{permission}"[:_RESOURCE_MAX],
+                permission[:_RESOURCE_MAX],
+            ]
+        )
+        return Decision(outcome.allowed, outcome.message, audit=line)
+
+    async def _outcome(self, actor: ActorContext, permission: str) -> _Outcome:
+        platform = self._platform.content_hash
         if not self._platform_allows(actor.roles, permission):
-            return _NO_ROLE
+            return _Outcome(False, Reason.NO_MATCHING_RULE.value, platform, message=_NO_ROLE)
         if actor.scopes is not None and not any_matches(actor.scopes, permission):
-            return _NO_SCOPE
+            return _Outcome(False, "SCOPE_MISSING", platform, message=_NO_SCOPE)
         bundle = None
         if not permission.startswith(REPAIR_PERMISSIONS):
             bundle = await self._bundles.get(actor.tenant_id)
@@ -69,21 +101,30 @@ class PolicyAuthorizer:
         if refused is not None:
             return refused
         if bundle is None or not restricting:
-            return _ALLOWED
+            return _Outcome(True, Reason.ALLOWED.value, platform)
         restriction = self._tenant_restriction(bundle, principals, permission)
         if restriction is None:
-            return _ALLOWED
+            return _Outcome(True, Reason.ALLOWED.value, platform)
         rule = f" (rule {restriction.rule})" if restriction.rule else ""
-        return Decision(False, f"the tenant's policy {_verb(restriction)} it{rule}")
+        return _Outcome(
+            False,
+            restriction.reason.value,
+            restriction.bundle_version,
+            restriction.rule,
+            f"the tenant's policy {_verb(restriction)} it{rule}",
+        )
 
-    def _chain_refusal(self, principals: CallPrincipals, permission: str) -> Decision | None:
+    def _chain_refusal(self, principals: CallPrincipals, permission: str) -> _Outcome | None:
         """Delegation is the intersection: each known delegate's own roles must grant it."""
+        platform = self._platform.content_hash
         if principals.disabled is not None:
-            return Decision(False, f"{principals.disabled} in the call is disabled")
+            message = f"{principals.disabled} in the call is disabled"
+            return _Outcome(False, "PRINCIPAL_DISABLED", platform, message=message)
         for delegate in principals.delegates:
             known = delegate.id in principals.known
             if known and not self._platform_allows(delegate.roles, permission):
-                return Decision(False, f"no role of {delegate.id} (delegation chain) grants it")
+                message = f"no role of {delegate.id} (delegation chain) grants it"
+                return _Outcome(False, Reason.NO_MATCHING_RULE.value, platform, message=message)
         return None
 
     def _platform_allows(self, roles: frozenset[str], permission: str) -> bool:

@@ -237,10 +237,15 @@ class Verdict:
 
 @dataclass(frozen=True)
 class FilterPage:
+    """One page of a Filter: candidates `start` .. `start + evaluated - 1` were decided, the
+    `allowed` ones (index, resource) are listed; `decision_id` names the page's decisions."""
+
     allowed: tuple[tuple[int, Resource], ...]
     next_page_token: str
     evaluated: int
     version_id: str
+    decision_id: str = ""
+    start: int = 0
 
 
 @dataclass(frozen=True)
@@ -440,7 +445,8 @@ class PolicyEngine:
         more = index < len(question.resources)
         next_token = self._page_tokens.encode(query, {"i": index}) if more else ""
         version = bundle.content_hash if bundle is not None else _NO_BUNDLE_VERSION
-        return FilterPage(tuple(allowed), next_token, index - start, version)
+        decision_id = next(_decision_ids(1))
+        return FilterPage(tuple(allowed), next_token, index - start, version, decision_id, start)
 
     async def _asked(self, actor: ActorContext, question: Question) -> _Asked:
         if question.principal is None and not question.delegates:
@@ -942,6 +948,21 @@ def decision_attributes(question: Question, verdicts: Sequence[Verdict]) -> dict
             ]
         )
     return attributes
+
+
+def filter_attributes(question: Question, page: FilterPage) -> dict[str, str]:
+    """A Filter page's decisions for its audit entry: `filter` = decision id, version prefix,
+    action, first candidate index and how many were decided; `filter.allowed` = the indexes
+    of the allowed candidates (`-`: none); every other candidate of the range was denied."""
+    summary = [
+        page.decision_id,
+        page.version_id[:16] or "-",
+        question.actions[0][:_NAME_MAX],
+        f"from={page.start}",
+        f"evaluated={page.evaluated}",
+    ]
+    allowed = ",".join(str(index) for index, _ in page.allowed)
+    return {"filter": " ".join(summary), "filter.allowed": allowed or "-"}
 
 
 def _decision_ids(count: int) -> Iterator[str]:

@@ -999,6 +999,68 @@ async def test_decisions_are_in_the_checks_audit_entry(server, idp, admin, membe
     assert recorded[1][5:] == ["tool/make_payment", "invoke"]
 
 
+async def entry_of(server, idp, method, count=1):
+    """The newest audit entry of one PolicyService method, once there are `count` (a refused
+    call's status can reach the client before its entry is committed)."""
+    for _ in range(100):
+        await server.app.audit.flush()
+        listed = await server.audit.ListEntries(
+            audit_pb2.ListEntriesRequest(method=f"/trustplane.policy.v1.PolicyService/{method}"),
+            metadata=bearer(idp.token(roles=["viewer"])),
+        )
+        if len(listed.entries) >= count:
+            return listed.entries[-1]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {count} {method} entries")
+
+
+async def test_explain_filter_and_authorization_decisions_are_audited(server, idp, admin, member):
+    bundle = await put(server, admin, TOOLS)
+    explained = await stub(server).Explain(
+        pb.ExplainRequest(resource=pb.Resource(kind="tool", id="search"), action="invoke"),
+        metadata=admin,
+    )
+    recorded = (await entry_of(server, idp, "Explain")).attributes["decision.0"].split(" ")
+    assert recorded == [
+        explained.decision.decision_id,
+        "ALLOW",
+        "ALLOWED",
+        "members-invoke",
+        bundle.version_id[:16],
+        "tool/search",
+        "invoke",
+    ]
+    names = ["a", "send_email", "b"]
+    request = pb.FilterRequest(
+        action="invoke",
+        candidates=[pb.Resource(kind="tool", id=n) for n in names],
+        session=pb.SessionContext(labels=["untrusted_input", "private_data"]),
+        page_size=1,
+    )
+    page = await stub(server).Filter(request, metadata=member)
+    request.page_token = page.next_page_token
+    second = await stub(server).Filter(request, metadata=member)
+    assert page.decision_id and second.decision_id != page.decision_id
+    attributes = (await entry_of(server, idp, "Filter")).attributes
+    assert attributes["filter"].split(" ") == [
+        second.decision_id,
+        bundle.version_id[:16],
+        "invoke",
+        "from=1",
+        "evaluated=2",
+    ]
+    assert attributes["filter.allowed"] == "2"  # send_email (1) was denied
+    # The authorize layer records its decision on every call's permission, allowed or not.
+    allowed = (await entry_of(server, idp, "Filter")).attributes["authorization"].split(" ")
+    assert allowed[1:4] == ["ALLOW", "ALLOWED", "-"] and len(allowed[0]) == 32
+    assert allowed[5:] == ["trustplane.method/policy.decisions.check", "policy.decisions.check"]
+    await expect_error(put(server, member, TOOLS))
+    refused = await entry_of(server, idp, "PutBundle", count=2)
+    denied = refused.attributes["authorization"].split(" ")
+    assert denied[1:4] == ["DENY", "NO_MATCHING_RULE", "-"]
+    assert denied[6] == "policy.bundles.manage" and denied[0] != allowed[0]
+
+
 async def test_a_locked_out_tenant_can_still_repair_its_bundle(server, idp, admin):
     lockout = """
 version: lockout

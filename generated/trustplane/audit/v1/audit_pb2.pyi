@@ -176,8 +176,9 @@ class AuditEntry(_message.Message):
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """For events: the runtime's free-form attributes. For calls: facts the handler recorded, e.g.
-        PolicyService/Check's decisions (`decision.<n>`: id, effect, reason, rule, version, resource,
-        action).
+        PolicyService/Check's and Explain's decisions (`decision.<n>`: id, effect, reason, rule,
+        version, resource, action) or Filter's (`filter`, `filter.allowed`), and the authorize
+        layer's decision on the method's permission (`authorization`, the same fields).
         """
 
     def __init__(

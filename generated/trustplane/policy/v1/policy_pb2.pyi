@@ -1113,12 +1113,17 @@ class FilterResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     EVALUATED_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty once every candidate has been decided."""
     evaluated: _builtins.int
     """How many candidates this page decided."""
     version_id: _builtins.str
     """The deciding version (empty: the tenant has no active bundle)."""
+    decision_id: _builtins.str
+    """A unique id of this page's decisions, recorded in the call's audit entry with the range
+    of candidates decided and the indexes allowed.
+    """
     @_builtins.property
     def allowed(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterResult]:
         """The allowed candidates of this page, in request order."""
@@ -1130,10 +1135,11 @@ class FilterResponse(_message.Message):
         next_page_token: _builtins.str = ...,
         evaluated: _builtins.int = ...,
         version_id: _builtins.str = ...,
+        decision_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "evaluated", b"evaluated", "next_page_token", b"next_page_token", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "decision_id", b"decision_id", "evaluated", b"evaluated", "next_page_token", b"next_page_token", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

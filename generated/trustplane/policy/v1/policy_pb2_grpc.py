@@ -167,7 +167,8 @@ class PolicyServiceServicer:
     def Explain(self, request, context):
         """Decides one resource x action like Check and returns the evaluation trace (every rule and
         derived role with its outcome, evaluation error text included). Consumes no quota and
-        redeems no approval. For administrators: the trace reveals the policy's structure.
+        redeems no approval. For administrators: the trace reveals the policy's structure. The
+        decision (its id) is recorded in the call's audit entry, as Check's are.
         Errors: as Check.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -178,7 +179,8 @@ class PolicyServiceServicer:
         """Returns the subset of `candidates` the principal may `action` (effect ALLOW only; quotas are
         not consumed), in the order given, a page at a time. Every candidate is decided: a page
         ends early only at `page_size` allowed results, and `next_page_token` continues after the
-        last candidate evaluated, so nothing is silently dropped.
+        last candidate evaluated, so nothing is silently dropped. The page's decisions are
+        recorded in the call's audit entry under `decision_id`.
         Errors: as Check; INVALID_ARGUMENT / PAGE_TOKEN_INVALID (a token from another query).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -84,14 +84,16 @@ class PolicyServiceStub:
     Explain: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ExplainRequest, _policy_pb2.ExplainResponse]
     """Decides one resource x action like Check and returns the evaluation trace (every rule and
     derived role with its outcome, evaluation error text included). Consumes no quota and
-    redeems no approval. For administrators: the trace reveals the policy's structure.
+    redeems no approval. For administrators: the trace reveals the policy's structure. The
+    decision (its id) is recorded in the call's audit entry, as Check's are.
     Errors: as Check.
     """
     Filter: _grpc.UnaryUnaryMultiCallable[_policy_pb2.FilterRequest, _policy_pb2.FilterResponse]
     """Returns the subset of `candidates` the principal may `action` (effect ALLOW only; quotas are
     not consumed), in the order given, a page at a time. Every candidate is decided: a page
     ends early only at `page_size` allowed results, and `next_page_token` continues after the
-    last candidate evaluated, so nothing is silently dropped.
+    last candidate evaluated, so nothing is silently dropped. The page's decisions are
+    recorded in the call's audit entry under `decision_id`.
     Errors: as Check; INVALID_ARGUMENT / PAGE_TOKEN_INVALID (a token from another query).
     """
     GetQuotaUsage: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetQuotaUsageRequest, _policy_pb2.GetQuotaUsageResponse]
@@ -158,14 +160,16 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     Explain: _aio.UnaryUnaryMultiCallable[_policy_pb2.ExplainRequest, _policy_pb2.ExplainResponse]  # type: ignore[assignment]
     """Decides one resource x action like Check and returns the evaluation trace (every rule and
     derived role with its outcome, evaluation error text included). Consumes no quota and
-    redeems no approval. For administrators: the trace reveals the policy's structure.
+    redeems no approval. For administrators: the trace reveals the policy's structure. The
+    decision (its id) is recorded in the call's audit entry, as Check's are.
     Errors: as Check.
     """
     Filter: _aio.UnaryUnaryMultiCallable[_policy_pb2.FilterRequest, _policy_pb2.FilterResponse]  # type: ignore[assignment]
     """Returns the subset of `candidates` the principal may `action` (effect ALLOW only; quotas are
     not consumed), in the order given, a page at a time. Every candidate is decided: a page
     ends early only at `page_size` allowed results, and `next_page_token` continues after the
-    last candidate evaluated, so nothing is silently dropped.
+    last candidate evaluated, so nothing is silently dropped. The page's decisions are
+    recorded in the call's audit entry under `decision_id`.
     Errors: as Check; INVALID_ARGUMENT / PAGE_TOKEN_INVALID (a token from another query).
     """
     GetQuotaUsage: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetQuotaUsageRequest, _policy_pb2.GetQuotaUsageResponse]  # type: ignore[assignment]
@@ -271,7 +275,8 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_policy_pb2.ExplainResponse, _abc.Awaitable[_policy_pb2.ExplainResponse]]:
         """Decides one resource x action like Check and returns the evaluation trace (every rule and
         derived role with its outcome, evaluation error text included). Consumes no quota and
-        redeems no approval. For administrators: the trace reveals the policy's structure.
+        redeems no approval. For administrators: the trace reveals the policy's structure. The
+        decision (its id) is recorded in the call's audit entry, as Check's are.
         Errors: as Check.
         """
 
@@ -284,7 +289,8 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns the subset of `candidates` the principal may `action` (effect ALLOW only; quotas are
         not consumed), in the order given, a page at a time. Every candidate is decided: a page
         ends early only at `page_size` allowed results, and `next_page_token` continues after the
-        last candidate evaluated, so nothing is silently dropped.
+        last candidate evaluated, so nothing is silently dropped. The page's decisions are
+        recorded in the call's audit entry under `decision_id`.
         Errors: as Check; INVALID_ARGUMENT / PAGE_TOKEN_INVALID (a token from another query).
         """
 
