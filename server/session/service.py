@@ -254,6 +254,9 @@ class SessionManager:
         # session id -> (monotonic expiry, session): policy reads, dropped on every change.
         self._policy_reads: OrderedDict[str, tuple[float, AgentSession]] = OrderedDict()
         self._forgotten = 0  # bumped by every drop: a read that raced one is not kept
+        self._policy_flights: dict[
+            tuple[str, str], tuple[int, asyncio.Task[AgentSession | None]]
+        ] = {}
 
     def close(self) -> None:
         """Shutting down: open watch streams end cleanly now instead of holding the server's
@@ -363,16 +366,36 @@ class SessionManager:
         if cached is not None and cached[0] > now and cached[1].tenant_id == tenant_id:
             self._policy_reads.move_to_end(session_id)
             return _as_seen(cached[1], self._clock())
-        generation = self._forgotten
+        # One read per session at a time: the callers that miss together share it (a read
+        # begun before a change is not shared with callers arriving after it).
+        key = (tenant_id, session_id)
+        flight = self._policy_flights.get(key)
+        if flight is None or flight[0] != self._forgotten:
+            task = asyncio.create_task(self._read_for_policy(tenant_id, session_id))
+            flight = (self._forgotten, task)
+            self._policy_flights[key] = flight
+            task.add_done_callback(lambda done: self._landed(key, done))
+        session = await asyncio.shield(flight[1])
+        return None if session is None else _as_seen(session, self._clock())
+
+    async def _read_for_policy(self, tenant_id: str, session_id: str) -> AgentSession | None:
+        generation, started = self._forgotten, time.monotonic()
         session = await self._store.session(tenant_id, session_id)
         if session is None:
             return None  # absence is not cached: a session created elsewhere is seen at once
         if self._config.policy_read_ttl > 0 and generation == self._forgotten:
-            self._policy_reads[session.id] = (now + self._config.policy_read_ttl, session)
+            self._policy_reads[session.id] = (started + self._config.policy_read_ttl, session)
             self._policy_reads.move_to_end(session.id)
             while len(self._policy_reads) > _POLICY_READS_KEPT:
                 self._policy_reads.popitem(last=False)
-        return _as_seen(session, self._clock())
+        return session
+
+    def _landed(self, key: tuple[str, str], task: asyncio.Task[AgentSession | None]) -> None:
+        flight = self._policy_flights.get(key)
+        if flight is not None and flight[1] is task:
+            del self._policy_flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters re-raise it
 
     def forget(self, session_id: str | None = None) -> None:
         """Drop the policy read of one session (None: of all)."""

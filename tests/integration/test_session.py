@@ -124,6 +124,35 @@ async def session_events(server, idp, session_id):
     return list(listed.entries)
 
 
+async def test_policy_reads_of_a_session_share_one_query_until_it_changes(server, idp, monkeypatch):
+    """What PolicyService reads of a session (SessionManager.session_for_policy): concurrent
+    misses share one PostgreSQL read, the result is reused, and a change drops it at once."""
+    svc, me = stub(server), agent_token(idp)
+    created = await create(svc, me, labels=["private_data"])
+    sessions = server.app.sessions
+    reads = []
+    real = sessions._store.session
+
+    async def counted(tenant_id, session_id):
+        reads.append(session_id)
+        return await real(tenant_id, session_id)
+
+    monkeypatch.setattr(sessions._store, "session", counted)
+    found = await asyncio.gather(
+        *(sessions.session_for_policy(TENANT, created.session_id) for _ in range(32))
+    )
+    assert {f.labels for f in found} == {("private_data",)} and len(reads) == 1
+    assert (await sessions.session_for_policy(TENANT, created.session_id)) is not None
+    assert len(reads) == 1  # reused
+    assert await sessions.session_for_policy(OTHER_TENANT, created.session_id) is None
+    await svc.AddSessionLabels(
+        pb.AddSessionLabelsRequest(session_id=created.session_id, labels=["untrusted_input"]),
+        metadata=me,
+    )
+    again = await sessions.session_for_policy(TENANT, created.session_id)
+    assert again.labels == ("private_data", "untrusted_input")
+
+
 async def test_expiry_and_revocation_are_security_audit_entries(start_server, idp):
     """Expiry is a transition no caller makes: the server records it, lazily on read (queued)
     and by the sweeper (committed before the sweep goes on), with the revocation of the
