@@ -5,7 +5,8 @@ of the subject only. Policy decisions need the roles and attributes of every pri
 chain, and must notice the kill switch (a disabled agent) and role changes, so they ask this
 directory instead of trusting what a token said when it was issued.
 
-Reads go to the Auth store, one query for the principals a call names, and are kept in a
+Reads go to the Auth store, one query for the principals a call names (shared by the calls
+that miss at the same time), and are kept in a
 bounded in-process cache for `ttl` seconds (0: no cache) — the bound on how long a role change
 or a disabled agent takes to reach decisions in a process. Principals the store does not know
 (e.g. an external issuer's agents) are remembered as unknown for as long.
@@ -13,6 +14,7 @@ or a disabled agent takes to reach decisions in a process. Principals the store 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -61,6 +63,8 @@ class PrincipalDirectory:
         self._entries: OrderedDict[tuple[str, str], tuple[float, PrincipalFacts | None]] = (
             OrderedDict()
         )
+        self._reading: dict[tuple[str, tuple[str, ...]], asyncio.Task[dict[str, PrincipalFacts]]]
+        self._reading = {}
 
     async def principals(
         self, tenant_id: str, principal_ids: Collection[str]
@@ -76,12 +80,37 @@ class PrincipalDirectory:
             elif entry[1] is not None:
                 found[principal_id] = entry[1]
         if missing:
-            read = {p.id: self._facts(p) for p in await self._store.principals(tenant_id, missing)}
-            found.update(read)
-            if self._ttl > 0:
-                for principal_id in missing:
-                    self._keep((tenant_id, principal_id), now + self._ttl, read.get(principal_id))
+            found.update(await self._read(tenant_id, tuple(missing), now))
         return found
+
+    async def _read(
+        self, tenant_id: str, missing: tuple[str, ...], now: float
+    ) -> dict[str, PrincipalFacts]:
+        """One store read per set of ids at a time: callers that miss together share it."""
+        key = (tenant_id, missing)
+        task = self._reading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(tenant_id, missing, now))
+            self._reading[key] = task
+            task.add_done_callback(lambda done: self._landed(key, done))
+        return await asyncio.shield(task)
+
+    async def _load(
+        self, tenant_id: str, missing: tuple[str, ...], now: float
+    ) -> dict[str, PrincipalFacts]:
+        read = {p.id: self._facts(p) for p in await self._store.principals(tenant_id, missing)}
+        if self._ttl > 0:
+            for principal_id in missing:
+                self._keep((tenant_id, principal_id), now + self._ttl, read.get(principal_id))
+        return read
+
+    def _landed(
+        self, key: tuple[str, tuple[str, ...]], task: asyncio.Task[dict[str, PrincipalFacts]]
+    ) -> None:
+        if self._reading.get(key) is task:
+            del self._reading[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters re-raise it
 
     def _keep(self, key: tuple[str, str], until: float, facts: PrincipalFacts | None) -> None:
         self._entries[key] = (until, facts)

@@ -631,6 +631,30 @@ async def test_the_callers_own_attributes_are_loaded(server, idp):
     assert "untrusted-agents-make-no-keys" in status.message
 
 
+async def test_principal_lookups_are_shared_and_cached(server, idp, monkeypatch):
+    """The roles of a call's principals are one store read for the calls that miss together,
+    then reused (here for the default 1 s)."""
+    tenant, owner = await registered_tenant(server)
+    agent_id = await registered_agent(server, owner, ["member"])
+    directory = server.app._principals
+    reads = []
+    real = directory._store.principals
+
+    async def counted(tenant_id, ids):
+        reads.append(tuple(ids))
+        return await real(tenant_id, ids)
+
+    monkeypatch.setattr(directory._store, "principals", counted)
+    found = await asyncio.gather(
+        *(directory.principals(tenant, [agent_id, "agent-7"]) for _ in range(16))
+    )
+    assert reads == [(agent_id, "agent-7")]
+    assert {tuple(f) for f in found} == {(agent_id,)}  # the unknown id is absent
+    assert found[0][agent_id].roles == frozenset({"member"})
+    await directory.principals(tenant, ["agent-7", agent_id])
+    assert len(reads) == 1
+
+
 async def test_suite_methods_are_the_intersection_and_obey_the_kill_switch(start_server, idp):
     async with start_server(TRUSTPLANE_POLICY_PRINCIPAL_CACHE_TTL="0") as server:
         tenant, owner = await registered_tenant(server)
