@@ -70,10 +70,12 @@ def _positive(env: Mapping[str, str], name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Results:
-    """Everything the report needs."""
+    """Everything the report needs: the h2load echo ceiling, the cases, and the echo ceiling
+    measured by the grpc.aio generator when a case needed it."""
 
     echo: Measurement
     cases: list[Scored]
+    generator_echo: Measurement | None = None
 
 
 async def run_bench(settings: Settings, placement: Placement, workdir: Path) -> Results:
@@ -94,17 +96,24 @@ async def run_bench(settings: Settings, placement: Placement, workdir: Path) -> 
         if not built:
             raise BenchError("no cases: bench.cases.BUILDERS is empty")
         ceiling = await _measure_echo(built[0], settings, placement, workdir)
-        scored = [await _measure_case(case, server, settings, placement, workdir) for case in built]
+        generated = [case for case in built if case.unique_field]
+        generator_ceiling = None
+        if generated:  # the same generator, body generation included, against the echo
+            generator_ceiling = await _measure_echo(generated[0], settings, placement, workdir)
+        scored = [
+            await _measure_case(case, server, settings, placement, workdir, generator_ceiling)
+            for case in built
+        ]
     for variant in cases.VARIANTS:
         scored += await _measure_variant(variant, wanted, settings, placement, workdir)
-    return Results(ceiling, scored)
+    return Results(ceiling, scored, generator_ceiling)
 
 
 async def _measure_variant(
     variant: cases.Variant, wanted: str, settings: Settings, placement: Placement, workdir: Path
 ) -> list[Scored]:
     """Cases that need a differently configured server (e.g. a cache turned off): a server of
-    their own, started only when BENCH_CASES selects one of them."""
+    their own. They run by default; with BENCH_CASES set, only when it selects one of them."""
     names = [name for name, _ in variant.builders]
     if wanted and not any(w in n for n in names for w in wanted.split(",")):
         return []
@@ -129,13 +138,19 @@ async def _measure_variant(
 async def _measure_echo(
     first: Case, settings: Settings, placement: Placement, workdir: Path
 ) -> Measurement:
-    """The ceiling: the first case's request bytes echoed by a bare grpc.aio server."""
+    """The ceiling: `first`'s request bytes echoed by a bare grpc.aio server, sent by h2load,
+    or for a case with `unique_field` by bench.grpcload with a fresh request id per call."""
     async with servers.echo(placement, workdir) as (address, pid):
         name = f"echo ceiling ({echo.PATH[1:]})"
-        target = Target(name, address, echo.PATH, first.request, pid=pid)
-        return await measure(
-            target, settings.shape, settings.runs, workdir, placement.load_prefix()
+        if first.unique_field:
+            name = f"echo ceiling ({echo.PATH[1:]}, grpc.aio generator, unique bodies)"
+        target = Target(
+            name, address, echo.PATH, first.request, pid=pid, unique_field=first.unique_field
         )
+        shape = settings.shape
+        if first.requests is not None:
+            shape = dataclasses.replace(shape, requests=max(first.requests, shape.in_flight))
+        return await measure(target, shape, settings.runs, workdir, placement.load_prefix())
 
 
 async def _measure_case(
@@ -144,6 +159,7 @@ async def _measure_case(
     settings: Settings,
     placement: Placement,
     workdir: Path,
+    generator_ceiling: Measurement | None = None,
 ) -> Scored:
     target = Target(
         case.name,
@@ -153,12 +169,14 @@ async def _measure_case(
         case.headers,
         server.metrics_url,
         server.pid,
+        case.unique_field,
     )
     shape = settings.shape
     if case.requests is not None:
         shape = dataclasses.replace(shape, requests=max(case.requests, shape.in_flight))
     measured = await measure(target, shape, settings.runs, workdir, placement.load_prefix())
-    return Scored(measured, case.target_ratio, case.items, case.target_items_per_s)
+    ceiling = generator_ceiling if case.unique_field else None
+    return Scored(measured, case.target_ratio, case.items, case.target_items_per_s, ceiling)
 
 
 async def main_async(settings: Settings) -> int:
@@ -177,11 +195,13 @@ async def main_async(settings: Settings) -> int:
         runs=settings.runs,
         elapsed_s=time.monotonic() - started,
     )
-    text = report.render(results.echo, results.cases, facts)
+    text = report.render(results.echo, results.cases, facts, results.generator_echo)
     print(text, end="")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(text)
     problems = [*results.echo.problems, *(p for c in results.cases for p in c.measurement.problems)]
+    if results.generator_echo is not None:
+        problems += results.generator_echo.problems
     return 1 if problems else 0
 
 

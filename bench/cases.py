@@ -11,7 +11,9 @@ Adding a case (e.g. in the issue that adds `SessionService/Create`):
 
 Every case runs against the same server process, in `BUILDERS` order, and must leave only OK
 statuses: the bench fails if the server counts any other code for the case's method. The echo
-ceiling sends the first case's request bytes, so keep the small `Health/Check` first.
+ceiling sends the first case's request bytes, so keep the small `Health/Check` first. A case
+with `unique_field` (a fresh request id per call, which h2load cannot send) is driven by
+`bench.grpcload` and compared with an echo ceiling measured by that generator.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class Case:
     requests: int | None = None  # fewer requests than BENCH_REQUESTS, for slow RPCs
     items: int = 1  # items per request, for batch RPCs (the table shows items/s)
     target_items_per_s: float = 0.0  # a throughput target replacing the ratio target
+    # Non-zero: a fresh UUID in this string field of every request (a request id), sent by the
+    # grpc.aio generator (bench.grpcload) instead of h2load and measured against an echo
+    # ceiling taken with that generator.
+    unique_field: int = 0
 
 
 CaseBuilder = Callable[[BenchContext], Awaitable[Case]]
@@ -223,15 +229,32 @@ _SESSION_REQUEST_ID = "00000000-0000-4000-8000-00000005e551"
 
 
 async def _create_session(ctx: BenchContext) -> Case:
-    """CreateSession: SECURITY class (answered after its audit entry is durably committed),
-    idempotency REQUIRED. h2load sends the same bytes on every stream, so one request id: the
-    first call inserts the session (request id unique in PostgreSQL), every later one is an
-    authenticated, authorized, audited replay of it, as a retry storm would be."""
+    """CreateSession with a fresh request id per call, from the grpc.aio generator: every call
+    a durable create — the session and its first revision inserted, its SECURITY-class audit
+    entry committed before the answer — through the whole chain (idempotency claims a new key
+    each time). The ratio is to the echo ceiling measured with the same generator."""
+    request = session_pb2.CreateSessionRequest(role="bench", labels=["untrusted_input"])
+    field = session_pb2.CreateSessionRequest.DESCRIPTOR.fields_by_name["request_id"].number
+    return Case(
+        name="SessionService/CreateSession (unique request ids: durable creates)",
+        path="/trustplane.session.v1.SessionService/CreateSession",
+        request=request.SerializeToString(),
+        target_ratio=0.25,
+        headers=_agent_headers(ctx),
+        requests=5000,
+        unique_field=field,
+    )
+
+
+async def _create_session_replay(ctx: BenchContext) -> Case:
+    """CreateSession replayed: h2load sends the same bytes on every stream, so one request id:
+    the first call inserts the session, every later one is an authenticated, authorized,
+    durably audited idempotent replay of it (no insert), as a retry storm would be."""
     request = session_pb2.CreateSessionRequest(
         request_id=_SESSION_REQUEST_ID, role="bench", labels=["untrusted_input"]
     )
     return Case(
-        name="SessionService/CreateSession (idempotent, audited, durable)",
+        name="SessionService/CreateSession (one request id: idempotent replays)",
         path="/trustplane.session.v1.SessionService/CreateSession",
         request=request.SerializeToString(),
         target_ratio=0.25,
@@ -289,12 +312,27 @@ resource_policies:
 
 async def _policy_check_request(ctx: BenchContext) -> tuple[bytes, Headers]:
     """Activates the bench bundle for the test IdP's tenant; a member's Check of 2 tools x
-    (invoke, configure) in a session labelled `private_data`, as encoded request and headers."""
+    (invoke, configure) in a stored session labelled `private_data` (its agent acting for the
+    member created it, so the member takes part in it; the Check reads its labels), as encoded
+    request and headers."""
     admin = ctx.idp.token(roles=["admin"], exp=int(time.time()) + 3600)
     stub = policy_pb2_grpc.PolicyServiceStub(ctx.channel)
     put = policy_pb2.PutBundleRequest(source=_POLICY_BUNDLE, activate=True)
     await stub.PutBundle(put, metadata=(("authorization", f"Bearer {admin}"),))
-    member = ctx.idp.token(roles=["member"], sub="bench-user", exp=int(time.time()) + 3600)
+    expires = int(time.time()) + 3600
+    member = ctx.idp.token(roles=["member"], sub="bench-user", exp=expires)
+    delegated = ctx.idp.token(
+        roles=["member"],
+        sub="bench-user",
+        act={"sub": "bench-agent", "ptype": "agent"},
+        exp=expires,
+    )
+    session = await session_pb2_grpc.SessionServiceStub(ctx.channel).CreateSession(
+        session_pb2.CreateSessionRequest(
+            request_id=str(uuid.uuid4()), role="bench", labels=["private_data"]
+        ),
+        metadata=(("authorization", f"Bearer {delegated}"),),
+    )
     owned = struct_pb2.Struct()
     owned.update({"owner": "bench-user"})
     request = policy_pb2.CheckRequest(
@@ -303,7 +341,7 @@ async def _policy_check_request(ctx: BenchContext) -> tuple[bytes, Headers]:
             policy_pb2.Resource(kind="tool", id="send_email"),
         ],
         actions=["invoke", "configure"],
-        session=policy_pb2.SessionContext(id="bench-session", labels=["private_data"]),
+        session=policy_pb2.SessionContext(id=session.session.session_id),
     )
     return request.SerializeToString(), (("authorization", f"Bearer {member}"),)
 
@@ -337,7 +375,8 @@ async def _policy_check_uncached(ctx: BenchContext) -> Case:
 @dataclass(frozen=True)
 class Variant:
     """Cases measured against a server of their own, started with `env` on top of the bench's
-    settings (only when BENCH_CASES selects one of them)."""
+    settings. Like every case they run by default; with BENCH_CASES set, only when it selects
+    one of them (and then their server is not started otherwise)."""
 
     name: str
     env: Mapping[str, str]
@@ -364,6 +403,7 @@ BUILDERS: list[CaseBuilder] = [
     _whoami_jwt,
     _whoami_api_key,
     _create_session,
+    _create_session_replay,
     _get_session,
     _policy_check,
 ]

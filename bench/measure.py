@@ -3,12 +3,17 @@
 Each run also records the server process's CPU time per request: unlike req/s it hardly
 depends on what else the machine is doing, so it compares code changes on a busy machine.
 
-A run is correct when h2load completed every request and, for a trustplane target, the
-server's own counters agree (`bench.scrape`). The reported run is the median by req/s.
+A run is correct when the load generator completed every request and, for a trustplane
+target, the server's own counters agree (`bench.scrape`). The reported run is the median by
+req/s. The generator is h2load, or for a target with `unique_field` (a body per request)
+`bench.grpcload` in a process of its own under the same CPU pinning.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -16,9 +21,11 @@ from pathlib import Path
 
 import psutil
 
-from bench import h2load, scrape
+from bench import grpcload, h2load, scrape
 from bench.cases import Headers
-from bench.h2load import LoadShape, Run
+from bench.h2load import H2LoadError, LoadShape, Run
+
+_GENERATOR_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class Target:
     headers: Headers = ()
     metrics_url: str | None = None
     pid: int | None = None  # the server process, for its CPU time per request
+    # Non-zero: each request carries a fresh UUID in this string field (bench.grpcload).
+    unique_field: int = 0
 
     @property
     def url(self) -> str:
@@ -83,9 +92,12 @@ async def _checked_run(
     if target.metrics_url is not None:
         before = await scrape.rpc_calls(target.metrics_url, target.path)
     cpu_before = _cpu_seconds(target.pid)
-    run = await h2load.run(
-        target.url, body, target.headers, shape, log_file=log_file, prefix=prefix
-    )
+    if target.unique_field:
+        run = await _generated_run(target, shape, log_file, prefix)
+    else:
+        run = await h2load.run(
+            target.url, body, target.headers, shape, log_file=log_file, prefix=prefix
+        )
     cpu_after = _cpu_seconds(target.pid)
     if cpu_before is not None and cpu_after is not None and run.succeeded:
         run = replace(run, server_cpu_us=(cpu_after - cpu_before) / run.succeeded * 1e6)
@@ -94,6 +106,30 @@ async def _checked_run(
         after = await scrape.rpc_calls(target.metrics_url, target.path)
         found += scrape.problems(before, after, run.succeeded)
     return run, found
+
+
+async def _generated_run(
+    target: Target, shape: LoadShape, log_file: Path, prefix: Sequence[str]
+) -> Run:
+    """One `bench.grpcload` run in its own process; its JSON result as a `Run`."""
+    args = grpcload.command(
+        target.address, target.path, target.headers, target.request, target.unique_field, shape
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *prefix, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), _GENERATOR_TIMEOUT)
+    except (TimeoutError, asyncio.CancelledError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    await asyncio.to_thread(log_file.write_bytes, err)
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace")[-500:]
+        raise H2LoadError(f"bench.grpcload exited with {proc.returncode}: {tail}")
+    return grpcload.to_run(json.loads(out))
 
 
 def _cpu_seconds(pid: int | None) -> float | None:
@@ -108,10 +144,11 @@ def _cpu_seconds(pid: int | None) -> float | None:
 
 
 def client_problems(run: Run, shape: LoadShape) -> list[str]:
-    """h2load's own view: every request must have completed with a 2xx/3xx status."""
+    """The generator's own view: every request must have completed (h2load: with a 2xx/3xx
+    status; bench.grpcload: with gRPC status OK)."""
     if run.succeeded == shape.requests:
         return []
     return [
-        f"h2load: {run.succeeded} of {shape.requests} requests succeeded "
+        f"load generator: {run.succeeded} of {shape.requests} requests succeeded "
         f"({run.failed} failed, {run.errored} errored, {run.timeout} timed out)"
     ]

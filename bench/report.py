@@ -17,15 +17,18 @@ _HEADER = (
 
 @dataclass(frozen=True)
 class Scored:
-    """A case's measurement with its target ratio."""
+    """A case's measurement with its target ratio. `ceiling`: the echo ceiling it is compared
+    with when not the h2load one (a case driven by the grpc.aio generator)."""
 
     measurement: Measurement
     target_ratio: float
     items: int = 1  # items per request (batch RPCs)
     target_items_per_s: float = 0.0  # when set, the target is a throughput, not a ratio
+    ceiling: Measurement | None = None
 
     def ratio(self, ceiling: Measurement) -> float:
-        return self.measurement.median.requests_per_second / ceiling.median.requests_per_second
+        own = self.ceiling or ceiling
+        return self.measurement.median.requests_per_second / own.median.requests_per_second
 
     @property
     def items_per_s(self) -> float:
@@ -70,9 +73,13 @@ class Facts:
     elapsed_s: float
 
 
-def table(echo: Measurement, cases: Sequence[Scored]) -> str:
-    """The results table, the echo ceiling first."""
+def table(
+    echo: Measurement, cases: Sequence[Scored], generator_echo: Measurement | None = None
+) -> str:
+    """The results table, the echo ceilings first."""
     lines = [_HEADER, _row(echo, "—", "1.00", "—", "—", echo)]
+    if generator_echo is not None:
+        lines.append(_row(generator_echo, "—", "1.00", "—", "—", generator_echo))
     for case in cases:
         items = f"{case.items_per_s:,.0f}" if case.items > 1 else "—"
         lines.append(
@@ -82,7 +89,7 @@ def table(echo: Measurement, cases: Sequence[Scored]) -> str:
                 f"{case.ratio(echo):.2f}",
                 case.target(),
                 case.verdict(echo),
-                echo,
+                case.ceiling or echo,
             )
         )
     return "\n".join(lines)
@@ -112,6 +119,17 @@ def _row(
         "—" if cpu is None or echo_cpu is None else f"{echo_cpu / cpu:.2f}",
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def generator_line(generator_echo: Measurement | None) -> list[str]:
+    if generator_echo is None:
+        return []
+    return [
+        "Cases marked “unique request ids” are sent by `bench.grpcload` (grpc.aio, a fresh request"
+        " id per call, pinned like h2load) and their ratio is to the echo ceiling that generator"
+        " reached in this run, not to h2load's.",
+        "",
+    ]
 
 
 def facts_line(facts: Facts) -> str:
@@ -145,16 +163,24 @@ def correctness_lines(problems: Sequence[str]) -> list[str]:
     return ["Correctness: FAILED", *(f"- {problem}" for problem in problems)]
 
 
-def render(echo: Measurement, cases: Sequence[Scored], facts: Facts) -> str:
+def render(
+    echo: Measurement,
+    cases: Sequence[Scored],
+    facts: Facts,
+    generator_echo: Measurement | None = None,
+) -> str:
     """The whole report as Markdown."""
     problems = [*echo.problems, *(p for c in cases for p in c.measurement.problems)]
+    if generator_echo is not None:
+        problems += generator_echo.problems
     parts = [
         "# trustplane bench",
         "",
-        table(echo, cases),
+        table(echo, cases, generator_echo),
         "",
         facts_line(facts),
         "",
+        *generator_line(generator_echo),
         summary_line(echo, cases),
         "",
         *correctness_lines(problems),

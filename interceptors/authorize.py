@@ -1,6 +1,7 @@
 """Layer 6: may this caller invoke this method — its declared `permission`, decided by an
 `Authorizer`. Denial is PERMISSION_DENIED naming the missing permission (metadata
-`permission`). Public methods pass; every other method declares a permission, which
+`permission`). A decision's audit line (its decision id, …) becomes the call's audit attribute
+`authorization`. Public methods pass; every other method declares a permission, which
 `MethodRegistry.require_permissions` enforces at start-up."""
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ class AuthorizeLayer:
         decide = self._authorizer.decide
 
         async def authorized(request: Any, context: Context) -> Any:
-            decision = await decide(call_state.current().require_actor(), permission)
+            state = call_state.current()
+            decision = await decide(state.require_actor(), permission)
+            if decision.audit:  # into the call's own audit entry, written as it always is
+                state.audit_attributes["authorization"] = decision.audit
             if not decision.allowed:
                 raise PermissionDenied(
                     f"permission {permission} denied: {decision.reason}",

@@ -42,6 +42,7 @@ from server.audit.servicer import AuditServicer
 from server.audit.store import PgAuditStore
 from server.audit.subjects import Subjects
 from server.auth.api_keys import ApiKeys
+from server.auth.directory import PrincipalDirectory
 from server.auth.mfa import Mfa
 from server.auth.service import Authenticator
 from server.auth.servicer import AuthServicer
@@ -246,6 +247,7 @@ class App:
         self.sessions: SessionManager | None = None
         self.policy: PolicyEngine | None = None
         self.policy_bundles: ActiveBundles | None = None
+        self._principals: PrincipalDirectory | None = None
         self._audit_digest_key = b""
         self._background: list[asyncio.Task[None]] = []
         self.metrics = Metrics()
@@ -289,15 +291,21 @@ class App:
         self.api_keys = ApiKeys(auth_store, self.crypto, clock=self.clock)
         await self.api_keys.start()
         self.policy_bundles = self._build_policy_bundles(self.db, self.cache)
+        # Roles, attributes and the kill switch of every principal in a call, for decisions.
+        self._principals = PrincipalDirectory(
+            auth_store, ttl=self.config.policy.principal_cache_ttl, clock=self.clock
+        )
         self.security = build_security(
             self.config,
             self.cache,
             self.own_keys,
             self.api_keys,
-            PolicyAuthorizer(self.policy_bundles),
+            PolicyAuthorizer(self.policy_bundles, self._principals),
         )
         self.mfa = Mfa(auth_store, self.crypto, self.cache, clock=self.clock)
         await self.mfa.start()
+        self.audit = self._build_audit(self.db, self.crypto)
+        await self.audit.start()
         self.sessions = SessionManager(
             PgSessionStore(self.db),
             auth_store,
@@ -305,6 +313,7 @@ class App:
             self.cache,
             self.config.session,
             self.crypto.page_tokens,
+            audit=self.audit if self.config.audit.enabled else None,  # expiry, revocations
             clock=self.clock,
         )
         self.auth = Authenticator(
@@ -322,8 +331,6 @@ class App:
         await self.auth.start()
         await self.security.tokens.start()
         self._following = asyncio.create_task(self.security.revocations.follow())
-        self.audit = self._build_audit(self.db, self.crypto)
-        await self.audit.start()
         self.policy = self._build_policy(self.db, self.cache, self.policy_bundles, self.security)
         self._services = [*build_services(self), *self._extra_services]
         self._background += [
@@ -350,6 +357,7 @@ class App:
                 name="session-sweep",
             ),
             asyncio.create_task(self.policy_bundles.follow(), name="policy-follow"),
+            asyncio.create_task(self.sessions.follow(), name="session-follow"),
         ]
         await self._start_grpc(self.db, self.cache, self.security)
         self._start_metrics()
@@ -412,6 +420,8 @@ class App:
             self.config.policy,
             self.crypto.page_tokens,
             redeemer=self.sessions,
+            sessions=self.sessions,  # the labels and state a decision's session really has
+            principals=self._principals,
             clock=self.clock,
         )
 

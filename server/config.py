@@ -159,6 +159,9 @@ class SessionConfig:
     approval_default_ttl: float = 900.0  # an approval's TTL when RequestApproval sends none
     approval_max_ttl: float = 86_400.0
     watch_poll: float = 5.0  # watchers re-read PostgreSQL at least this often
+    # Seconds a session read for a policy decision is reused in-process; changes invalidate it
+    # at once (pub/sub), so this only bounds staleness when a message is lost. 0: no cache.
+    policy_read_ttl: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,10 @@ class PolicyConfig:
     # How long a Check's quota receipt (per request_id) is kept: retries within it never
     # charge twice.
     receipt_ttl: float = 86_400.0
+    # Seconds the roles, attributes and disabled flag of a principal (read from the Auth store
+    # for delegates and callers) are reused in-process; bounds how long a role change or the
+    # kill switch takes to reach decisions. 0: read every time.
+    principal_cache_ttl: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -281,6 +288,7 @@ def _session(env: _Env) -> SessionConfig:
             "TRUSTPLANE_APPROVAL_MAX_TTL", "86400", _float_range(1.0, 30 * day)
         ),
         watch_poll=env.get("TRUSTPLANE_SESSION_WATCH_POLL", "5", _float_range(0.05, 60.0)),
+        policy_read_ttl=env.get("TRUSTPLANE_SESSION_POLICY_READ_TTL", "1", _float_range(0.0, 60.0)),
     )
     if config.default_ttl > config.max_ttl:
         raise ConfigError("TRUSTPLANE_SESSION_DEFAULT_TTL: must be <= TRUSTPLANE_SESSION_MAX_TTL")
@@ -372,6 +380,9 @@ def _policy(env: _Env) -> PolicyConfig:
         ),
         receipt_ttl=env.get(
             "TRUSTPLANE_POLICY_RECEIPT_TTL", "86400", _float_range(60.0, 30 * 86400.0)
+        ),
+        principal_cache_ttl=env.get(
+            "TRUSTPLANE_POLICY_PRINCIPAL_CACHE_TTL", "1", _float_range(0.0, 60.0)
         ),
     )
 

@@ -54,8 +54,12 @@ def any_matches(patterns: Iterable[str], permission: str) -> bool:
 
 @dataclass(frozen=True)
 class Decision:
+    """`audit`: the decision as one line for the call's audit entry (decision id, effect,
+    deciding version, rule or cause, permission), when the authorizer records one."""
+
     allowed: bool
     reason: str = ""
+    audit: str = ""
 
 
 class RolePermissions:

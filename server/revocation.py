@@ -1,5 +1,5 @@
-"""The revocation deny-list: revoked token ids, sessions (auth `sid` and agent `asid`) and
-subjects, shared through the cache.
+"""The revocation deny-list: revoked token ids, sessions (auth `sid` and agent `asid`, the
+latter per tenant) and subjects, shared through the cache.
 
 Tokens are verified offline (signature, claims), so revocation needs a shared list that every
 server process consults. Entries live in the cache backend (Redis across processes) and expire
@@ -59,9 +59,11 @@ class RevocationList:
         """Every token derived from the session, delegated ones included."""
         await self._revoke(f"rv:sid:{session_id}", b"1")
 
-    async def revoke_agent_session(self, agent_session_id: str) -> None:
-        """Every delegated token bound to the agent session (its `asid` claim)."""
-        await self._revoke(f"rv:asid:{agent_session_id}", b"1")
+    async def revoke_agent_session(self, tenant_id: str, agent_session_id: str) -> None:
+        """Every delegated token of the tenant bound to the agent session (its `asid` claim).
+        The entry is tenant-scoped, like the token's `tid`: the same id in another tenant's
+        token is another session."""
+        await self._revoke(_asid_key(tenant_id, agent_session_id), b"1")
 
     async def revoke_subject(self, tenant_id: str, subject: str) -> None:
         """Every token issued up to now in which `subject` takes part — as the token's subject
@@ -98,7 +100,7 @@ class RevocationList:
         if actor.session_id and await self._cache.get(f"rv:sid:{actor.session_id}") is not None:
             return True
         asid = actor.agent_session_id
-        if asid and await self._cache.get(f"rv:asid:{asid}") is not None:
+        if asid and await self._cache.get(_asid_key(actor.tenant_id, asid)) is not None:
             return True
         for source in actor.derived_from:  # the credentials a delegated token came from
             if await self._cache.get(f"rv:jti:{source}") is not None:
@@ -128,6 +130,10 @@ class RevocationList:
                 _log.warning("revocation channel unavailable; retrying")
                 self.forget()
                 await asyncio.sleep(1.0)
+
+
+def _asid_key(tenant_id: str, agent_session_id: str) -> str:
+    return f"rv:asid:{tenant_id}:{agent_session_id}"
 
 
 def raise_if_cancelled() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -117,6 +118,20 @@ class PgAuthStore:
                 uuid.UUID(principal_id),
             )
         return None if row is None else _principal(row)
+
+    async def principals(self, tenant_id: str, principal_ids: Sequence[str]) -> list[Principal]:
+        """The tenant's principals among `principal_ids` (ids that are not UUIDs match none)."""
+        keys = [uuid.UUID(p) for p in principal_ids if _is_uuid(p)]
+        if not keys:
+            return []
+        async with self._db.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_PRINCIPAL} FROM principals "
+                "WHERE tenant_id = $1 AND id = ANY($2::uuid[])",
+                tenant_id,
+                keys,
+            )
+        return [_principal(row) for row in rows]
 
     # --- agents -----------------------------------------------------------------------------
 

@@ -54,6 +54,8 @@ class Reason(enum.Enum):
     """An approval token was presented and refused (unknown, used, expired, another call)."""
     APPROVAL_UNAVAILABLE = "APPROVAL_UNAVAILABLE"
     """An approval token was presented but no approval service is configured: fail closed."""
+    SESSION_ENDED = "SESSION_ENDED"
+    """The stored agent session the call runs in has ended: nothing is allowed in it."""
 
     @property
     def from_rules(self) -> bool:
@@ -62,7 +64,13 @@ class Reason(enum.Enum):
 
 
 _SERVICE_REASONS = frozenset(
-    {Reason.QUOTA_EXCEEDED, Reason.APPROVED, Reason.APPROVAL_INVALID, Reason.APPROVAL_UNAVAILABLE}
+    {
+        Reason.QUOTA_EXCEEDED,
+        Reason.APPROVED,
+        Reason.APPROVAL_INVALID,
+        Reason.APPROVAL_UNAVAILABLE,
+        Reason.SESSION_ENDED,
+    }
 )
 
 
@@ -210,11 +218,13 @@ class Resource:
 @dataclass(frozen=True)
 class Session:
     """The agent session the call runs in. In CEL: `session.{id, labels, attr}`. A call outside
-    any session gets the empty session (no labels)."""
+    any session gets the empty session (no labels). `ended`: a stored session that has ended
+    (the Policy service denies everything in it; not visible to CEL)."""
 
     id: str = ""
     labels: frozenset[str] = frozenset()
     attr: Mapping[str, object] = field(default_factory=dict, hash=False)
+    ended: bool = False
 
 
 @dataclass(frozen=True)

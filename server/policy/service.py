@@ -4,10 +4,11 @@
 activate; roll back; each activation announced to every process) and answers questions:
 
 * Check: for one principal (the caller unless `policy.decisions.check_others` is held), every
-  resource x action. Rules decide first (the engine, through the decision cache); a
-  REQUIRE_APPROVAL with an approval token is redeemed through the `ApprovalRedeemer` (none
-  wired: fail closed); an ALLOW then consumes the quotas that apply, atomically in the cache
-  (`Cache.charge`) and at most once per request id (a receipt per decision). The decisions
+  resource x action. Rules decide first (the engine, through the decision cache); an ALLOW,
+  or a REQUIRE_APPROVAL presented with an approval token, then consumes the quotas that apply,
+  atomically in the cache (`Cache.charge`) and at most once per request id (a receipt per
+  decision); only then is the token redeemed through the `ApprovalRedeemer` (none wired: fail
+  closed), and a refused token gives the charge back. The decisions
   (`decision_attributes`) go into the Check call's own audit entry, an access-class entry
   queued without waiting for the write (unless the bounded queue is full: back-pressure).
 * Explain: one decision with the evaluation trace; nothing consumed or redeemed.
@@ -31,7 +32,7 @@ from typing import Protocol
 from trustplane.common.v1 import error_reason_pb2 as reasons
 
 from server.actor import ActorContext
-from server.cache import Cache, Charge
+from server.cache import Cache, CacheUnavailable, Charge
 from server.config import PolicyConfig
 from server.errors import (
     FailedPrecondition,
@@ -60,6 +61,7 @@ from server.policy.model import (
     StoredBundle,
     TraceStep,
 )
+from server.policy.principals import PrincipalDirectory, call_principals, frozen, principal_key
 
 CHECK_OTHERS = "policy.decisions.check_others"
 MAX_COST = 10**9
@@ -86,6 +88,44 @@ class ApprovalRedeemer(Protocol):
         principal_id: str,
         session_id: str | None,
     ) -> object: ...
+
+
+class _SessionState(Protocol):
+    @property
+    def value(self) -> str: ...
+    @property
+    def terminal(self) -> bool: ...
+
+
+class StoredSession(Protocol):
+    """What a decision needs of a stored agent session (the Session service's AgentSession)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def agent_id(self) -> str: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def created_by(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def parent_session_id(self) -> str | None: ...
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+    @property
+    def metadata(self) -> Mapping[str, object]: ...
+    @property
+    def state(self) -> _SessionState: ...
+
+
+class SessionSource(Protocol):
+    """Reads the agent session a decision runs in: the tenant's session as of now (past its
+    expiry it reads as expired), None when the tenant has none with that id. Fast: a cached
+    GetSession-like read. The Session service (`SessionManager`) implements it."""
+
+    async def session_for_policy(self, tenant_id: str, session_id: str) -> StoredSession | None: ...
 
 
 class PermissionChecker(Protocol):
@@ -132,6 +172,16 @@ class CheckOthersDenied(PermissionDenied):
 class QuotaNotFound(NotFound):
     reason = reasons.ERROR_REASON_POLICY_QUOTA_NOT_FOUND
     default_message = "no such quota in the active policy bundle"
+
+
+class PolicySessionNotFound(NotFound):
+    reason = reasons.ERROR_REASON_POLICY_SESSION_NOT_FOUND
+    default_message = "no such agent session for the caller"
+
+
+class SessionMismatch(PermissionDenied):
+    reason = reasons.ERROR_REASON_POLICY_SESSION_MISMATCH
+    default_message = "the credential is bound to another agent session"
 
 
 # --- questions and answers ------------------------------------------------------------------
@@ -187,20 +237,37 @@ class Verdict:
 
 @dataclass(frozen=True)
 class FilterPage:
+    """One page of a Filter: candidates `start` .. `start + evaluated - 1` were decided, the
+    `allowed` ones (index, resource) are listed; `decision_id` names the page's decisions."""
+
     allowed: tuple[tuple[int, Resource], ...]
     next_page_token: str
     evaluated: int
     version_id: str
+    decision_id: str = ""
+    start: int = 0
 
 
 @dataclass(frozen=True)
 class _Asked:
-    """A question resolved against the caller: who, through whom, in which tenant."""
+    """A question resolved against the caller: who, through whom, in which tenant and which
+    session (`session_key`: its part of every decision-cache key, computed once)."""
 
     tenant_id: str
     principal: Principal
     delegates: tuple[Principal, ...]
     agent_id: str
+    session: Session = dataclasses.field(default_factory=Session)
+    session_key: Hashable = ()
+    known: frozenset[str] = frozenset()  # delegates the Auth service knows (real roles)
+
+
+@dataclass(frozen=True)
+class _Charged:
+    """A quota charge made by this call (to refund if the decision does not stand)."""
+
+    charges: tuple[Charge, ...]
+    receipt: str | None
 
 
 _NO_BUNDLE_VERSION = ""
@@ -219,6 +286,8 @@ class PolicyEngine:
         page_tokens: PageTokens,
         *,
         redeemer: ApprovalRedeemer | None = None,
+        sessions: SessionSource | None = None,
+        principals: PrincipalDirectory | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -228,6 +297,8 @@ class PolicyEngine:
         self._config = config
         self._page_tokens = page_tokens
         self._redeemer = redeemer
+        self._sessions = sessions
+        self._principals = principals
         self._clock = clock
         self._platform = engine.platform_bundle()
 
@@ -320,8 +391,11 @@ class PolicyEngine:
         for index, resource in enumerate(question.resources):
             for action in question.actions:
                 request = self._request(asked, resource, action, question)
-                decision = self._decide(bundle, request, asked.delegates)
+                decision = self._decide(bundle, request, asked)
                 verdict = self._verdict(index, request, decision, asked.tenant_id, next(ids))
+                if asked.session.ended:
+                    verdicts.append(_ended(verdict))
+                    continue
                 verdicts.append(
                     await self._settle(actor, asked, bundle, request, verdict, question)
                 )
@@ -342,8 +416,10 @@ class PolicyEngine:
         asked = await self._asked(actor, question)
         bundle = await self._bundles.get(asked.tenant_id)
         request = self._request(asked, question.resources[0], question.actions[0], question)
-        decision = self._decide(bundle, request, asked.delegates, explain=True)
+        decision = self._decide(bundle, request, asked, explain=True)
         verdict = self._verdict(0, request, decision, asked.tenant_id, next(_decision_ids(1)))
+        if asked.session.ended:
+            verdict = _ended(verdict)
         return verdict, decision.trace or ()
 
     async def filter(
@@ -363,25 +439,35 @@ class PolicyEngine:
         while index < len(question.resources) and len(allowed) < limit:
             resource = question.resources[index]
             request = self._request(asked, resource, question.actions[0], question)
-            if self._decide(bundle, request, asked.delegates).allowed:
+            if self._decide(bundle, request, asked).allowed and not asked.session.ended:
                 allowed.append((index, resource))
             index += 1
         more = index < len(question.resources)
         next_token = self._page_tokens.encode(query, {"i": index}) if more else ""
         version = bundle.content_hash if bundle is not None else _NO_BUNDLE_VERSION
-        return FilterPage(tuple(allowed), next_token, index - start, version)
+        decision_id = next(_decision_ids(1))
+        return FilterPage(tuple(allowed), next_token, index - start, version, decision_id, start)
 
     async def _asked(self, actor: ActorContext, question: Question) -> _Asked:
         if question.principal is None and not question.delegates:
-            subject = _caller(actor)
-            delegates = tuple(
-                Principal(link.subject, frozenset(), {}, actor.tenant_id, link.subject_type.value)
-                for link in actor.act
+            principals = await call_principals(self._principals, actor, subject_attributes=True)
+            if principals.disabled is not None:
+                raise PermissionDenied(f"{principals.disabled} in the call is disabled")
+            session = await self._session(actor, question.session, others=False)
+            asked = _Asked(
+                actor.tenant_id,
+                principals.subject,
+                principals.delegates,
+                actor.actor_id,
+                known=principals.known,
             )
-            return _Asked(actor.tenant_id, subject, delegates, actor.actor_id)
+            return _in_session(asked, session)
         if not (await self._permissions.decide(actor, CHECK_OTHERS)).allowed:
             raise CheckOthersDenied()
-        base = question.principal or _caller(actor)
+        base = question.principal
+        if base is None:  # the caller, through explicit delegates
+            own = await call_principals(self._principals, actor, subject_attributes=True)
+            base = own.subject
         delegates = tuple(
             dataclasses.replace(d, tenant=actor.tenant_id, chain=()) for d in question.delegates
         )
@@ -389,30 +475,61 @@ class PolicyEngine:
             base, tenant=actor.tenant_id, chain=tuple(d.id for d in delegates)
         )
         agent = delegates[0].id if delegates else principal.id
-        return _Asked(actor.tenant_id, principal, delegates, agent)
+        session = await self._session(actor, question.session, others=True)
+        # The roles the question gives its delegates are the ones to decide with.
+        known = frozenset(d.id for d in delegates)
+        asked = _Asked(actor.tenant_id, principal, delegates, agent, known=known)
+        return _in_session(asked, session)
+
+    async def _session(self, actor: ActorContext, asked: Session, *, others: bool) -> Session:
+        """The session the decisions run in. A stored one — named in the request, or the one
+        the credential is bound to (`asid`) — is read from the Session service: its labels
+        (the request's can only add to them) and its attributes. A self-check may name only a
+        session the caller takes part in; with `check_others`, any of the tenant."""
+        bound = actor.agent_session_id
+        if bound and asked.id and asked.id != bound:
+            raise SessionMismatch()
+        session_id = asked.id or bound
+        if not session_id:
+            return asked  # outside any session: the call's own labels, nothing to read
+        if asked.attr:
+            raise InvalidArgument.fields(
+                FieldViolation("session.attr", "a stored session's attributes are the server's")
+            )
+        stored = None
+        if self._sessions is not None and len(session_id) <= _NAME_MAX:
+            stored = await self._sessions.session_for_policy(actor.tenant_id, session_id)
+        if stored is None or not (others or _takes_part(actor, stored)):
+            raise PolicySessionNotFound()
+        return Session(
+            id=stored.id,
+            labels=frozenset(stored.labels) | asked.labels,
+            attr=_session_attributes(stored),
+            ended=stored.state.terminal,
+        )
 
     @staticmethod
     def _request(asked: _Asked, resource: Resource, action: str, question: Question) -> Request:
-        return Request(asked.principal, resource, action, question.session, question.context)
+        return Request(asked.principal, resource, action, asked.session, question.context)
 
     def _decide(
         self,
         bundle: CompiledBundle | None,
         request: Request,
-        delegates: tuple[Principal, ...],
+        asked: _Asked,
         *,
         explain: bool = False,
     ) -> Decision:
         """The rules' decision, through the decision cache (not for explanations)."""
         if explain:
-            return self._evaluate(bundle, request, delegates, explain=True)
+            return self._evaluate(bundle, request, asked, explain=True)
         cache = self._bundles.decisions
         if not cache.enabled:
-            return self._evaluate(bundle, request, delegates)
-        key = _decision_key(bundle, request, delegates)
+            return self._evaluate(bundle, request, asked)
+        key = _decision_key(bundle, request, asked)
         decision = cache.get(key)
         if decision is None:
-            decision = self._evaluate(bundle, request, delegates)
+            decision = self._evaluate(bundle, request, asked)
             cache.put(key, decision)
         return decision
 
@@ -420,14 +537,15 @@ class PolicyEngine:
         self,
         bundle: CompiledBundle | None,
         request: Request,
-        delegates: tuple[Principal, ...],
+        asked: _Asked,
         *,
         explain: bool = False,
     ) -> Decision:
         """Suite methods: as the authorize layer decides them. Other kinds: the tenant's
         bundle alone (none: default deny)."""
+        delegates = asked.delegates
         if request.resource.kind == METHOD_KIND:
-            return self._method(bundle, request, delegates, explain=explain)
+            return self._method(bundle, request, asked, explain=explain)
         if bundle is None:
             return Decision(
                 Effect.DENY,
@@ -442,19 +560,27 @@ class PolicyEngine:
         self,
         bundle: CompiledBundle | None,
         request: Request,
-        delegates: tuple[Principal, ...],
+        asked: _Asked,
         *,
         explain: bool,
     ) -> Decision:
-        """The platform bundle over the subject's roles (a delegated token's scopes already
-        narrowed it), then the first restriction the tenant's bundle puts on the subject or
-        any delegate — exactly what `PolicyAuthorizer` enforces for the RPC."""
+        """The platform bundle over the subject's roles and over each delegate's the Auth
+        service knows (a delegated token's scopes already narrowed the rest), then the first
+        restriction the tenant's bundle puts on the subject or any delegate — exactly what
+        `PolicyAuthorizer` enforces for the RPC."""
+        delegates = asked.delegates
         platform = engine.decide(self._platform, request, explain=explain)
+        for delegate in delegates:
+            if not platform.allowed:
+                break
+            if delegate.id in asked.known:
+                as_delegate = dataclasses.replace(request, principal=delegate)
+                platform = engine.decide(self._platform, as_delegate, explain=explain)
         if not platform.allowed or bundle is None or not bundle.has_policy(METHOD_KIND):
             return platform
         for principal in (request.principal, *delegates):
-            asked = dataclasses.replace(request, principal=principal)
-            tenant = engine.decide(bundle, asked, explain=explain)
+            as_principal = dataclasses.replace(request, principal=principal)
+            tenant = engine.decide(bundle, as_principal, explain=explain)
             if restricts(tenant):
                 return tenant
         return platform
@@ -468,19 +594,39 @@ class PolicyEngine:
         verdict: Verdict,
         question: Question,
     ) -> Verdict:
-        """Approvals, then quotas, on top of the rules' decision."""
-        if verdict.effect is Effect.REQUIRE_APPROVAL and question.approval_token:
-            verdict = await self._redeem(asked, verdict, question)
-        if verdict.effect is not Effect.ALLOW or bundle is None:
+        """Quotas, then the approval token, on top of the rules' decision. A token is spent
+        only on a decision that is otherwise allowed, quotas included: quotas are charged
+        first, and refunded if the token is then refused."""
+        redeem = verdict.effect is Effect.REQUIRE_APPROVAL and bool(question.approval_token)
+        if redeem:
+            if self._redeemer is None:
+                return dataclasses.replace(
+                    verdict, effect=Effect.DENY, reason=Reason.APPROVAL_UNAVAILABLE
+                )
+            verdict = dataclasses.replace(verdict, effect=Effect.ALLOW, reason=Reason.APPROVED)
+        if verdict.effect is not Effect.ALLOW:
             return verdict
-        match = engine.quotas_for(bundle, request)
-        if match.failed is not None:
-            return dataclasses.replace(
-                verdict, effect=Effect.DENY, reason=Reason.CONDITION_ERROR, rule=match.failed.name
-            )
-        if not match.quotas:
+        charged: _Charged | None = None
+        if bundle is not None:
+            match = engine.quotas_for(bundle, request)
+            if match.failed is not None:
+                return dataclasses.replace(
+                    verdict,
+                    effect=Effect.DENY,
+                    reason=Reason.CONDITION_ERROR,
+                    rule=match.failed.name,
+                )
+            if match.quotas:
+                verdict, charged = await self._charge(actor, asked, verdict, match.quotas, question)
+        if not redeem or verdict.effect is not Effect.ALLOW:
             return verdict
-        return await self._charge(actor, asked, verdict, match.quotas, question)
+        if await self._redeem(asked, verdict, question):
+            return verdict
+        if charged is not None:
+            await self._refund(charged)
+        return dataclasses.replace(
+            verdict, effect=Effect.DENY, reason=Reason.APPROVAL_INVALID, quotas=()
+        )
 
     @staticmethod
     def _verdict(
@@ -501,22 +647,20 @@ class PolicyEngine:
             call_digest=call_digest(tenant, request) if approval else b"",
         )
 
-    async def _redeem(self, asked: _Asked, verdict: Verdict, question: Question) -> Verdict:
-        if self._redeemer is None:
-            return dataclasses.replace(
-                verdict, effect=Effect.DENY, reason=Reason.APPROVAL_UNAVAILABLE
-            )
+    async def _redeem(self, asked: _Asked, verdict: Verdict, question: Question) -> bool:
+        """Spend the approval token; False when it is refused (and so not spent)."""
+        assert self._redeemer is not None
         try:  # the token was requested by the identity making the call (the acting agent)
             await self._redeemer.redeem_approval(
                 asked.tenant_id,
                 question.approval_token,
                 digest=verdict.call_digest,
                 principal_id=asked.agent_id,
-                session_id=question.session.id or None,
+                session_id=asked.session.id or None,
             )
         except TrustplaneError:
-            return dataclasses.replace(verdict, effect=Effect.DENY, reason=Reason.APPROVAL_INVALID)
-        return dataclasses.replace(verdict, effect=Effect.ALLOW, reason=Reason.APPROVED)
+            return False
+        return True
 
     async def _charge(
         self,
@@ -525,10 +669,11 @@ class PolicyEngine:
         verdict: Verdict,
         quotas: tuple[Quota, ...],
         question: Question,
-    ) -> Verdict:
+    ) -> tuple[Verdict, _Charged | None]:
+        """Consume the quotas; the charge made (None: refused, or a retry's receipt)."""
         now = self._clock()
         cost = question.cost or 1
-        subjects = [_subject(q, asked, question.session) for q in quotas]
+        subjects = [_subject(q, asked) for q in quotas]
         windows = [_window(q, now) for q in quotas]
         charges = [
             Charge(_quota_key(asked.tenant_id, q, s, w), cost, q.limit, reset - now + 1.0)
@@ -543,15 +688,28 @@ class PolicyEngine:
             for q, s, used, (_, reset) in zip(quotas, subjects, result.values, windows, strict=True)
         )
         if result.charged:
-            return dataclasses.replace(verdict, quotas=states)
+            made = None if result.replayed else _Charged(tuple(charges), receipt)
+            return dataclasses.replace(verdict, quotas=states), made
         stopper = next(s for s in states if s.exceeded)
-        return dataclasses.replace(
+        denied = dataclasses.replace(
             verdict,
             effect=Effect.DENY,
             reason=Reason.QUOTA_EXCEEDED,
             rule=stopper.quota.name,
             quotas=states,
         )
+        return denied, None
+
+    async def _refund(self, charged: _Charged) -> None:
+        """Give back a charge whose decision did not stand. Best effort: if the cache cannot
+        be reached the units stay consumed (the safe side)."""
+        try:
+            for charge in charged.charges:
+                await self._cache.incr(charge.key, -charge.amount, ttl=charge.ttl)
+            if charged.receipt is not None:
+                await self._cache.delete(charged.receipt)
+        except CacheUnavailable:
+            _log.warning("quota refund lost; the units stay consumed")
 
     # --- quotas -------------------------------------------------------------------------------
 
@@ -591,17 +749,6 @@ class PolicyEngine:
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def _caller(actor: ActorContext) -> Principal:
-    return Principal(
-        actor.subject,
-        actor.roles,
-        {},
-        actor.tenant_id,
-        actor.subject_type.value,
-        tuple(link.subject for link in actor.act),
-    )
 
 
 def _version_id(value: str) -> str:
@@ -671,42 +818,63 @@ def call_digest(tenant_id: str, request: Request) -> bytes:
     return hashlib.sha256(_canonical(body).encode()).digest()
 
 
-def _frozen(value: object) -> Hashable:
-    """A hashable, type-faithful form of an attribute value for cache keys (True, 1 and 1.0
-    must not collide: CEL tells them apart)."""
-    if isinstance(value, dict):
-        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
-    if isinstance(value, list):
-        return ("[", *(_frozen(v) for v in value))
-    if isinstance(value, bool | float):
-        return (type(value).__name__, value)
-    if value is None or isinstance(value, int | str):
-        return value
-    return ("?", str(value))
-
-
-def _principal_key(p: Principal) -> Hashable:
-    return (p.id, p.roles, p.type, p.tenant, p.chain, _frozen(p.attr) if p.attr else ())
-
-
-def _decision_key(
-    bundle: CompiledBundle | None, request: Request, delegates: tuple[Principal, ...]
-) -> Hashable:
-    """Everything the decision depends on: the deciding versions and every engine input."""
-    resource, session = request.resource, request.session
+def _decision_key(bundle: CompiledBundle | None, request: Request, asked: _Asked) -> Hashable:
+    """Everything the decision depends on: the deciding versions and every engine input (the
+    session's part computed once per question, `asked.session_key`)."""
+    resource = request.resource
     return (
         "check",
         bundle.content_hash if bundle is not None else "",
-        _principal_key(request.principal),
-        tuple(_principal_key(d) for d in delegates),
+        principal_key(request.principal),
+        tuple(principal_key(d) for d in asked.delegates),
+        asked.known,
         resource.kind,
         resource.id,
-        _frozen(resource.attr) if resource.attr else (),
+        frozen(resource.attr) if resource.attr else (),
         request.action,
-        session.id,
-        session.labels,
-        _frozen(session.attr) if session.attr else (),
-        _frozen(request.context) if request.context else (),
+        asked.session_key,
+        frozen(request.context) if request.context else (),
+    )
+
+
+def _session_key(session: Session) -> Hashable:
+    return (session.id, session.labels, frozen(session.attr) if session.attr else ())
+
+
+def _in_session(asked: _Asked, session: Session) -> _Asked:
+    return dataclasses.replace(asked, session=session, session_key=_session_key(session))
+
+
+def _takes_part(actor: ActorContext, session: StoredSession) -> bool:
+    """Whether the caller (anyone in its chain) is the session's agent, user or creator."""
+    return bool({session.agent_id, session.user_id, session.created_by} & set(actor.chain))
+
+
+def _session_attributes(session: StoredSession) -> dict[str, object]:
+    """`session.attr` of a stored session: the server's facts about it, never the caller's."""
+    attributes: dict[str, object] = {
+        "state": session.state.value,
+        "agent_id": session.agent_id,
+        "role": session.role,
+        "metadata": dict(session.metadata),
+    }
+    if session.user_id:
+        attributes["user_id"] = session.user_id
+    if session.parent_session_id:
+        attributes["parent_session_id"] = session.parent_session_id
+    return attributes
+
+
+def _ended(verdict: Verdict) -> Verdict:
+    """In an ended session nothing is allowed (no approval redeemed, no quota consumed)."""
+    return dataclasses.replace(
+        verdict,
+        effect=Effect.DENY,
+        reason=Reason.SESSION_ENDED,
+        rule=None,
+        approver_roles=(),
+        approval_ttl_seconds=None,
+        call_digest=b"",
     )
 
 
@@ -714,24 +882,24 @@ def _fingerprint(asked: _Asked, question: Question) -> str:
     """What a Filter page token is bound to: the whole query except the page fields."""
     body = [
         asked.tenant_id,
-        _principal_key(asked.principal),
-        [_principal_key(d) for d in asked.delegates],
+        principal_key(asked.principal),
+        [principal_key(d) for d in asked.delegates],
         question.actions,
         [[r.kind, r.id, dict(r.attr)] for r in question.resources],
-        [question.session.id, sorted(question.session.labels), dict(question.session.attr)],
+        [asked.session.id, sorted(asked.session.labels), dict(asked.session.attr)],
         dict(question.context),
     ]
     return hashlib.sha256(_canonical(body).encode()).hexdigest()
 
 
-def _subject(quota: Quota, asked: _Asked, session: Session) -> str:
+def _subject(quota: Quota, asked: _Asked) -> str:
     if quota.per is QuotaScope.TENANT:
         return ""
     if quota.per is QuotaScope.PRINCIPAL:
         return asked.principal.id
     if quota.per is QuotaScope.AGENT:
         return asked.agent_id
-    return session.id
+    return asked.session.id
 
 
 def _scoped(quota: Quota, subject: str) -> str:
@@ -780,6 +948,21 @@ def decision_attributes(question: Question, verdicts: Sequence[Verdict]) -> dict
             ]
         )
     return attributes
+
+
+def filter_attributes(question: Question, page: FilterPage) -> dict[str, str]:
+    """A Filter page's decisions for its audit entry: `filter` = decision id, version prefix,
+    action, first candidate index and how many were decided; `filter.allowed` = the indexes
+    of the allowed candidates (`-`: none); every other candidate of the range was denied."""
+    summary = [
+        page.decision_id,
+        page.version_id[:16] or "-",
+        question.actions[0][:_NAME_MAX],
+        f"from={page.start}",
+        f"evaluated={page.evaluated}",
+    ]
+    allowed = ",".join(str(index) for index, _ in page.allowed)
+    return {"filter": " ".join(summary), "filter.allowed": allowed or "-"}
 
 
 def _decision_ids(count: int) -> Iterator[str]:

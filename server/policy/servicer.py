@@ -18,6 +18,7 @@ from server.policy.service import (
     QuotaState,
     Verdict,
     decision_attributes,
+    filter_attributes,
 )
 
 _FORMATS = {
@@ -108,6 +109,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             context=_struct(request, "context"),
         )
         verdict, trace = await self._policy.explain(_actor(), question)
+        call_state.current().audit_attributes.update(decision_attributes(question, [verdict]))
         return policy_pb2.ExplainResponse(
             decision=encode_verdict(verdict), trace=[_step(s) for s in trace]
         )
@@ -122,6 +124,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             context=_struct(request, "context"),
         )
         page = await self._policy.filter(_actor(), question, request.page_size, request.page_token)
+        call_state.current().audit_attributes.update(filter_attributes(question, page))
         return policy_pb2.FilterResponse(
             allowed=[
                 policy_pb2.FilterResult(index=i, kind=r.kind, id=r.id) for i, r in page.allowed
@@ -129,6 +132,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             next_page_token=page.next_page_token,
             evaluated=page.evaluated,
             version_id=page.version_id,
+            decision_id=page.decision_id,
         )
 
     async def GetQuotaUsage(self, request: Any, context: Any) -> Any:

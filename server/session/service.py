@@ -5,7 +5,9 @@ EXPIRED, PENDING | ACTIVE → CANCELLED. Every transition is one conditional UPD
 PostgreSQL, so of racing transitions exactly one wins; the losers are told the state they
 found. Expiry happens lazily on read and in `sweep` (any process). Ending a session puts its
 id on the revocation deny-list, so delegated tokens bound to it (`asid`) stop authenticating;
-`tokens_revoked_at` records that, and the sweeper retries any that did not get there.
+`tokens_revoked_at` records that, and the sweeper retries any that did not get there. Expiry
+and each revocation are security-class audit entries the manager records itself
+(`SecurityEvents`): durable from the sweeper and from transition calls, queued on a read.
 
 Watchers: every session revision is stored (agent_session_events) in the statement that makes
 the change, and a message on the cache's pub/sub channel only says "look again". A watcher
@@ -28,6 +30,7 @@ import os
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
@@ -35,6 +38,7 @@ from typing import Any, Protocol, TypeVar
 from trustplane.common.v1 import error_reason_pb2 as reasons
 
 from server.actor import ActorContext, PrincipalType
+from server.audit.model import EVENT, SECURITY, Record
 from server.cache import Cache, CacheUnavailable
 from server.config import SessionConfig
 from server.errors import (
@@ -47,6 +51,7 @@ from server.errors import (
     PermissionDenied,
 )
 from server.page_token import PageTokens, page_size
+from server.revocation import raise_if_cancelled
 from server.session.model import (
     SESSION_TRANSITIONS,
     TASK_TRANSITIONS,
@@ -74,6 +79,10 @@ _MAX_METADATA = 16 * 1024
 _MAX_PAYLOAD = 64 * 1024
 _MAX_TEXT = 1024
 _SWEEP_BATCH = 500
+_POLICY_READS_KEPT = 10_000
+CHANGED = "sessions:changed"
+"""The cache channel on which every session change is announced (payload: the session id), so
+every process drops its policy read of it."""
 T = TypeVar("T")
 
 
@@ -185,7 +194,17 @@ class AgentDirectory(Protocol):
 class AgentSessionRevoker(Protocol):
     """The deny-list (RevocationList)."""
 
-    async def revoke_agent_session(self, session_id: str) -> None: ...
+    async def revoke_agent_session(self, tenant_id: str, session_id: str) -> None: ...
+
+
+class SecurityEvents(Protocol):
+    """Where what happens to a session outside any RPC is recorded: expiry and the revocation
+    of its delegated tokens (AuditLog). `offer` queues without waiting (False: the queue is
+    full), `put` waits for room, `commit` returns once the entries are durable."""
+
+    def offer(self, record: Record) -> bool: ...
+    async def put(self, record: Record) -> None: ...
+    async def commit(self, records: Sequence[Record]) -> list[int]: ...
 
 
 def _is_admin(actor: ActorContext) -> bool:
@@ -220,16 +239,24 @@ class SessionManager:
         config: SessionConfig,
         page_tokens: PageTokens,
         *,
+        audit: SecurityEvents | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._agents = agents
         self._revocations = revocations
+        self._audit = audit
         self._cache = cache
         self._config = config
         self._page_tokens = page_tokens
         self._clock = clock
         self._closing = asyncio.Event()
+        # session id -> (monotonic expiry, session): policy reads, dropped on every change.
+        self._policy_reads: OrderedDict[str, tuple[float, AgentSession]] = OrderedDict()
+        self._forgotten = 0  # bumped by every drop: a read that raced one is not kept
+        self._policy_flights: dict[
+            tuple[str, str], tuple[int, asyncio.Task[AgentSession | None]]
+        ] = {}
 
     def close(self) -> None:
         """Shutting down: open watch streams end cleanly now instead of holding the server's
@@ -329,6 +356,70 @@ class SessionManager:
     async def get_session(self, actor: ActorContext, session_id: str) -> AgentSession:
         return await self._live_view(actor.tenant_id, session_id)
 
+    async def session_for_policy(self, tenant_id: str, session_id: str) -> AgentSession | None:
+        """The session a policy decision runs in, as of now (past its expiry it reads as
+        EXPIRED; the expiry itself is recorded by the sweeper or the next read, not here), or
+        None. Reused in-process for at most `policy_read_ttl` seconds; every change to the
+        session, in any process, drops the copy (`CHANGED`)."""
+        now = time.monotonic()
+        cached = self._policy_reads.get(session_id)
+        if cached is not None and cached[0] > now and cached[1].tenant_id == tenant_id:
+            self._policy_reads.move_to_end(session_id)
+            return _as_seen(cached[1], self._clock())
+        # One read per session at a time: the callers that miss together share it (a read
+        # begun before a change is not shared with callers arriving after it).
+        key = (tenant_id, session_id)
+        flight = self._policy_flights.get(key)
+        if flight is None or flight[0] != self._forgotten:
+            task = asyncio.create_task(self._read_for_policy(tenant_id, session_id))
+            flight = (self._forgotten, task)
+            self._policy_flights[key] = flight
+            task.add_done_callback(lambda done: self._landed(key, done))
+        session = await asyncio.shield(flight[1])
+        return None if session is None else _as_seen(session, self._clock())
+
+    async def _read_for_policy(self, tenant_id: str, session_id: str) -> AgentSession | None:
+        generation, started = self._forgotten, time.monotonic()
+        session = await self._store.session(tenant_id, session_id)
+        if session is None:
+            return None  # absence is not cached: a session created elsewhere is seen at once
+        if self._config.policy_read_ttl > 0 and generation == self._forgotten:
+            self._policy_reads[session.id] = (started + self._config.policy_read_ttl, session)
+            self._policy_reads.move_to_end(session.id)
+            while len(self._policy_reads) > _POLICY_READS_KEPT:
+                self._policy_reads.popitem(last=False)
+        return session
+
+    def _landed(self, key: tuple[str, str], task: asyncio.Task[AgentSession | None]) -> None:
+        flight = self._policy_flights.get(key)
+        if flight is not None and flight[1] is task:
+            del self._policy_flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters re-raise it
+
+    def forget(self, session_id: str | None = None) -> None:
+        """Drop the policy read of one session (None: of all)."""
+        self._forgotten += 1
+        if session_id is None:
+            self._policy_reads.clear()
+        else:
+            self._policy_reads.pop(session_id, None)
+
+    async def follow(self) -> None:
+        """Drop policy reads of sessions other processes change; runs until cancelled. A
+        broken subscription drops everything (messages may have been missed)."""
+        while True:
+            try:
+                async with self._cache.subscribe(CHANGED) as subscription:
+                    self.forget()
+                    async for _channel, message in subscription:
+                        self.forget(message.decode())
+            except CacheUnavailable:
+                raise_if_cancelled()
+                _log.warning("session change channel unavailable; retrying")
+            self.forget()
+            await asyncio.sleep(1.0)
+
     async def _live_view(self, tenant_id: str, session_id: str) -> AgentSession:
         """The session, expired first if its time has passed (lazy expiry)."""
         session = await self._store.session(tenant_id, session_id)
@@ -347,7 +438,11 @@ class SessionManager:
         )
         if expired is None:  # someone else changed it first: read what won
             return await self._live_view(tenant_id, session_id)
-        await self._ended(expired)
+        revoked = await self._ended(expired)
+        # A read must stay fast: its audit entries are queued, not waited for.
+        await self._queue(_expired_event(expired, "read"))
+        if revoked is not None:
+            await self._queue(revoked)
         return expired
 
     async def list_sessions(
@@ -472,7 +567,9 @@ class SessionManager:
             )
             if changed is not None:
                 if target.terminal:
-                    await self._ended(changed)
+                    revoked = await self._ended(changed)
+                    if revoked is not None:  # a security call: durable before the answer
+                        await self._commit([revoked])
                 else:
                     await self._announce("sessions", changed.id, changed.revision)
                 return changed
@@ -482,22 +579,44 @@ class SessionManager:
             raise invalid_transition(current.state.value, target.value, names)
         raise EtagMismatch()
 
-    async def _ended(self, session: AgentSession) -> None:
-        """A session reached a terminal state: tell watchers, revoke its delegated tokens."""
+    async def _ended(self, session: AgentSession) -> Record | None:
+        """A session reached a terminal state: tell watchers, revoke its delegated tokens.
+        Returns the revocation's audit entry for the caller to record (None: deferred)."""
         await self._announce("sessions", session.id, session.revision)
         try:
-            await self._revocations.revoke_agent_session(session.id)
+            await self._revocations.revoke_agent_session(session.tenant_id, session.id)
         except CacheUnavailable:
             # The deny-list is unreachable, and so every token check fails closed meanwhile;
-            # the sweeper writes the entry once the cache is back.
+            # the sweeper writes the entry once the cache is back (and records it then).
             _log.warning("agent session revocation deferred", extra={"session": session.id})
-            return
+            return None
         await self._store.mark_revoked([session.id], self._clock())
+        return _revoked_event(session, self._clock())
+
+    async def _queue(self, record: Record) -> None:
+        """An audit entry through the bounded queue: no wait unless it is full."""
+        if self._audit is not None and not self._audit.offer(record):
+            await self._audit.put(record)
+
+    async def _commit(self, records: Sequence[Record]) -> None:
+        """Audit entries, durably, one commit per tenant (they are group-committed)."""
+        if self._audit is None or not records:
+            return
+        tenants: dict[str, list[Record]] = {}
+        for record in records:
+            tenants.setdefault(record.tenant_id, []).append(record)
+        audit = self._audit
+        await asyncio.gather(*(audit.commit(group) for group in tenants.values()))
 
     async def _announce(self, kind: str, resource_id: str, revision: int) -> None:
-        """Tell watchers in every process to look again; best effort (they also poll)."""
+        """Tell watchers in every process to look again, and (sessions) every process to drop
+        its policy read; best effort (watchers also poll, policy reads also expire)."""
+        if kind == "sessions":
+            self.forget(resource_id)
         try:
             await self._cache.publish(_channel(kind, resource_id), str(revision).encode())
+            if kind == "sessions":
+                await self._cache.publish(CHANGED, resource_id.encode())
         except CacheUnavailable:
             _log.warning("watch notification lost", extra={"kind": kind})
 
@@ -574,19 +693,36 @@ class SessionManager:
         """Expire sessions and approvals past their time, retry deferred revocations, and
         purge what ended more than the retention period ago. Safe in every process at once."""
         now = self._clock()
-        for session in await self._store.expire_due(now, _SWEEP_BATCH):
-            await self._ended(session)
+        expired = await self._store.expire_due(now, _SWEEP_BATCH)
+        revoked = [await self._ended(session) for session in expired]  # tokens die first
+        events = [_expired_event(s, "sweep") for s in expired]
+        await self._commit([*events, *(r for r in revoked if r is not None)])
         for approval in await self._store.expire_due_approvals(now, _SWEEP_BATCH):
             await self._announce("approvals", approval.id, approval.revision)
-        pending = await self._store.unrevoked(_SWEEP_BATCH)
-        for session_id in pending:
-            await self._revocations.revoke_agent_session(session_id)
-        if pending:
-            await self._store.mark_revoked(pending, self._clock())
+        await self._revoke_deferred()
         cutoff = now - self._config.retention_days * 86_400.0
         purged = await self._store.purge(cutoff, _SWEEP_BATCH)
         if purged:
             _log.info("purged ended sessions", extra={"count": purged})
+
+    async def _revoke_deferred(self) -> None:
+        """Write the deny-list entries an ending could not (the cache was unreachable); while
+        it still is, they stay pending for the next sweep and the rest of the sweep goes on."""
+        pending = await self._store.unrevoked(_SWEEP_BATCH)
+        written: list[tuple[str, str]] = []
+        try:
+            for tenant_id, session_id in pending:
+                await self._revocations.revoke_agent_session(tenant_id, session_id)
+                written.append((tenant_id, session_id))
+        except CacheUnavailable:
+            _log.warning(
+                "agent session revocations still deferred",
+                extra={"pending": len(pending) - len(written)},
+            )
+        if written:
+            await self._store.mark_revoked([s for _, s in written], self._clock())
+            at = self._clock()
+            await self._commit([_deferred_revocation(t, s, at) for t, s in written])
 
     # --- delegation hook (Auth) -------------------------------------------------------------
 
@@ -908,6 +1044,48 @@ class SessionManager:
                 FieldViolation("ttl", f"between 1 second and {int(maximum)} seconds")
             )
         return ttl
+
+
+def _system_event(
+    tenant_id: str, session_id: str, event_type: str, now: float, attributes: dict[str, str]
+) -> Record:
+    """A security-class audit entry for something the server itself did to a session: no
+    method, no subject (no caller acted); the session is its `session_id` and `resource`."""
+    return Record(
+        tenant_id=tenant_id,
+        kind=EVENT,
+        time_ms=int(now * 1000),
+        method="",
+        code="OK",
+        session_id=session_id,
+        resource=session_id,
+        event_type=event_type,
+        attributes=attributes,
+        audit_class=SECURITY,
+    )
+
+
+def _expired_event(session: AgentSession, trigger: str) -> Record:
+    """`session.expired`: found past its expiry on a read (`read`) or by the sweeper (`sweep`)."""
+    facts = {"trigger": trigger, "agent_id": session.agent_id, "state": session.state.value}
+    if session.user_id:
+        facts["user_id"] = session.user_id
+    ended = session.ended_at if session.ended_at is not None else session.updated_at
+    record = _system_event(session.tenant_id, session.id, "session.expired", ended, facts)
+    return replace(record, occurred_at_ms=int(session.expires_at * 1000))
+
+
+def _revoked_event(session: AgentSession, now: float) -> Record:
+    """`session.tokens_revoked`: the ended session's delegated tokens are on the deny-list."""
+    facts = {"state": session.state.value, "deferred": "false"}
+    return _system_event(session.tenant_id, session.id, "session.tokens_revoked", now, facts)
+
+
+def _deferred_revocation(tenant_id: str, session_id: str, now: float) -> Record:
+    """`session.tokens_revoked` by the sweeper, for a session that ended while the cache was
+    unreachable."""
+    facts = {"deferred": "true"}
+    return _system_event(tenant_id, session_id, "session.tokens_revoked", now, facts)
 
 
 def _redeem_failure(

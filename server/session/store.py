@@ -368,15 +368,16 @@ class PgSessionStore:
             rows = await conn.fetch(statement, _ts(now), limit, list(LIVE_SESSION_STATES))
         return [session_from(r) for r in rows]
 
-    async def unrevoked(self, limit: int) -> list[str]:
-        """Ended sessions whose delegated tokens are not yet on the deny-list."""
+    async def unrevoked(self, limit: int) -> list[tuple[str, str]]:
+        """(tenant, id) of ended sessions whose delegated tokens are not yet on the deny-list,
+        in every tenant (the sweeper's system-wide job)."""
         async with self._acquire() as conn:
             rows = await conn.fetch(
-                "SELECT id FROM agent_sessions WHERE ended_at IS NOT NULL "
+                "SELECT tenant_id, id FROM agent_sessions WHERE ended_at IS NOT NULL "
                 "AND tokens_revoked_at IS NULL ORDER BY ended_at LIMIT $1",
                 limit,
             )
-        return [str(r["id"]) for r in rows]
+        return [(r["tenant_id"], str(r["id"])) for r in rows]
 
     async def mark_revoked(self, session_ids: Sequence[str], now: float) -> None:
         async with self._acquire() as conn:

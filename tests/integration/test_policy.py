@@ -18,6 +18,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from trustplane.audit.v1 import audit_pb2
+from trustplane.auth.v1 import auth_pb2
 from trustplane.crypto.v1 import crypto_pb2
 from trustplane.policy.v1 import policy_pb2 as pb
 from trustplane.policy.v1 import policy_pb2_grpc
@@ -103,6 +104,32 @@ def admin(idp):
 @pytest.fixture
 def member(idp):
     return bearer(idp.token(roles=["member"], sub="mia"))
+
+
+AGENT = "agent-x"
+
+
+def agent_token(idp, agent=AGENT, **claims):
+    """An agent's own credential (a member of the tenant)."""
+    return bearer(idp.token(sub=agent, ptype="agent", **claims))
+
+
+@pytest.fixture
+def agent(idp):
+    return agent_token(idp)
+
+
+async def new_session(running, credentials, labels=()) -> str:
+    """A stored agent session created by `credentials` (an agent: its own session)."""
+    sessions = session_pb2_grpc.SessionServiceStub(running.channel)
+    request = session_pb2.CreateSessionRequest(request_id=str(uuid.uuid4()), labels=list(labels))
+    return str((await sessions.CreateSession(request, metadata=credentials)).session.session_id)
+
+
+async def add_labels(running, credentials, session_id, *labels):
+    sessions = session_pb2_grpc.SessionServiceStub(running.channel)
+    request = session_pb2.AddSessionLabelsRequest(session_id=session_id, labels=list(labels))
+    await sessions.AddSessionLabels(request, metadata=credentials)
 
 
 async def put(running, metadata, source, *, activate=True, **kw):
@@ -278,18 +305,109 @@ async def test_tenant_isolation(server, idp, admin, member):
 # --- Check ----------------------------------------------------------------------------------
 
 
-async def test_session_labels_deny_exfiltration(server, admin, member):
+async def test_session_labels_deny_exfiltration(server, admin, agent):
     await put(server, admin, TOOLS)
-    tainted = pb.SessionContext(id="s1", labels=["untrusted_input", "private_data"])
+    tainted = await new_session(server, agent, ["untrusted_input", "private_data"])
     decisions = await check(
-        server, member, [("tool", "send_email"), ("tool", "search")], session=tainted
+        server,
+        agent,
+        [("tool", "send_email"), ("tool", "search")],
+        session=pb.SessionContext(id=tainted),
     )
     assert [(d.effect, d.rule) for d in decisions] == [
         (DENY, "no-exfiltration"),
         (ALLOW, "members-invoke"),
     ]
-    clean = pb.SessionContext(id="s2", labels=["private_data"])
-    assert (await one(server, member, rid="send_email", session=clean)).effect == ALLOW
+    clean = pb.SessionContext(id=await new_session(server, agent, ["private_data"]))
+    assert (await one(server, agent, rid="send_email", session=clean)).effect == ALLOW
+    # Outside any stored session the call's own labels are all there is.
+    outside = pb.SessionContext(labels=["untrusted_input", "private_data"])
+    assert (await one(server, agent, rid="send_email", session=outside)).effect == DENY
+
+
+async def test_omitting_labels_cannot_bypass_the_exfiltration_rule(server, idp, admin, agent):
+    """The labels are the stored session's: a runtime that names its session but sends no
+    labels (or whose token is bound to the session and names none) is still denied."""
+    await put(server, admin, TOOLS)
+    tainted = await new_session(server, agent, ["private_data"])
+    named = pb.SessionContext(id=tainted)
+    assert (await one(server, agent, rid="send_email", session=named)).effect == ALLOW
+    await add_labels(server, agent, tainted, "untrusted_input")  # e.g. it read a web page
+    decision = await one(server, agent, rid="send_email", session=named)  # no labels sent
+    assert (decision.effect, decision.rule) == (DENY, "no-exfiltration")
+    bound = bearer(
+        idp.token(
+            sub="user-1", roles=["member"], act={"sub": AGENT, "ptype": "agent"}, asid=tainted
+        )
+    )
+    as_user = pb.Principal(id="user-1", roles=["member"])  # the user's side of the chain
+    decision = (await check(server, admin, [("tool", "send_email")], principal=as_user))[0]
+    assert decision.effect == ALLOW  # outside the session, the user may email
+    decision = await one(server, bound, rid="send_email")  # no session named: the bound one
+    assert (decision.effect, decision.rule) == (DENY, "no-exfiltration")
+    # Sent labels only add to the stored ones; sent attributes are refused.
+    added = pb.SessionContext(id=await new_session(server, agent), labels=["untrusted_input"])
+    assert (await one(server, agent, rid="send_email", session=added)).effect == ALLOW
+    added.labels.append("private_data")
+    assert (await one(server, agent, rid="send_email", session=added)).effect == DENY
+    forged = pb.SessionContext(id=tainted, attr=struct(state="ACTIVE"))
+    status = await expect_error(one(server, agent, rid="send_email", session=forged))
+    assert [f for f, _ in status.field_violations] == ["session.attr"]
+
+
+async def test_a_label_added_in_another_process_applies_at_once(start_server, make_config, idp):
+    """Policy reads of a session are cached per process (here for a minute); a change in any
+    process drops them everywhere (pub/sub), so the next Check sees the new label."""
+    config = make_config(TRUSTPLANE_SESSION_POLICY_READ_TTL="60")
+    admin, agent = bearer(idp.token(roles=["admin"])), agent_token(idp)
+    async with start_server(config) as first, start_server(config) as second:
+        await put(first, admin, TOOLS)
+        session = pb.SessionContext(id=await new_session(first, agent, ["private_data"]))
+        assert (await one(first, agent, rid="send_email", session=session)).effect == ALLOW
+        await add_labels(second, agent, session.id, "untrusted_input")
+        for _ in range(100):
+            if (await one(first, agent, rid="send_email", session=session)).effect == DENY:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the first process kept its stale read of the session")
+
+
+async def test_a_session_the_caller_takes_no_part_in_is_not_found(server, idp, admin, agent):
+    await put(server, admin, TOOLS)
+    theirs = await new_session(server, agent_token(idp, "agent-y"))
+    for session_id in (theirs, str(uuid.uuid4()), "s-made-up"):
+        status = await expect_error(
+            one(server, agent, rid="search", session=pb.SessionContext(id=session_id))
+        )
+        assert (status.code, status.reason) == (
+            grpc.StatusCode.NOT_FOUND,
+            "POLICY_SESSION_NOT_FOUND",
+        )
+    other_tenant = agent_token(idp, tid=OTHER_TENANT)
+    status = await expect_error(
+        one(server, other_tenant, rid="search", session=pb.SessionContext(id=theirs))
+    )
+    assert status.reason == "POLICY_SESSION_NOT_FOUND"
+    # An administrator deciding for someone else may name any session of the tenant.
+    bot = pb.Principal(id="bot", roles=["agent"], type="agent")
+    decision = (
+        await check(
+            server, admin, [("tool", "search")], principal=bot, session=pb.SessionContext(id=theirs)
+        )
+    )[0]
+    assert decision.effect == ALLOW
+
+
+async def test_nothing_is_allowed_in_an_ended_session(server, admin, agent):
+    await put(server, admin, TOOLS)
+    session_id = await new_session(server, agent)
+    sessions = session_pb2_grpc.SessionServiceStub(server.channel)
+    await sessions.CancelSession(
+        session_pb2.CancelSessionRequest(session_id=session_id), metadata=agent
+    )
+    decision = await one(server, agent, rid="search", session=pb.SessionContext(id=session_id))
+    assert (decision.effect, decision.reason) == (DENY, pb.DECISION_REASON_SESSION_ENDED)
 
 
 async def test_require_approval_says_what_to_ask(server, admin, member):
@@ -357,6 +475,51 @@ async def test_an_approval_token_allows_the_same_call_exactly_once(server, idp, 
     assert (await decide(payment(10, other))).effect == ALLOW
 
 
+PAYMENTS = TOOLS.replace(
+    "quotas:\n",
+    """quotas:
+  - name: one-payment-a-day
+    resource: tool
+    actions: [invoke]
+    condition: resource.id == 'make_payment'
+    limit: 1
+    window_seconds: 86400
+    per: principal
+""",
+)
+
+
+async def test_a_quota_denial_does_not_spend_the_approval_token(server, idp, admin, member):
+    """Quotas are charged before the token is redeemed: a decision the quota stops leaves the
+    token unspent, and a refused token gives the charge back."""
+    await put(server, admin, PAYMENTS)
+    finance = bearer(idp.token(roles=["admin", "finance"], sub="fin-1"))
+
+    async def pay(token=""):
+        return await one(server, member, rid="make_payment", approval_token=token)
+
+    async def used():
+        usage = await stub(server).GetQuotaUsage(
+            pb.GetQuotaUsageRequest(name="one-payment-a-day", subject="mia"), metadata=admin
+        )
+        return usage.usage.used
+
+    digest = (await pay()).approval.call_digest
+    first, second = [await approval_token(server, member, finance, digest) for _ in range(2)]
+    assert (await pay(first)).reason == pb.DECISION_REASON_APPROVED
+    stopped = await pay(second)
+    assert (stopped.effect, stopped.reason) == (DENY, pb.DECISION_REASON_QUOTA_EXCEEDED)
+    await stub(server).ResetQuotaUsage(
+        pb.ResetQuotaUsageRequest(name="one-payment-a-day", subject="mia"), metadata=admin
+    )
+    refused = await pay("tpap_not-a-token")
+    assert (refused.reason, list(refused.quotas)) == (pb.DECISION_REASON_APPROVAL_INVALID, [])
+    assert await used() == 0  # the refused token's charge was given back
+    allowed = await pay(second)  # still unspent
+    assert (allowed.effect, allowed.reason) == (ALLOW, pb.DECISION_REASON_APPROVED)
+    assert await used() == 1
+
+
 async def test_the_call_digest_binds_the_resource_attributes(server, admin, member):
     await put(server, admin, TOOLS)
 
@@ -373,14 +536,162 @@ async def test_the_call_digest_binds_the_resource_attributes(server, admin, memb
     assert await digest(10) != await digest(11)
 
 
-async def test_delegation_is_the_intersection(server, idp, admin):
-    await put(server, admin, TOOLS)
-    direct = bearer(idp.token(roles=["member"], sub="u1"))
-    assert (await one(server, direct)).effect == ALLOW
-    # A delegate's roles are not in the token: the bundle must allow it on its own terms.
-    through_agent = bearer(idp.token(roles=["member"], sub="u1", act={"sub": "agent-7"}))
-    decision = await one(server, through_agent)
-    assert (decision.effect, decision.principal_id) == (DENY, "agent-7")
+INTERSECTION = """
+version: intersection
+resource_policies:
+  - resource: tool
+    rules:
+      - name: analysts-run-reports
+        actions: [invoke]
+        roles: [analyst]
+        effect: ALLOW
+"""
+
+
+async def registered_tenant(running):
+    """A tenant of this server with its owner logged in (agents need a registered owner)."""
+    tenant, _, password = await running.app.auth.bootstrap("acme", "owner@acme.test")
+    login = await running.auth.Login(
+        auth_pb2.LoginRequest(tenant="acme", email="owner@acme.test", password=password)
+    )
+    return tenant, bearer(login.tokens.access_token)
+
+
+async def registered_agent(running, owner, roles, purpose="reports") -> str:
+    request = auth_pb2.CreateAgentRequest(
+        request_id=str(uuid.uuid4()), display_name="helper", purpose=purpose, roles=roles
+    )
+    return str((await running.auth.CreateAgent(request, metadata=owner)).agent.agent_id)
+
+
+def acting_for(idp, tenant, roles, agent_id):
+    """A user's token delegated to `agent_id` (RFC 8693 `act`)."""
+    act = {"sub": agent_id, "ptype": "agent"}
+    return bearer(idp.token(sub="u1", roles=roles, tid=tenant, act=act))
+
+
+async def test_delegation_is_the_intersection(server, idp):
+    """Each principal of the chain is decided with its own roles: the user's from its token,
+    the agent's as the Auth service holds them."""
+    tenant, owner = await registered_tenant(server)
+    await put(server, owner, INTERSECTION)
+    analyst = await registered_agent(server, owner, ["member", "analyst"])
+    plain = await registered_agent(server, owner, ["member"])
+    both = await one(server, acting_for(idp, tenant, ["member", "analyst"], analyst))
+    assert (both.effect, both.rule, both.principal_id) == (ALLOW, "analysts-run-reports", "u1")
+    agent_denied = await one(server, acting_for(idp, tenant, ["member", "analyst"], plain))
+    assert (agent_denied.effect, agent_denied.principal_id) == (DENY, plain)
+    user_denied = await one(server, acting_for(idp, tenant, ["member"], analyst))
+    assert (user_denied.effect, user_denied.principal_id) == (DENY, "u1")
+    # An agent this server does not know (an external issuer's) has no roles here.
+    unknown = await one(server, acting_for(idp, tenant, ["member", "analyst"], "agent-7"))
+    assert (unknown.effect, unknown.principal_id) == (DENY, "agent-7")
+
+
+BY_PURPOSE = """
+version: by-purpose
+derived_roles:
+  report-agent:
+    parent_roles: ["*"]
+    condition: principal.attr.purpose == 'reports'
+resource_policies:
+  - resource: tool
+    rules:
+      - name: report-agents-run-reports
+        actions: [invoke]
+        derived_roles: [report-agent]
+        effect: ALLOW
+  - resource: trustplane.method
+    rules:
+      - name: untrusted-agents-make-no-keys
+        actions: [crypto.keys.create]
+        roles: ["*"]
+        effect: DENY
+        condition: principal.type == 'agent' && principal.attr.purpose == 'untrusted'
+"""
+
+
+async def test_the_callers_own_attributes_are_loaded(server, idp):
+    """A self-check (and the authorize layer) sees the caller's stored attributes, so rules on
+    `principal.attr` decide instead of failing closed on a missing attribute."""
+    tenant, owner = await registered_tenant(server)
+    await put(server, owner, BY_PURPOSE)
+    reporter = await registered_agent(server, owner, ["member"], purpose="reports")
+    other = await registered_agent(server, owner, ["member"], purpose="untrusted")
+
+    def own(agent_id):
+        return bearer(idp.token(sub=agent_id, ptype="agent", tid=tenant))
+
+    decision = await one(server, own(reporter), rid="report")
+    assert (decision.effect, decision.rule) == (ALLOW, "report-agents-run-reports")
+    decision = await one(server, own(other), rid="report")
+    assert (decision.effect, decision.reason) == (DENY, pb.DECISION_REASON_NO_MATCHING_RULE)
+    await create_key(server, own(reporter), "reports-key")  # the condition is false, not an error
+    status = await expect_error(create_key(server, own(other), "untrusted-key"))
+    assert "untrusted-agents-make-no-keys" in status.message
+
+
+async def test_principal_lookups_are_shared_and_cached(server, idp, monkeypatch):
+    """The roles of a call's principals are one store read for the calls that miss together,
+    then reused (here for the default 1 s)."""
+    tenant, owner = await registered_tenant(server)
+    agent_id = await registered_agent(server, owner, ["member"])
+    directory = server.app._principals
+    reads = []
+    real = directory._store.principals
+
+    async def counted(tenant_id, ids):
+        reads.append(tuple(ids))
+        return await real(tenant_id, ids)
+
+    monkeypatch.setattr(directory._store, "principals", counted)
+    found = await asyncio.gather(
+        *(directory.principals(tenant, [agent_id, "agent-7"]) for _ in range(16))
+    )
+    assert reads == [(agent_id, "agent-7")]
+    assert {tuple(f) for f in found} == {(agent_id,)}  # the unknown id is absent
+    assert found[0][agent_id].roles == frozenset({"member"})
+    await directory.principals(tenant, ["agent-7", agent_id])
+    assert len(reads) == 1
+
+
+async def test_suite_methods_are_the_intersection_and_obey_the_kill_switch(start_server, idp):
+    async with start_server(TRUSTPLANE_POLICY_PRINCIPAL_CACHE_TTL="0") as server:
+        tenant, owner = await registered_tenant(server)
+        reader = await registered_agent(server, owner, ["viewer"])
+        writer = await registered_agent(server, owner, ["member"])
+        via_reader = acting_for(idp, tenant, ["member"], reader)
+        via_writer = acting_for(idp, tenant, ["member"], writer)
+        await create_key(server, via_writer, "by-the-writer")
+        status = await expect_error(create_key(server, via_reader, "by-the-reader"))
+        assert (status.code, status.metadata) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            {"permission": "crypto.keys.create"},
+        )
+        assert reader in status.message
+        await server.crypto.GetKey(
+            crypto_pb2.GetKeyRequest(name="by-the-writer"), metadata=via_reader
+        )
+        status = await expect_error(one(server, via_reader))  # not even Check (a member's)
+        assert reader in status.message
+        # Check on trustplane.method agrees (asked by an administrator, for that chain).
+        user = pb.Principal(id="u1", roles=["member"], type="user")
+        chain = [pb.Principal(id=reader, roles=["viewer"], type="agent")]
+        admin = bearer(idp.token(sub="ada", roles=["admin"], tid=tenant))
+        resource = [("trustplane.method", "")]
+        asked = await check(
+            server, admin, resource, ["crypto.keys.create"], principal=user, delegates=chain
+        )
+        assert (asked[0].effect, asked[0].principal_id) == (DENY, reader)
+        await server.auth.SetAgentDisabled(
+            auth_pb2.SetAgentDisabledRequest(agent_id=writer, disabled=True), metadata=owner
+        )
+        status = await expect_error(
+            server.crypto.GetKey(
+                crypto_pb2.GetKeyRequest(name="by-the-writer"), metadata=via_writer
+            )
+        )
+        assert status.code is grpc.StatusCode.PERMISSION_DENIED and "disabled" in status.message
 
 
 async def test_checking_others_needs_a_permission(server, admin, member):
@@ -423,8 +734,9 @@ async def test_fifty_concurrent_checks_never_exceed_the_quota(start_server, idp,
     async with start_server(**overrides) as running:
         admin = bearer(idp.token(roles=["admin"]))
         await put(running, admin, TOOLS)
-        session = pb.SessionContext(id="s-busy")
-        tokens = [bearer(idp.token(roles=["member"], sub=f"u{i % 5}")) for i in range(50)]
+        busy = await new_session(running, agent_token(idp))
+        session = pb.SessionContext(id=busy)
+        tokens = [agent_token(idp, jti=uuid.uuid4().hex) for _ in range(50)]
         results = await asyncio.gather(
             *(one(running, t, rid="shell", session=session) for t in tokens)
         )
@@ -436,74 +748,110 @@ async def test_fifty_concurrent_checks_never_exceed_the_quota(start_server, idp,
             (pb.DECISION_REASON_QUOTA_EXCEEDED, "shell-per-session")
         }
         assert all(d.quotas[0].exceeded and d.quotas[0].reset_time.seconds for d in refused)
-        # Another session has its own budget; tools without the quota are not counted.
-        assert (
-            await one(running, tokens[0], rid="shell", session=pb.SessionContext(id="s2"))
-        ).effect == ALLOW
+        # Another session has its own budget.
+        other = pb.SessionContext(id=await new_session(running, tokens[0]))
+        assert (await one(running, tokens[0], rid="shell", session=other)).effect == ALLOW
         usage = await stub(running).GetQuotaUsage(
-            pb.GetQuotaUsageRequest(name="shell-per-session", subject="s-busy"), metadata=admin
+            pb.GetQuotaUsageRequest(name="shell-per-session", subject=busy), metadata=admin
         )
         assert (usage.usage.used, usage.usage.remaining, usage.usage.limit) == (10, 0, 10)
 
 
-async def test_a_retried_check_is_charged_once(server, admin, member):
+async def test_a_retried_check_is_charged_once(server, admin, agent):
     await put(server, admin, TOOLS)
-    session = pb.SessionContext(id="s-retry")
+    session_id = await new_session(server, agent)
+    session = pb.SessionContext(id=session_id)
     request_id = str(uuid.uuid4())
-    first = await one(server, member, rid="shell", session=session, request_id=request_id)
-    retry = await one(server, member, rid="shell", session=session, request_id=request_id)
+    first = await one(server, agent, rid="shell", session=session, request_id=request_id)
+    retry = await one(server, agent, rid="shell", session=session, request_id=request_id)
     assert first.effect == retry.effect == ALLOW
     assert first.quotas[0].remaining == retry.quotas[0].remaining == 9
-    other = await one(server, member, rid="shell", session=session, request_id=str(uuid.uuid4()))
+    other = await one(server, agent, rid="shell", session=session, request_id=str(uuid.uuid4()))
     assert other.quotas[0].remaining == 8
     usage = await stub(server).GetQuotaUsage(
-        pb.GetQuotaUsageRequest(name="shell-per-session", subject="s-retry"), metadata=admin
+        pb.GetQuotaUsageRequest(name="shell-per-session", subject=session_id), metadata=admin
     )
     assert usage.usage.used == 2
 
 
-async def test_a_retry_is_charged_once_even_without_its_replay_copy(server, admin):
+async def test_a_per_session_quota_cannot_be_escaped_by_naming_another_session(
+    server, idp, admin, agent
+):
+    await put(server, admin, TOOLS)
+    mine = await new_session(server, agent)
+    for _ in range(10):
+        assert (
+            await one(server, agent, rid="shell", session=pb.SessionContext(id=mine))
+        ).effect == ALLOW
+    spent = await one(server, agent, rid="shell", session=pb.SessionContext(id=mine))
+    assert (spent.effect, spent.reason) == (DENY, pb.DECISION_REASON_QUOTA_EXCEEDED)
+    theirs = await new_session(server, agent_token(idp, "agent-y"))
+    for elsewhere in (theirs, str(uuid.uuid4()), "s-fresh-counter"):
+        status = await expect_error(
+            one(server, agent, rid="shell", session=pb.SessionContext(id=elsewhere))
+        )
+        assert status.reason == "POLICY_SESSION_NOT_FOUND"
+    # A token bound to the session cannot name another one, and naming none is its own.
+    bound = agent_token(idp, asid=mine)
+    status = await expect_error(
+        one(server, bound, rid="shell", session=pb.SessionContext(id=theirs))
+    )
+    assert (status.code, status.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "POLICY_SESSION_MISMATCH",
+    )
+    assert (await one(server, bound, rid="shell")).reason == pb.DECISION_REASON_QUOTA_EXCEEDED
+    usage = await stub(server).GetQuotaUsage(
+        pb.GetQuotaUsageRequest(name="shell-per-session", subject=theirs), metadata=admin
+    )
+    assert usage.usage.used == 0  # nothing was charged to the session it named
+
+
+async def test_a_retry_is_charged_once_even_without_its_replay_copy(server, idp, admin):
     """The idempotency layer's replay copy is lost (a crash between the charge and the cache
     write, or the record expired): the per-decision receipt still prevents a second charge."""
     await put(server, admin, TOOLS)
+    agent = agent_token(idp)
     request = pb.CheckRequest(
         resources=[pb.Resource(kind="tool", id="shell")],
         actions=["invoke"],
-        session=pb.SessionContext(id="s-crash"),
+        session=pb.SessionContext(id=await new_session(server, agent)),
         request_id=str(uuid.uuid4()),
     )
-    first = (await stub(server).Check(request, metadata=admin)).decisions[0]
-    actor = ActorContext(TENANT, "user-1", PrincipalType.USER, AuthMethod.JWT)
+    first = (await stub(server).Check(request, metadata=agent)).decisions[0]
+    actor = ActorContext(TENANT, AGENT, PrincipalType.AGENT, AuthMethod.JWT)
     spec = spec_from_descriptor(
         pb.DESCRIPTOR.services_by_name["PolicyService"].methods_by_name["Check"]
     )
     assert await server.app.cache.delete(scope_key(actor, spec, request.request_id))
-    call = stub(server).Check(request, metadata=admin)
+    call = stub(server).Check(request, metadata=agent)
     again = (await call).decisions[0]
     assert dict(await call.initial_metadata()).get("idempotency-replayed") is None
     assert again.decision_id != first.decision_id  # decided again ...
     assert again.quotas[0].remaining == first.quotas[0].remaining == 9  # ... charged once
 
 
-async def test_quota_usage_list_and_reset(server, admin, member):
+async def test_quota_usage_list_and_reset(server, admin, member, agent):
     await put(server, admin, TOOLS)
-    session = pb.SessionContext(id="s-r")
+    session_id = await new_session(server, agent)
+    session = pb.SessionContext(id=session_id)
     for _ in range(3):
-        await one(server, member, rid="shell", session=session)
+        await one(server, agent, rid="shell", session=session)
     listed = await stub(server).ListQuotaUsage(
-        pb.ListQuotaUsageRequest(subject="s-r"), metadata=admin
+        pb.ListQuotaUsageRequest(subject=session_id), metadata=admin
     )
     assert [(u.name, u.used, u.scope) for u in listed.usages] == [
         ("shell-per-session", 3, pb.QUOTA_SCOPE_SESSION)
     ]
     status = await expect_error(
         stub(server).ResetQuotaUsage(
-            pb.ResetQuotaUsageRequest(name="shell-per-session", subject="s-r"), metadata=member
+            pb.ResetQuotaUsageRequest(name="shell-per-session", subject=session_id),
+            metadata=member,
         )
     )
     assert status.code is grpc.StatusCode.PERMISSION_DENIED
     reset = await stub(server).ResetQuotaUsage(
-        pb.ResetQuotaUsageRequest(name="shell-per-session", subject="s-r"), metadata=admin
+        pb.ResetQuotaUsageRequest(name="shell-per-session", subject=session_id), metadata=admin
     )
     assert (reset.usage.used, reset.usage.remaining) == (0, 10)
     status = await expect_error(
@@ -675,6 +1023,68 @@ async def test_decisions_are_in_the_checks_audit_entry(server, idp, admin, membe
     assert recorded[1][5:] == ["tool/make_payment", "invoke"]
 
 
+async def entry_of(server, idp, method, count=1):
+    """The newest audit entry of one PolicyService method, once there are `count` (a refused
+    call's status can reach the client before its entry is committed)."""
+    for _ in range(100):
+        await server.app.audit.flush()
+        listed = await server.audit.ListEntries(
+            audit_pb2.ListEntriesRequest(method=f"/trustplane.policy.v1.PolicyService/{method}"),
+            metadata=bearer(idp.token(roles=["viewer"])),
+        )
+        if len(listed.entries) >= count:
+            return listed.entries[-1]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {count} {method} entries")
+
+
+async def test_explain_filter_and_authorization_decisions_are_audited(server, idp, admin, member):
+    bundle = await put(server, admin, TOOLS)
+    explained = await stub(server).Explain(
+        pb.ExplainRequest(resource=pb.Resource(kind="tool", id="search"), action="invoke"),
+        metadata=admin,
+    )
+    recorded = (await entry_of(server, idp, "Explain")).attributes["decision.0"].split(" ")
+    assert recorded == [
+        explained.decision.decision_id,
+        "ALLOW",
+        "ALLOWED",
+        "members-invoke",
+        bundle.version_id[:16],
+        "tool/search",
+        "invoke",
+    ]
+    names = ["a", "send_email", "b"]
+    request = pb.FilterRequest(
+        action="invoke",
+        candidates=[pb.Resource(kind="tool", id=n) for n in names],
+        session=pb.SessionContext(labels=["untrusted_input", "private_data"]),
+        page_size=1,
+    )
+    page = await stub(server).Filter(request, metadata=member)
+    request.page_token = page.next_page_token
+    second = await stub(server).Filter(request, metadata=member)
+    assert page.decision_id and second.decision_id != page.decision_id
+    attributes = (await entry_of(server, idp, "Filter")).attributes
+    assert attributes["filter"].split(" ") == [
+        second.decision_id,
+        bundle.version_id[:16],
+        "invoke",
+        "from=1",
+        "evaluated=2",
+    ]
+    assert attributes["filter.allowed"] == "2"  # send_email (1) was denied
+    # The authorize layer records its decision on every call's permission, allowed or not.
+    allowed = (await entry_of(server, idp, "Filter")).attributes["authorization"].split(" ")
+    assert allowed[1:4] == ["ALLOW", "ALLOWED", "-"] and len(allowed[0]) == 32
+    assert allowed[5:] == ["trustplane.method/policy.decisions.check", "policy.decisions.check"]
+    await expect_error(put(server, member, TOOLS))
+    refused = await entry_of(server, idp, "PutBundle", count=2)
+    denied = refused.attributes["authorization"].split(" ")
+    assert denied[1:4] == ["DENY", "NO_MATCHING_RULE", "-"]
+    assert denied[6] == "policy.bundles.manage" and denied[0] != allowed[0]
+
+
 async def test_a_locked_out_tenant_can_still_repair_its_bundle(server, idp, admin):
     lockout = """
 version: lockout
@@ -765,8 +1175,8 @@ async def test_a_quota_holds_across_processes(start_server, make_config, idp):
     admin = bearer(idp.token(roles=["admin"]))
     async with start_server(config) as first, start_server(config) as second:
         await put(first, admin, TOOLS)
-        session = pb.SessionContext(id="s-shared")
-        tokens = [bearer(idp.token(roles=["member"], sub=f"u{i}")) for i in range(50)]
+        session = pb.SessionContext(id=await new_session(first, agent_token(idp)))
+        tokens = [agent_token(idp, jti=uuid.uuid4().hex) for _ in range(50)]
         servers = [first, second]
         results = await asyncio.gather(
             *(one(servers[i % 2], t, rid="shell", session=session) for i, t in enumerate(tokens))

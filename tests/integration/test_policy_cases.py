@@ -50,10 +50,11 @@ def check_request(case: dict[str, Any]) -> pb.CheckRequest:
             )
         ],
         actions=[case["action"]],
+        # Session ids name stored sessions on the wire: the cases' sessions are sent as the
+        # labels and attributes of a call outside any stored session (the same engine input
+        # but for `session.id`, which no case reads).
         session=pb.SessionContext(
-            id=session.get("id", ""),
-            labels=session.get("labels", []),
-            attr=struct(session.get("attr")),
+            labels=session.get("labels", []), attr=struct(session.get("attr"))
         ),
         context=struct(case.get("context")),
     )

@@ -4,6 +4,7 @@ delegated tokens dying with their session, watchers, tasks, tenant isolation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -18,9 +19,10 @@ from trustplane.auth.v1 import auth_pb2
 from trustplane.session.v1 import session_pb2 as pb
 from trustplane.session.v1 import session_pb2_grpc
 
+from tests.support import services
 from tests.support.process import ROOT, server_env
 from tests.support.status import expect_error
-from tests.support.tokens import OTHER_TENANT, bearer
+from tests.support.tokens import OTHER_TENANT, TENANT, bearer
 
 AGENT = "agent-7"
 S = pb.SessionState
@@ -112,6 +114,83 @@ PATHS = {
 }
 
 
+async def session_events(server, idp, session_id):
+    """The server's own audit entries (kind event) about one session, oldest first."""
+    await server.app.audit.flush()
+    listed = await server.audit.ListEntries(
+        audit_pb2.ListEntriesRequest(kind=audit_pb2.ENTRY_KIND_EVENT, session_id=session_id),
+        metadata=bearer(idp.token(roles=["viewer"])),
+    )
+    return list(listed.entries)
+
+
+async def test_policy_reads_of_a_session_share_one_query_until_it_changes(server, idp, monkeypatch):
+    """What PolicyService reads of a session (SessionManager.session_for_policy): concurrent
+    misses share one PostgreSQL read, the result is reused, and a change drops it at once."""
+    svc, me = stub(server), agent_token(idp)
+    created = await create(svc, me, labels=["private_data"])
+    sessions = server.app.sessions
+    reads = []
+    real = sessions._store.session
+
+    async def counted(tenant_id, session_id):
+        reads.append(session_id)
+        return await real(tenant_id, session_id)
+
+    monkeypatch.setattr(sessions._store, "session", counted)
+    found = await asyncio.gather(
+        *(sessions.session_for_policy(TENANT, created.session_id) for _ in range(32))
+    )
+    assert {f.labels for f in found} == {("private_data",)} and len(reads) == 1
+    assert (await sessions.session_for_policy(TENANT, created.session_id)) is not None
+    assert len(reads) == 1  # reused
+    assert await sessions.session_for_policy(OTHER_TENANT, created.session_id) is None
+    await svc.AddSessionLabels(
+        pb.AddSessionLabelsRequest(session_id=created.session_id, labels=["untrusted_input"]),
+        metadata=me,
+    )
+    again = await sessions.session_for_policy(TENANT, created.session_id)
+    assert again.labels == ("private_data", "untrusted_input")
+
+
+async def test_expiry_and_revocation_are_security_audit_entries(start_server, idp):
+    """Expiry is a transition no caller makes: the server records it, lazily on read (queued)
+    and by the sweeper (committed before the sweep goes on), with the revocation of the
+    session's delegated tokens it triggers."""
+    now = [time.time()]
+    async with start_server(clock=lambda: now[0]) as server:
+        svc, me = stub(server), agent_token(idp)
+        lazy = await create(svc, me, ttl=seconds(60))
+        swept = await create(svc, me, ttl=seconds(60))
+        await svc.StartSession(pb.StartSessionRequest(session_id=swept.session_id), metadata=me)
+        cancelled = await create(svc, me)
+        now[0] += 61
+        assert (await get(svc, me, lazy.session_id)).state == S.SESSION_STATE_EXPIRED
+        await server.app.sessions.sweep()
+        await svc.CancelSession(
+            pb.CancelSessionRequest(session_id=cancelled.session_id), metadata=me
+        )
+        for session, trigger in ((lazy, "read"), (swept, "sweep")):
+            events = await session_events(server, idp, session.session_id)
+            assert [e.event_type for e in events] == ["session.expired", "session.tokens_revoked"]
+            expired, revoked = events
+            assert (expired.audit_class, expired.code, expired.method) == ("security", "OK", "")
+            assert (expired.subject, expired.resource) == ("", session.session_id)
+            assert dict(expired.attributes) == {
+                "trigger": trigger,
+                "agent_id": AGENT,
+                "state": "EXPIRED",
+            }
+            assert revoked.audit_class == "security"
+            assert dict(revoked.attributes) == {"state": "EXPIRED", "deferred": "false"}
+        # An explicit transition is its call's own entry; the revocation it causes is recorded.
+        (revoked,) = await session_events(server, idp, cancelled.session_id)
+        assert (revoked.event_type, revoked.attributes["state"]) == (
+            "session.tokens_revoked",
+            "CANCELLED",
+        )
+
+
 async def test_every_transition_from_every_state(start_server, idp):
     now = [time.time()]
     async with start_server(clock=lambda: now[0]) as server:
@@ -166,9 +245,14 @@ async def test_transitions_are_security_audit_entries_naming_the_session(server,
     )
     await expect_error(refused)
     owner = bearer(idp.token(roles=["owner"]))
-    listed = await server.audit.ListEntries(
-        audit_pb2.ListEntriesRequest(resource=session.session_id), metadata=owner
-    )
+    for _ in range(100):  # a refused call's status can reach us before its entry is committed
+        await server.app.audit.flush()
+        listed = await server.audit.ListEntries(
+            audit_pb2.ListEntriesRequest(resource=session.session_id), metadata=owner
+        )
+        if len(listed.entries) >= 2:
+            break
+        await asyncio.sleep(0.02)
     entries = [(e.method.rsplit("/", 1)[1], e.code) for e in listed.entries]
     assert entries == [("StartSession", "OK"), ("CompleteSession", "ABORTED")]
     assert {e.audit_class for e in listed.entries} == {"security"}
@@ -396,6 +480,24 @@ async def test_list_filters_and_pages(server, idp):
         )
     )
     assert forged.reason == "PAGE_TOKEN_INVALID"
+
+
+async def test_ending_a_session_revokes_only_its_own_tenants_tokens(server, idp):
+    """The deny-list entry of an agent session is per tenant (`rv:asid:<tenant>:<id>`): a token
+    of another tenant carrying the same `asid` names another tenant's session and stays valid."""
+    svc, me = stub(server), agent_token(idp)
+    ended = await create(svc, me)
+
+    def bound(tenant):
+        claims = {"act": {"sub": AGENT, "ptype": "agent"}, "asid": ended.session_id}
+        return bearer(idp.token(sub="user-1", ptype="user", tid=tenant, **claims))
+
+    ours, theirs = bound(TENANT), bound(OTHER_TENANT)
+    await svc.CancelSession(pb.CancelSessionRequest(session_id=ended.session_id), metadata=me)
+    revoked = await expect_error(get(svc, ours, ended.session_id))
+    assert (revoked.code, revoked.reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+    elsewhere = await expect_error(get(svc, theirs, ended.session_id))
+    assert (elsewhere.code, elsewhere.reason) == (grpc.StatusCode.NOT_FOUND, "NOT_FOUND")
 
 
 async def test_expiry_lazy_and_by_sweeper_then_purge(start_server, idp, database_url):
@@ -788,6 +890,86 @@ async def test_delegated_token_dies_with_its_agent_session(server):
     await server.auth.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=bearer(key))
     foreign = await expect_error(create(svc, me, agent_id=str(uuid.uuid4())))
     assert foreign.code is grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_session_for_someone_elses_agent_is_refused(server, idp):
+    tenant, _, password = await server.app.auth.bootstrap("acme", "owner@acme.test")
+    login = await server.auth.Login(
+        auth_pb2.LoginRequest(tenant="acme", email="owner@acme.test", password=password)
+    )
+    owner = bearer(login.tokens.access_token)
+    agent = (
+        await server.auth.CreateAgent(
+            auth_pb2.CreateAgentRequest(request_id=str(uuid.uuid4()), display_name="helper"),
+            metadata=owner,
+        )
+    ).agent
+    svc = stub(server)
+    mallory = bearer(idp.token(sub="mallory", roles=["member"], tid=tenant))
+    status = await expect_error(create(svc, mallory, agent_id=agent.agent_id))
+    assert (status.code, status.reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
+    listed = await svc.ListSessions(pb.ListSessionsRequest(), metadata=owner)
+    assert list(listed.sessions) == []  # nothing was created
+    # Its owner may, and so may an admin of the tenant (any agent).
+    assert (await create(svc, owner, agent_id=agent.agent_id)).agent_id == agent.agent_id
+    admin = bearer(idp.token(sub="ada", roles=["admin"], tid=tenant))
+    assert (await create(svc, admin, agent_id=agent.agent_id)).agent_id == agent.agent_id
+
+
+async def test_a_revocation_the_cache_missed_is_written_by_the_sweeper(
+    start_server, idp, database_url
+):
+    """Redis (started by this test) goes away while a session expires: the expiry stands, the
+    revocation is deferred, bound tokens cannot be checked at all meanwhile (fail closed), and
+    once Redis is back the sweeper writes the entry, after which the token is revoked."""
+    port = services.free_port()
+    redis = contextlib.ExitStack()
+    redis.enter_context(services.redis_server(port))
+    now = [time.time()]
+    try:
+        async with start_server(
+            clock=lambda: now[0],
+            REDIS_URL=f"redis://127.0.0.1:{port}/0",
+            TRUSTPLANE_REVOCATION_STALENESS="0",
+        ) as server:
+            svc, me = stub(server), agent_token(idp)
+            session = await create(svc, me, ttl=seconds(60))
+            claims = {"act": {"sub": AGENT, "ptype": "agent"}, "asid": session.session_id}
+            bound = bearer(idp.token(sub="user-1", ptype="user", **claims))
+            assert (await get(svc, bound, session.session_id)).session_id == session.session_id
+            redis.close()  # Redis is gone
+            now[0] += 61
+            await server.app.sessions.sweep()
+            conn = await asyncpg.connect(database_url)
+            try:
+                row = await conn.fetchrow(
+                    "SELECT state, tokens_revoked_at FROM agent_sessions WHERE id = $1",
+                    uuid.UUID(session.session_id),
+                )
+                assert (row["state"], row["tokens_revoked_at"]) == ("EXPIRED", None)
+                down = await expect_error(get(svc, bound, session.session_id))
+                assert down.code is grpc.StatusCode.UNAVAILABLE  # never accepted meanwhile
+                redis.enter_context(services.redis_server(port))  # back, empty
+                await server.app.sessions.sweep()
+                revoked_at = await conn.fetchval(
+                    "SELECT tokens_revoked_at FROM agent_sessions WHERE id = $1",
+                    uuid.UUID(session.session_id),
+                )
+                assert revoked_at is not None
+            finally:
+                await conn.close()
+            status = await expect_error(get(svc, bound, session.session_id))
+            assert (status.code, status.reason) == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "TOKEN_REVOKED",
+            )
+            events = await session_events(server, idp, session.session_id)
+            assert [(e.event_type, dict(e.attributes)) for e in events] == [
+                ("session.expired", {"trigger": "sweep", "agent_id": AGENT, "state": "EXPIRED"}),
+                ("session.tokens_revoked", {"deferred": "true"}),
+            ]
+    finally:
+        redis.close()
 
 
 def _later(seconds_from_now):

@@ -46,13 +46,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """A throwaway `redis-server` on a free port, nothing persisted."""
+def redis_server(port: int | None = None) -> Iterator[str]:
+    """A throwaway `redis-server` on `port` (default: a free one), nothing persisted."""
     binary = shutil.which("redis-server")
     if binary is None:
         unavailable("no TEST_REDIS_URL/REDIS_URL and no redis-server on PATH")
         raise AssertionError("unreachable")
-    port = free_port()
+    port = port or free_port()
     workdir = tempfile.mkdtemp(prefix="tp-redis-")
     proc = subprocess.Popen(
         [

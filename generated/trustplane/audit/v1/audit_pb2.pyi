@@ -37,7 +37,9 @@ class _EntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntryKind.V
     ENTRY_KIND_CALL: _EntryKind.ValueType  # 1
     """A call through the server, recorded by the audit interceptor."""
     ENTRY_KIND_EVENT: _EntryKind.ValueType  # 2
-    """An event appended by an agent runtime through AppendEntries."""
+    """An event appended by an agent runtime through AppendEntries, or one the server records
+    itself (no method, no subject), e.g. `session.expired`.
+    """
     ENTRY_KIND_GAP: _EntryKind.ValueType  # 3
     """A gap marker: the server dropped access entries because its queue was full (only with
     TRUSTPLANE_AUDIT_OVERFLOW=drop); `attributes` says how many and when.
@@ -51,7 +53,9 @@ ENTRY_KIND_UNSPECIFIED: EntryKind.ValueType  # 0
 ENTRY_KIND_CALL: EntryKind.ValueType  # 1
 """A call through the server, recorded by the audit interceptor."""
 ENTRY_KIND_EVENT: EntryKind.ValueType  # 2
-"""An event appended by an agent runtime through AppendEntries."""
+"""An event appended by an agent runtime through AppendEntries, or one the server records
+itself (no method, no subject), e.g. `session.expired`.
+"""
 ENTRY_KIND_GAP: EntryKind.ValueType  # 3
 """A gap marker: the server dropped access entries because its queue was full (only with
 TRUSTPLANE_AUDIT_OVERFLOW=drop); `attributes` says how many and when.
@@ -172,8 +176,9 @@ class AuditEntry(_message.Message):
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """For events: the runtime's free-form attributes. For calls: facts the handler recorded, e.g.
-        PolicyService/Check's decisions (`decision.<n>`: id, effect, reason, rule, version, resource,
-        action).
+        PolicyService/Check's and Explain's decisions (`decision.<n>`: id, effect, reason, rule,
+        version, resource, action) or Filter's (`filter`, `filter.allowed`), and the authorize
+        layer's decision on the method's permission (`authorization`, the same fields).
         """
 
     def __init__(

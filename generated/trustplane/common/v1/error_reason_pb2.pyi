@@ -195,6 +195,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_POLICY_QUOTA_NOT_FOUND: _ErrorReason.ValueType  # 804
     """The quota named is not defined by the tenant's active policy bundle."""
+    ERROR_REASON_POLICY_SESSION_NOT_FOUND: _ErrorReason.ValueType  # 820
+    """A Check, Explain or Filter named an agent session that does not exist in the caller's
+    tenant or that the caller takes no part in (not its agent, user or creator); the two are
+    indistinguishable. Nothing was decided or consumed.
+    """
+    ERROR_REASON_POLICY_SESSION_MISMATCH: _ErrorReason.ValueType  # 821
+    """The caller's credential is bound to an agent session (its `asid` claim) and the request
+    named another one; a session-bound credential is decided in its own session only.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. The server sends it as
@@ -377,4 +386,13 @@ ERROR_REASON_POLICY_CHECK_OTHERS_DENIED: ErrorReason.ValueType  # 803
 """
 ERROR_REASON_POLICY_QUOTA_NOT_FOUND: ErrorReason.ValueType  # 804
 """The quota named is not defined by the tenant's active policy bundle."""
+ERROR_REASON_POLICY_SESSION_NOT_FOUND: ErrorReason.ValueType  # 820
+"""A Check, Explain or Filter named an agent session that does not exist in the caller's
+tenant or that the caller takes no part in (not its agent, user or creator); the two are
+indistinguishable. Nothing was decided or consumed.
+"""
+ERROR_REASON_POLICY_SESSION_MISMATCH: ErrorReason.ValueType  # 821
+"""The caller's credential is bound to an agent session (its `asid` claim) and the request
+named another one; a session-bound credential is decided in its own session only.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -109,6 +109,10 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     """An approval token was presented but this server cannot redeem approval tokens (no
     approval service is configured): fail closed.
     """
+    DECISION_REASON_SESSION_ENDED: _DecisionReason.ValueType  # 10
+    """The agent session the call runs in has ended (completed, failed, cancelled or expired):
+    nothing is allowed in it any more, whatever the rules say.
+    """
 
 class DecisionReason(_DecisionReason, metaclass=_DecisionReasonEnumTypeWrapper):
     """Why a decision says what it says. Caller-safe: names the cause, never internal detail."""
@@ -136,6 +140,10 @@ call, principal or session.
 DECISION_REASON_APPROVAL_UNAVAILABLE: DecisionReason.ValueType  # 9
 """An approval token was presented but this server cannot redeem approval tokens (no
 approval service is configured): fail closed.
+"""
+DECISION_REASON_SESSION_ENDED: DecisionReason.ValueType  # 10
+"""The agent session the call runs in has ended (completed, failed, cancelled or expired):
+nothing is allowed in it any more, whatever the rules say.
 """
 Global___DecisionReason: _TypeAlias = DecisionReason  # noqa: Y015
 
@@ -595,7 +603,10 @@ Global___Resource: _TypeAlias = Resource  # noqa: Y015
 
 @_typing.final
 class SessionContext(_message.Message):
-    """The agent session a call runs in. In CEL: `session.{id, labels, attr}`."""
+    """The agent session a call runs in. In CEL: `session.{id, labels, attr}`. A stored session
+    (named here, or the caller's credential's `asid`) is read from the Session service: its
+    labels and attributes are the server's, the request can only add labels.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -603,14 +614,22 @@ class SessionContext(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     ATTR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """The session id; quotas per session count by it."""
+    """The id of an agent session of the caller's tenant the caller takes part in (its agent,
+    user or creator; with `policy.decisions.check_others`, any of the tenant). Empty: the
+    session the credential is bound to (`asid`), else none. Quotas per session count by it.
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The session's labels, e.g. `untrusted_input`, `private_data`."""
+        """Labels to add to the stored session's labels for this decision (they never remove one),
+        e.g. `untrusted_input`; outside a stored session, the call's only labels.
+        """
 
     @_builtins.property
     def attr(self) -> _struct_pb2.Struct:
-        """Further session attributes (`session.attr`)."""
+        """Session attributes (`session.attr`) for a call outside any stored session. With a stored
+        session they are the server's (state, agent_id, user_id, role, parent_session_id,
+        metadata) and setting this field is INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
@@ -1094,12 +1113,17 @@ class FilterResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     EVALUATED_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty once every candidate has been decided."""
     evaluated: _builtins.int
     """How many candidates this page decided."""
     version_id: _builtins.str
     """The deciding version (empty: the tenant has no active bundle)."""
+    decision_id: _builtins.str
+    """A unique id of this page's decisions, recorded in the call's audit entry with the range
+    of candidates decided and the indexes allowed.
+    """
     @_builtins.property
     def allowed(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterResult]:
         """The allowed candidates of this page, in request order."""
@@ -1111,10 +1135,11 @@ class FilterResponse(_message.Message):
         next_page_token: _builtins.str = ...,
         evaluated: _builtins.int = ...,
         version_id: _builtins.str = ...,
+        decision_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "evaluated", b"evaluated", "next_page_token", b"next_page_token", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "decision_id", b"decision_id", "evaluated", b"evaluated", "next_page_token", b"next_page_token", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -154,10 +154,11 @@ class PolicyServiceServicer:
         Allowed decisions consume the quotas that apply to them, atomically and at most once per
         `request_id`. Deciding for another principal (or with `delegates`) needs
         `policy.decisions.check_others`. Decisions are audited without delaying the answer.
-        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds),
-        INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE, PERMISSION_DENIED /
-        POLICY_CHECK_OTHERS_DENIED, UNAVAILABLE / UNAVAILABLE (the quota store is unreachable
-        while a quota applies: quotas fail closed).
+        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds,
+        `session.attr` with a stored session), INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE,
+        PERMISSION_DENIED / POLICY_CHECK_OTHERS_DENIED, NOT_FOUND / POLICY_SESSION_NOT_FOUND,
+        PERMISSION_DENIED / POLICY_SESSION_MISMATCH, UNAVAILABLE / UNAVAILABLE (the quota store
+        is unreachable while a quota applies: quotas fail closed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,7 +167,8 @@ class PolicyServiceServicer:
     def Explain(self, request, context):
         """Decides one resource x action like Check and returns the evaluation trace (every rule and
         derived role with its outcome, evaluation error text included). Consumes no quota and
-        redeems no approval. For administrators: the trace reveals the policy's structure.
+        redeems no approval. For administrators: the trace reveals the policy's structure. The
+        decision (its id) is recorded in the call's audit entry, as Check's are.
         Errors: as Check.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -177,7 +179,8 @@ class PolicyServiceServicer:
         """Returns the subset of `candidates` the principal may `action` (effect ALLOW only; quotas are
         not consumed), in the order given, a page at a time. Every candidate is decided: a page
         ends early only at `page_size` allowed results, and `next_page_token` continues after the
-        last candidate evaluated, so nothing is silently dropped.
+        last candidate evaluated, so nothing is silently dropped. The page's decisions are
+        recorded in the call's audit entry under `decision_id`.
         Errors: as Check; INVALID_ARGUMENT / PAGE_TOKEN_INVALID (a token from another query).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -75,22 +75,25 @@ class PolicyServiceStub:
     Allowed decisions consume the quotas that apply to them, atomically and at most once per
     `request_id`. Deciding for another principal (or with `delegates`) needs
     `policy.decisions.check_others`. Decisions are audited without delaying the answer.
-    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds),
-    INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE, PERMISSION_DENIED /
-    POLICY_CHECK_OTHERS_DENIED, UNAVAILABLE / UNAVAILABLE (the quota store is unreachable
-    while a quota applies: quotas fail closed).
+    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds,
+    `session.attr` with a stored session), INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE,
+    PERMISSION_DENIED / POLICY_CHECK_OTHERS_DENIED, NOT_FOUND / POLICY_SESSION_NOT_FOUND,
+    PERMISSION_DENIED / POLICY_SESSION_MISMATCH, UNAVAILABLE / UNAVAILABLE (the quota store
+    is unreachable while a quota applies: quotas fail closed).
     """
     Explain: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ExplainRequest, _policy_pb2.ExplainResponse]
     """Decides one resource x action like Check and returns the evaluation trace (every rule and
     derived role with its outcome, evaluation error text included). Consumes no quota and
-    redeems no approval. For administrators: the trace reveals the policy's structure.
+    redeems no approval. For administrators: the trace reveals the policy's structure. The
+    decision (its id) is recorded in the call's audit entry, as Check's are.
     Errors: as Check.
     """
     Filter: _grpc.UnaryUnaryMultiCallable[_policy_pb2.FilterRequest, _policy_pb2.FilterResponse]
     """Returns the subset of `candidates` the principal may `action` (effect ALLOW only; quotas are
     not consumed), in the order given, a page at a time. Every candidate is decided: a page
     ends early only at `page_size` allowed results, and `next_page_token` continues after the
-    last candidate evaluated, so nothing is silently dropped.
+    last candidate evaluated, so nothing is silently dropped. The page's decisions are
+    recorded in the call's audit entry under `decision_id`.
     Errors: as Check; INVALID_ARGUMENT / PAGE_TOKEN_INVALID (a token from another query).
     """
     GetQuotaUsage: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetQuotaUsageRequest, _policy_pb2.GetQuotaUsageResponse]
@@ -148,22 +151,25 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     Allowed decisions consume the quotas that apply to them, atomically and at most once per
     `request_id`. Deciding for another principal (or with `delegates`) needs
     `policy.decisions.check_others`. Decisions are audited without delaying the answer.
-    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds),
-    INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE, PERMISSION_DENIED /
-    POLICY_CHECK_OTHERS_DENIED, UNAVAILABLE / UNAVAILABLE (the quota store is unreachable
-    while a quota applies: quotas fail closed).
+    Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds,
+    `session.attr` with a stored session), INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE,
+    PERMISSION_DENIED / POLICY_CHECK_OTHERS_DENIED, NOT_FOUND / POLICY_SESSION_NOT_FOUND,
+    PERMISSION_DENIED / POLICY_SESSION_MISMATCH, UNAVAILABLE / UNAVAILABLE (the quota store
+    is unreachable while a quota applies: quotas fail closed).
     """
     Explain: _aio.UnaryUnaryMultiCallable[_policy_pb2.ExplainRequest, _policy_pb2.ExplainResponse]  # type: ignore[assignment]
     """Decides one resource x action like Check and returns the evaluation trace (every rule and
     derived role with its outcome, evaluation error text included). Consumes no quota and
-    redeems no approval. For administrators: the trace reveals the policy's structure.
+    redeems no approval. For administrators: the trace reveals the policy's structure. The
+    decision (its id) is recorded in the call's audit entry, as Check's are.
     Errors: as Check.
     """
     Filter: _aio.UnaryUnaryMultiCallable[_policy_pb2.FilterRequest, _policy_pb2.FilterResponse]  # type: ignore[assignment]
     """Returns the subset of `candidates` the principal may `action` (effect ALLOW only; quotas are
     not consumed), in the order given, a page at a time. Every candidate is decided: a page
     ends early only at `page_size` allowed results, and `next_page_token` continues after the
-    last candidate evaluated, so nothing is silently dropped.
+    last candidate evaluated, so nothing is silently dropped. The page's decisions are
+    recorded in the call's audit entry under `decision_id`.
     Errors: as Check; INVALID_ARGUMENT / PAGE_TOKEN_INVALID (a token from another query).
     """
     GetQuotaUsage: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetQuotaUsageRequest, _policy_pb2.GetQuotaUsageResponse]  # type: ignore[assignment]
@@ -254,10 +260,11 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         Allowed decisions consume the quotas that apply to them, atomically and at most once per
         `request_id`. Deciding for another principal (or with `delegates`) needs
         `policy.decisions.check_others`. Decisions are audited without delaying the answer.
-        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds),
-        INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE, PERMISSION_DENIED /
-        POLICY_CHECK_OTHERS_DENIED, UNAVAILABLE / UNAVAILABLE (the quota store is unreachable
-        while a quota applies: quotas fail closed).
+        Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (missing resources or actions, bad kinds,
+        `session.attr` with a stored session), INVALID_ARGUMENT / POLICY_REQUEST_TOO_LARGE,
+        PERMISSION_DENIED / POLICY_CHECK_OTHERS_DENIED, NOT_FOUND / POLICY_SESSION_NOT_FOUND,
+        PERMISSION_DENIED / POLICY_SESSION_MISMATCH, UNAVAILABLE / UNAVAILABLE (the quota store
+        is unreachable while a quota applies: quotas fail closed).
         """
 
     @_abc_1.abstractmethod
@@ -268,7 +275,8 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_policy_pb2.ExplainResponse, _abc.Awaitable[_policy_pb2.ExplainResponse]]:
         """Decides one resource x action like Check and returns the evaluation trace (every rule and
         derived role with its outcome, evaluation error text included). Consumes no quota and
-        redeems no approval. For administrators: the trace reveals the policy's structure.
+        redeems no approval. For administrators: the trace reveals the policy's structure. The
+        decision (its id) is recorded in the call's audit entry, as Check's are.
         Errors: as Check.
         """
 
@@ -281,7 +289,8 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns the subset of `candidates` the principal may `action` (effect ALLOW only; quotas are
         not consumed), in the order given, a page at a time. Every candidate is decided: a page
         ends early only at `page_size` allowed results, and `next_page_token` continues after the
-        last candidate evaluated, so nothing is silently dropped.
+        last candidate evaluated, so nothing is silently dropped. The page's decisions are
+        recorded in the call's audit entry under `decision_id`.
         Errors: as Check; INVALID_ARGUMENT / PAGE_TOKEN_INVALID (a token from another query).
         """
 
