@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from typing import Any
 
@@ -686,11 +687,16 @@ async def test_suite_methods_are_the_intersection_and_obey_the_kill_switch(start
         await server.auth.SetAgentDisabled(
             auth_pb2.SetAgentDisabledRequest(agent_id=writer, disabled=True), metadata=owner
         )
-        status = await expect_error(
-            server.crypto.GetKey(
-                crypto_pb2.GetKeyRequest(name="by-the-writer"), metadata=via_writer
-            )
-        )
+        get = crypto_pb2.GetKeyRequest(name="by-the-writer")
+        # Tokens issued up to the kill switch are on the deny-list (the agent is in `act`)...
+        status = await expect_error(server.crypto.GetKey(get, metadata=via_writer))
+        assert (status.code, status.reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+        # ...and one issued later by an outside issuer is refused by authorization, which reads
+        # the delegate's stored disabled flag.
+        later = int(time.time()) + 5
+        act = {"sub": writer, "ptype": "agent"}
+        fresh = bearer(idp.token(sub="u1", roles=["member"], tid=tenant, act=act, iat=later))
+        status = await expect_error(server.crypto.GetKey(get, metadata=fresh))
         assert status.code is grpc.StatusCode.PERMISSION_DENIED and "disabled" in status.message
 
 
