@@ -159,9 +159,10 @@ class SessionConfig:
     approval_default_ttl: float = 900.0  # an approval's TTL when RequestApproval sends none
     approval_max_ttl: float = 86_400.0
     watch_poll: float = 5.0  # watchers re-read PostgreSQL at least this often
-    # Seconds a session read for a policy decision is reused in-process; changes invalidate it
-    # at once (pub/sub), so this only bounds staleness when a message is lost. 0: no cache.
-    policy_read_ttl: float = 1.0
+    # Seconds a session read (GetSession, policy decisions) is reused in-process; changes
+    # invalidate it at once (pub/sub), so this only bounds staleness when a message is lost.
+    # 0: no cache.
+    read_ttl: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ def _session(env: _Env) -> SessionConfig:
             "TRUSTPLANE_APPROVAL_MAX_TTL", "86400", _float_range(1.0, 30 * day)
         ),
         watch_poll=env.get("TRUSTPLANE_SESSION_WATCH_POLL", "5", _float_range(0.05, 60.0)),
-        policy_read_ttl=env.get("TRUSTPLANE_SESSION_POLICY_READ_TTL", "1", _float_range(0.0, 60.0)),
+        read_ttl=env.get("TRUSTPLANE_SESSION_READ_TTL", "1", _float_range(0.0, 60.0)),
     )
     if config.default_ttl > config.max_ttl:
         raise ConfigError("TRUSTPLANE_SESSION_DEFAULT_TTL: must be <= TRUSTPLANE_SESSION_MAX_TTL")

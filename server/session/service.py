@@ -79,10 +79,10 @@ _MAX_METADATA = 16 * 1024
 _MAX_PAYLOAD = 64 * 1024
 _MAX_TEXT = 1024
 _SWEEP_BATCH = 500
-_POLICY_READS_KEPT = 10_000
+_READS_KEPT = 10_000
 CHANGED = "sessions:changed"
 """The cache channel on which every session change is announced (payload: the session id), so
-every process drops its policy read of it."""
+every process drops its shared read of it (GetSession, policy decisions)."""
 T = TypeVar("T")
 
 
@@ -251,10 +251,10 @@ class SessionManager:
         self._page_tokens = page_tokens
         self._clock = clock
         self._closing = asyncio.Event()
-        # session id -> (monotonic expiry, session): policy reads, dropped on every change.
-        self._policy_reads: OrderedDict[str, tuple[float, AgentSession]] = OrderedDict()
+        # session id -> (monotonic expiry, session): shared reads, dropped on every change.
+        self._reads: OrderedDict[str, tuple[float, AgentSession]] = OrderedDict()
         self._forgotten = 0  # bumped by every drop: a read that raced one is not kept
-        self._policy_flights: dict[
+        self._read_flights: dict[
             tuple[str, str], tuple[int, asyncio.Task[AgentSession | None]]
         ] = {}
 
@@ -354,59 +354,72 @@ class SessionManager:
         return parent.id
 
     async def get_session(self, actor: ActorContext, session_id: str) -> AgentSession:
+        """The agent's status check: the shared read (see `_shared_read`), except that a
+        session found past its expiry is expired for real first (lazy expiry, recorded)."""
+        session = await self._shared_read(actor.tenant_id, session_id)
+        if session is None:
+            raise SessionNotFound()
+        if session.state.terminal or session.expires_at > self._clock():
+            return session
         return await self._live_view(actor.tenant_id, session_id)
 
     async def session_for_policy(self, tenant_id: str, session_id: str) -> AgentSession | None:
         """The session a policy decision runs in, as of now (past its expiry it reads as
         EXPIRED; the expiry itself is recorded by the sweeper or the next read, not here), or
-        None. Reused in-process for at most `policy_read_ttl` seconds; every change to the
-        session, in any process, drops the copy (`CHANGED`)."""
+        None."""
+        session = await self._shared_read(tenant_id, session_id)
+        return None if session is None else _as_seen(session, self._clock())
+
+    async def _shared_read(self, tenant_id: str, session_id: str) -> AgentSession | None:
+        """The stored session as GetSession and policy decisions see it, or None. Reused
+        in-process for at most `read_ttl` seconds; every change to the session drops the copy
+        at once in the changing process and, through `CHANGED`, in every other one, so the TTL
+        bounds staleness only when that message is lost."""
         now = time.monotonic()
-        cached = self._policy_reads.get(session_id)
+        cached = self._reads.get(session_id)
         if cached is not None and cached[0] > now and cached[1].tenant_id == tenant_id:
-            self._policy_reads.move_to_end(session_id)
-            return _as_seen(cached[1], self._clock())
+            self._reads.move_to_end(session_id)
+            return cached[1]
         # One read per session at a time: the callers that miss together share it (a read
         # begun before a change is not shared with callers arriving after it).
         key = (tenant_id, session_id)
-        flight = self._policy_flights.get(key)
+        flight = self._read_flights.get(key)
         if flight is None or flight[0] != self._forgotten:
-            task = asyncio.create_task(self._read_for_policy(tenant_id, session_id))
+            task = asyncio.create_task(self._read_shared(tenant_id, session_id))
             flight = (self._forgotten, task)
-            self._policy_flights[key] = flight
+            self._read_flights[key] = flight
             task.add_done_callback(lambda done: self._landed(key, done))
-        session = await asyncio.shield(flight[1])
-        return None if session is None else _as_seen(session, self._clock())
+        return await asyncio.shield(flight[1])
 
-    async def _read_for_policy(self, tenant_id: str, session_id: str) -> AgentSession | None:
+    async def _read_shared(self, tenant_id: str, session_id: str) -> AgentSession | None:
         generation, started = self._forgotten, time.monotonic()
         session = await self._store.session(tenant_id, session_id)
         if session is None:
             return None  # absence is not cached: a session created elsewhere is seen at once
-        if self._config.policy_read_ttl > 0 and generation == self._forgotten:
-            self._policy_reads[session.id] = (started + self._config.policy_read_ttl, session)
-            self._policy_reads.move_to_end(session.id)
-            while len(self._policy_reads) > _POLICY_READS_KEPT:
-                self._policy_reads.popitem(last=False)
+        if self._config.read_ttl > 0 and generation == self._forgotten:
+            self._reads[session.id] = (started + self._config.read_ttl, session)
+            self._reads.move_to_end(session.id)
+            while len(self._reads) > _READS_KEPT:
+                self._reads.popitem(last=False)
         return session
 
     def _landed(self, key: tuple[str, str], task: asyncio.Task[AgentSession | None]) -> None:
-        flight = self._policy_flights.get(key)
+        flight = self._read_flights.get(key)
         if flight is not None and flight[1] is task:
-            del self._policy_flights[key]
+            del self._read_flights[key]
         if not task.cancelled():
             task.exception()  # retrieved: the waiters re-raise it
 
     def forget(self, session_id: str | None = None) -> None:
-        """Drop the policy read of one session (None: of all)."""
+        """Drop the shared read of one session (None: of all)."""
         self._forgotten += 1
         if session_id is None:
-            self._policy_reads.clear()
+            self._reads.clear()
         else:
-            self._policy_reads.pop(session_id, None)
+            self._reads.pop(session_id, None)
 
     async def follow(self) -> None:
-        """Drop policy reads of sessions other processes change; runs until cancelled. A
+        """Drop shared reads of sessions other processes change; runs until cancelled. A
         broken subscription drops everything (messages may have been missed)."""
         while True:
             try:
@@ -703,6 +716,9 @@ class SessionManager:
         cutoff = now - self._config.retention_days * 86_400.0
         purged = await self._store.purge(cutoff, _SWEEP_BATCH)
         if purged:
+            # Gone for good: no shared read of them here may outlive the purge (other
+            # processes keep theirs, long-ended and unchangeable, for at most `read_ttl`).
+            self.forget()
             _log.info("purged ended sessions", extra={"count": purged})
 
     async def _revoke_deferred(self) -> None:

@@ -359,7 +359,7 @@ async def test_omitting_labels_cannot_bypass_the_exfiltration_rule(server, idp, 
 async def test_a_label_added_in_another_process_applies_at_once(start_server, make_config, idp):
     """Policy reads of a session are cached per process (here for a minute); a change in any
     process drops them everywhere (pub/sub), so the next Check sees the new label."""
-    config = make_config(TRUSTPLANE_SESSION_POLICY_READ_TTL="60")
+    config = make_config(TRUSTPLANE_SESSION_READ_TTL="60")
     admin, agent = bearer(idp.token(roles=["admin"])), agent_token(idp)
     async with start_server(config) as first, start_server(config) as second:
         await put(first, admin, TOOLS)

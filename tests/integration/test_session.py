@@ -153,6 +153,47 @@ async def test_policy_reads_of_a_session_share_one_query_until_it_changes(server
     assert again.labels == ("private_data", "untrusted_input")
 
 
+async def test_get_session_is_one_shared_read_until_the_session_changes(server, idp, monkeypatch):
+    """GetSession (the agent's status check) is served from the shared read: repeated calls
+    cost one PostgreSQL read, and a change in this process is seen by the very next call."""
+    svc, me = stub(server), agent_token(idp)
+    created = await create(svc, me)
+    sessions = server.app.sessions
+    reads = []
+    real = sessions._store.session
+
+    async def counted(tenant_id, session_id):
+        reads.append(session_id)
+        return await real(tenant_id, session_id)
+
+    monkeypatch.setattr(sessions._store, "session", counted)
+    for _ in range(5):
+        assert (await get(svc, me, created.session_id)).state == S.SESSION_STATE_PENDING
+    assert reads == [created.session_id]
+    started = (await transitions(svc)["start"](me, created.session_id)).session
+    assert (await get(svc, me, created.session_id)) == started
+    other = await expect_error(get(svc, agent_token(idp, tid=OTHER_TENANT), created.session_id))
+    assert (other.code, other.reason) == (grpc.StatusCode.NOT_FOUND, "NOT_FOUND")
+
+
+async def test_get_session_sees_a_change_made_in_another_process(start_server, make_config, idp):
+    """The shared read is kept here for a minute, yet a transition made through a second
+    server sharing PostgreSQL and Redis reaches GetSession on the first at once (pub/sub)."""
+    config = make_config(TRUSTPLANE_SESSION_READ_TTL="60")
+    me = agent_token(idp)
+    async with start_server(config) as first, start_server(config) as second:
+        created = await create(stub(first), me)
+        assert (await get(stub(first), me, created.session_id)).state == S.SESSION_STATE_PENDING
+        await transitions(stub(second))["start"](me, created.session_id)
+        for _ in range(100):
+            seen = await get(stub(first), me, created.session_id)
+            if seen.state == S.SESSION_STATE_ACTIVE:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("GetSession kept a stale read of a session changed elsewhere")
+
+
 async def test_expiry_and_revocation_are_security_audit_entries(start_server, idp):
     """Expiry is a transition no caller makes: the server records it, lazily on read (queued)
     and by the sweeper (committed before the sweep goes on), with the revocation of the
