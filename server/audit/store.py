@@ -179,19 +179,32 @@ class PgAuditStore:
         return [r["tenant_id"] for r in rows]
 
     async def expire(self, now_ms: int, default_days: int) -> int:
-        """Remove bodies (and personal filter columns) of entries older than their tenant's
-        retention (`audit_settings`, else `default_days`)."""
+        """Retention: remove the bodies (and personal filter columns) at the start of each log
+        that are older than its tenant's retention (`audit_settings`, else `default_days`).
+
+        Only a prefix is ever removed: a log's expiry stops at its first entry still within
+        retention, even if a later entry is older (entries of several processes are not
+        strictly in time order), so bodiless entries always precede every entry with a body.
+        A system-wide background job: it visits every tenant's log."""
         async with self._db.acquire() as conn:
-            status = await conn.execute(
-                "UPDATE audit_entries e SET body = NULL, subject = '', actor = '',"
-                " session_id = '', resource = '', data_subject = ''"
-                " WHERE e.body IS NOT NULL AND e.recorded_at < $1::timestamptz - make_interval("
-                " days => COALESCE((SELECT s.retention_days FROM audit_settings s"
-                " WHERE s.tenant_id = e.tenant_id), $2))",
-                _time(now_ms),
-                default_days,
-            )
-        return int(status.split()[-1])
+            logs = await conn.fetch(_RETENTION, default_days)
+        removed = 0
+        for log in logs:
+            cutoff = _time(now_ms) - dt.timedelta(days=log["days"])
+            removed += await self._expire_log(log["tenant_id"], log["expired"], cutoff)
+        return removed
+
+    async def _expire_log(self, tenant_id: str, start: int, cutoff: dt.datetime) -> int:
+        async with self._db.acquire() as conn:
+            end = await conn.fetchval(_EXPIRY_END, tenant_id, start, cutoff)
+        removed = 0
+        for low in range(start, end, _EXPIRE_CHUNK):
+            high = min(low + _EXPIRE_CHUNK, end)
+            async with self._db.transaction() as conn:
+                status = await conn.execute(_EXPIRE_BODIES, tenant_id, low, high)
+                await conn.execute(_EXPIRED_UP_TO, tenant_id, high)
+            removed += int(status.split()[-1])
+        return removed
 
     # --- data subjects ----------------------------------------------------------------------
 
@@ -275,6 +288,28 @@ class PgAuditStore:
             )
         return Settings(row["retention_days"], row["revision"])
 
+
+_RETENTION = """
+SELECT l.tenant_id, l.expired, COALESCE(s.retention_days, $1) AS days
+FROM audit_logs l LEFT JOIN audit_settings s ON s.tenant_id = l.tenant_id
+"""
+# Where a log's expired prefix ends: its first entry (from `start`, in index order) still within
+# retention, else the end of the log (both read in one snapshot, so an entry appended meanwhile
+# lies beyond it).
+_EXPIRY_END = """
+SELECT COALESCE(
+    (SELECT idx FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 AND recorded_at >= $3
+     ORDER BY idx LIMIT 1),
+    (SELECT max(idx) + 1 FROM audit_entries WHERE tenant_id = $1 AND idx >= $2),
+    $2)
+"""
+_EXPIRE_BODIES = """
+UPDATE audit_entries SET body = NULL, subject = '', actor = '', session_id = '', resource = '',
+    data_subject = ''
+WHERE tenant_id = $1 AND idx >= $2 AND idx < $3 AND body IS NOT NULL
+"""
+_EXPIRED_UP_TO = "UPDATE audit_logs SET expired = GREATEST(expired, $2) WHERE tenant_id = $1"
+_EXPIRE_CHUNK = 10_000
 
 _SUBJECT_REF = (
     "SELECT ref FROM audit_subjects WHERE tenant_id = $1 AND subject_mac = $2 AND erased_at IS NULL"

@@ -10,7 +10,12 @@ rebuild the signed root. Every problem is reported with the index it concerns:
 * a deleted entry leaves its index missing;
 * an inserted entry repeats an index, lies beyond the checkpoint, or fails its proof;
 * reordered entries arrive out of index order (and a body moved to another index names the
-  wrong index).
+  wrong index);
+* a body removed out of turn: retention removes the bodies of the *oldest* entries only, so the
+  entries whose body is gone (null, only their leaf hash left) must come before every entry
+  that still has one. A bodiless entry after a bodied one is reported as tampering: otherwise
+  `UPDATE audit_entries SET body = NULL` on a recent entry would hide what it said. The
+  bodiless prefix is counted in `Report.expired`.
 
 With `trusted` (a checkpoint saved earlier), a complete export must also extend it: same log,
 at least as large, and its first `trusted.size` leaves rebuild the trusted root — a log that
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,6 +60,9 @@ class Report:
 
     checkpoint: merkle.SignedCheckpoint | None = None
     entries: int = 0
+    expired: int = 0  # entries before the first one with a body: bodies removed by retention
+    first_retained: int | None = None  # the index of the first entry that still has its body
+    first_retained_ms: int | None = None  # ... and its time_ms: retention stopped there
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -81,11 +90,13 @@ def verify_export(
         return report
     signed, start, complete = header
     leaves: dict[int, bytes] = {}
+    bodiless: set[int] = set()
     previous = start - 1
     for number, line in enumerate(rows, start=2):
-        index = _entry(line, number, signed, leaves, previous, report)
+        index = _entry(line, number, signed, leaves, bodiless, previous, report)
         previous = max(previous, index if index is not None else previous)
     report.entries = len(leaves)
+    _check_retention_prefix(bodiless, report)
     if complete:
         _check_complete(signed, leaves, report)
         if trusted is not None:
@@ -118,6 +129,7 @@ def _entry(
     number: int,
     signed: merkle.SignedCheckpoint,
     leaves: dict[int, bytes],
+    bodiless: set[int],
     previous: int,
     report: Report,
 ) -> int | None:
@@ -135,8 +147,12 @@ def _entry(
     if index >= cp.size:
         report.add(index, f"beyond the checkpoint's {cp.size} entries (inserted)")
         return index
-    if body is not None:
-        _check_body(body, index, cp.log_id, report)
+    if body is None:
+        bodiless.add(index)
+    else:
+        time_ms = _check_body(body, index, cp.log_id, report)
+        if report.first_retained is None or index < report.first_retained:
+            report.first_retained, report.first_retained_ms = index, time_ms
     if not merkle.verify_inclusion(leaf, index, cp.size, proof, cp.root):
         report.add(index, "does not verify against the signed checkpoint (edited or inserted)")
     leaves[index] = leaf
@@ -157,16 +173,29 @@ def _parse_entry(line: str) -> tuple[int, bytes, list[bytes], str | None]:
     return index, leaf, [_b64(p) for p in proof], body
 
 
-def _check_body(body: str, index: int, log_id: str, report: Report) -> None:
+def _check_body(body: str, index: int, log_id: str, report: Report) -> int | None:
+    """Check what a body says about its place; returns its `time_ms` when it has one."""
     try:
         fields = json.loads(body)
     except ValueError:
         report.add(index, "body is not JSON (edited)")
-        return
+        return None
     if not isinstance(fields, dict) or fields.get("index") != index:
         report.add(index, "body names another index (moved or reordered)")
-    elif fields.get("log") != log_id:
+        return None
+    if fields.get("log") != log_id:
         report.add(index, "body names another log (moved from another tenant)")
+    time_ms = fields.get("time_ms")
+    return time_ms if isinstance(time_ms, int) and not isinstance(time_ms, bool) else None
+
+
+def _check_retention_prefix(bodiless: set[int], report: Report) -> None:
+    """Bodies removed by retention are a prefix: any other missing body was removed by hand."""
+    first = report.first_retained
+    for index in sorted(bodiless):
+        if first is not None and index > first:
+            report.add(index, "body removed out of retention order (edited)")
+    report.expired = sum(1 for i in bodiless if first is None or i < first)
 
 
 def _check_complete(
@@ -246,4 +275,18 @@ def main(export: Path, public_key: Path, checkpoint: Path | None) -> int:
     size = report.checkpoint.checkpoint.size if report.checkpoint else 0
     verdict = "OK" if report.ok else "FAILED"
     print(f"{verdict}: {report.entries} entries checked against a checkpoint of {size}")
+    print(f"expired: {report.expired} entries without a body (removed by retention)", end="")
+    if report.first_retained is None:
+        print("; no entry has its body")
+    else:
+        since = report.first_retained_ms
+        when = "" if since is None else f", recorded {_utc(since)}"
+        print(f"; bodies kept from entry {report.first_retained}{when}")
     return 0 if report.ok else 1
+
+
+def _utc(ms: int) -> str:
+    try:
+        return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"

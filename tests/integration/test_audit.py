@@ -321,7 +321,10 @@ async def test_retention_keeps_proofs_valid(start_server, idp, member):
     async with start_server(clock=lambda: now[0]) as running:
         old = await append(running, member, [event(resource="old")] * 4)
         now[0] = time.time()
-        await append(running, member, [event(resource="new")] * 2)
+        new = await append(running, member, [event(resource="new")] * 2)
+        now[0] = time.time() - 400 * 86_400  # a process whose clock lags appends after them
+        late = await append(running, member, [event(resource="late")] * 2)
+        now[0] = time.time()
         await running.app.audit.flush()
         await running.app.audit.expire()
         owner = bearer(idp.token(roles=["owner"]))
@@ -329,11 +332,21 @@ async def test_retention_keeps_proofs_valid(start_server, idp, member):
             pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT), metadata=owner
         )
         redacted = [e.index for e in listed.entries if not e.body]
+        # Only the start of the log: the late entries keep their bodies until all before
+        # them have expired, so bodiless entries stay a prefix.
         assert redacted == list(old.indexes)
+        assert late.indexes[0] > new.indexes[-1]
         assert all(len(e.leaf_hash) == 32 for e in listed.entries)
         lines = await export(running, owner)
         report = verify_export(lines, await public_key(running, owner))
         assert report.ok, report.problems
+        # The old events and the old AppendEntries call's own entry.
+        assert (report.expired, report.first_retained) == (5, new.indexes[0])
+        await running.app.audit.expire()  # again: nothing more (starts after the prefix)
+        again = await running.audit.ListEntries(
+            pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT), metadata=owner
+        )
+        assert [e.index for e in again.entries if not e.body] == list(old.indexes)
         proof = await running.audit.GetInclusionProof(
             pb.GetInclusionProofRequest(index=old.indexes[0]), metadata=owner
         )

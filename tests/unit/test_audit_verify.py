@@ -45,9 +45,21 @@ def indexes(lines, **kw):
 
 
 def test_a_clean_export_verifies_including_redacted_entries():
-    lines, _ = build(redact={2, 3})
+    lines, _ = build(redact={0, 1, 2})
     found, report = indexes(lines)
     assert found == set() and report.ok and report.entries == 10
+    assert (report.expired, report.first_retained, report.first_retained_ms) == (3, 3, 1)
+
+
+def test_a_body_removed_after_a_kept_one_is_tampering():
+    """Retention removes the oldest bodies only: a hole after a kept body hides an entry."""
+    lines, _ = build(redact={0, 1, 5, 8})
+    found, report = indexes(lines)
+    assert found == {5, 8} and not report.ok
+    assert report.expired == 2 and "out of retention order" in report.problems[0].message
+    everything, _ = build(redact=set(range(10)))
+    found, report = indexes(everything)
+    assert found == set() and report.expired == 10 and report.first_retained is None
 
 
 def test_edited_entry():
