@@ -4,3 +4,9 @@
 -- always a prefix (the offline verifier reports any other bodiless entry as tampering).
 -- `expired` is where that prefix ends: the next retention run starts there.
 ALTER TABLE audit_logs ADD COLUMN expired bigint NOT NULL DEFAULT 0 CHECK (expired >= 0);
+
+-- Idempotent group commits: the first entry of each tenant's part of a batch carries the batch's
+-- random id, so a retry after a commit whose answer was lost finds it instead of appending the
+-- entries twice. Partial: only one entry per batch is indexed.
+ALTER TABLE audit_entries ADD COLUMN batch bytea;
+CREATE UNIQUE INDEX audit_entries_batch ON audit_entries (tenant_id, batch) WHERE batch IS NOT NULL;

@@ -115,6 +115,15 @@ def decode(body: str) -> dict[str, Any]:
     return fields
 
 
+class BatchRejected(Exception):
+    """The database refused a batch for what it holds, not for being unreachable: it was rolled
+    back, and appending it unchanged can never succeed. `cause` names the error class."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"audit batch rejected ({cause})")
+        self.cause = cause
+
+
 @dataclass(frozen=True)
 class StoredEntry:
     """An entry as read back: its index, leaf hash, and body (None after retention)."""

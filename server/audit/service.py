@@ -9,9 +9,16 @@ One writer task per process drains the queue: it takes what is waiting (up to `b
 entries, lingering `linger` seconds for a short batch, or `access_linger` when nobody waits for
 any entry in it) and appends it in one transaction
 (`AuditStore.append`: a per-tenant advisory lock, the entries, the completed Merkle nodes, the
-new size). Then it resolves the waiting callers. A failed batch fails its durable callers with
-AUDIT_UNAVAILABLE and is retried with back-off (its entries are never dropped), so an entry a
-client was told about is never lost, and the queue bound turns a long outage into back-pressure.
+new size). Then it resolves the waiting callers. A batch that fails because the database is
+unreachable fails its durable callers with AUDIT_UNAVAILABLE and is retried with back-off (its
+entries are never dropped), so an entry a client was told about is never lost, and the queue
+bound turns a long outage into back-pressure. A retry is idempotent: the batch carries a random
+id, stored with its first entry under a unique index, and the store checks for it under the log
+lock, so a retry after a commit whose answer was lost (the connection died after COMMIT) finds
+it instead of appending its entries twice. A batch the database *rejects* (`BatchRejected`:
+something in it can never be stored) is split in halves until the rejected items are alone;
+their callers get AUDIT_ENTRY_REJECTED, the entries are counted and a gap entry records them,
+and everything else commits — one poison entry cannot stall the writer for every tenant.
 
 Proofs are read from stored perfect-subtree nodes. The `merkle` functions take a synchronous
 `node(level, index)` reader, and which nodes they read depends only on the sizes and indexes,
@@ -28,6 +35,7 @@ import dataclasses
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +53,7 @@ from server.audit.model import (
     EVENT,
     GAP,
     SECURITY,
+    BatchRejected,
     EntryFilter,
     EventInput,
     Record,
@@ -79,11 +88,19 @@ _EVENT_TYPE = re.compile(r"^[a-z0-9._-]{1,64}$")
 _CODES = {code.name for code in grpc.StatusCode}
 _DUMMY = bytes(merkle.HASH_SIZE)
 _RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
+_QUEUE_FULL = "AUDIT_QUEUE_FULL"  # gap reasons
+_REJECTED = "AUDIT_ENTRY_REJECTED"
 
 
 class AuditUnavailable(Unavailable):
     reason = reasons.ERROR_REASON_AUDIT_UNAVAILABLE
     default_message = "the audit entry could not be committed; retry with the same request id"
+
+
+class AuditEntryRejected(TrustplaneError):
+    code = grpc.StatusCode.INTERNAL
+    reason = reasons.ERROR_REASON_AUDIT_ENTRY_REJECTED
+    default_message = "the audit entry could not be stored; the answer is withheld"
 
 
 class LogInconsistent(TrustplaneError):
@@ -95,7 +112,9 @@ class LogInconsistent(TrustplaneError):
 class AuditStore(Protocol):
     """What AuditLog needs from storage (PgAuditStore)."""
 
-    async def append(self, groups: Mapping[str, Sequence[Record]]) -> dict[str, int]: ...
+    async def append(
+        self, groups: Mapping[str, Sequence[Record]], batch: bytes
+    ) -> dict[str, int]: ...
     async def size(self, tenant_id: str) -> int: ...
     async def nodes(
         self, tenant_id: str, wanted: Collection[tuple[int, int]]
@@ -136,7 +155,7 @@ class _Item:
 
 @dataclass
 class _Drops:
-    """Access entries of one tenant dropped since the last gap entry."""
+    """Entries of one tenant dropped (for one reason) since the last gap entry."""
 
     count: int
     first_ms: int
@@ -181,6 +200,7 @@ class _Metrics:
     waits: prom.Counter = field(init=False)
     failures: prom.Counter = field(init=False)
     dropped: prom.Counter = field(init=False)
+    rejected: prom.Counter = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -208,6 +228,12 @@ class _Metrics:
             "trustplane_audit_dropped_entries",
             "Access entries dropped because the queue was full (TRUSTPLANE_AUDIT_OVERFLOW=drop);"
             " each run of drops leaves a gap entry in the log.",
+            registry=r,
+        )
+        self.rejected = prom.Counter(
+            "trustplane_audit_rejected_entries",
+            "Entries the database refused to store (their callers failed with"
+            " AUDIT_ENTRY_REJECTED); each run leaves a gap entry in the log.",
             registry=r,
         )
 
@@ -314,24 +340,61 @@ class AuditLog:
         return list(range(first, first + count))
 
     async def _write_forever(self) -> None:
-        retry: list[_Item] = []
+        while True:
+            batch = await self._take()
+            await self._settle(batch)
+            for item in batch:
+                if item.queued:
+                    self._queue.task_done()
+
+    async def _settle(self, batch: list[_Item]) -> None:
+        """Commit `batch`, retrying while the database is unavailable (idempotently: every
+        attempt carries the same batch id); a rejected batch is split until what the database
+        refuses is alone, and that is given up (`_reject`)."""
+        batch_id = secrets.token_bytes(16)
         failures = 0
         while True:
-            batch = retry or await self._take()
             try:
-                await self._write(batch)
+                await self._write(batch, batch_id)
+                return
+            except BatchRejected as rejected:
+                self._metrics.failures.inc()
+                if len(batch) == 1:
+                    await self._reject(batch[0], rejected)
+                    return
+                # Rolled back for sure (the database refused it): the halves are new batches.
+                half = len(batch) // 2
+                await self._settle(batch[:half])
+                await self._settle(batch[half:])
+                return
             except Exception:
                 self._metrics.failures.inc()
                 _log.exception("audit commit failed; will retry", extra={"entries": len(batch)})
                 _fail(batch)
-                retry = batch
                 await asyncio.sleep(_RETRY_DELAYS[min(failures, len(_RETRY_DELAYS) - 1)])
                 failures += 1
-                continue
-            retry, failures = [], 0
-            for item in batch:
-                if item.queued:
-                    self._queue.task_done()
+
+    async def _reject(self, item: _Item, rejected: BatchRejected) -> None:
+        """Give up an item the database refuses: its caller gets a typed error, and the entries
+        are counted and leave a gap entry at once (unless the item is itself a gap entry)."""
+        first = item.records[0]
+        _log.error(
+            "audit entries rejected by the database; recorded as a gap",
+            extra={
+                "tenant": first.tenant_id,
+                "method": first.method,
+                "entries": len(item.records),
+                "error": rejected.cause,
+            },
+        )
+        self._metrics.rejected.inc(len(item.records))
+        if item.done is not None and not item.done.done():
+            item.done.set_exception(AuditEntryRejected())
+        if item.queued:
+            times = [record.time_ms for record in item.records]
+            missing = _Drops(len(times), min(times), max(times))
+            gap = self._gap(first.tenant_id, _REJECTED, missing)
+            await self._settle([_Item((gap,), queued=False)])
 
     async def _take(self) -> list[_Item]:
         batch = [await self._queue.get()]
@@ -348,19 +411,20 @@ class AuditLog:
                     await asyncio.wait_for(self._urgent.wait(), linger)
             self._drain(batch, count)
         if self._drops:
-            batch.extend(_Item((self._gap(t, d),), queued=False) for t, d in self._drops.items())
+            gaps = self._drops.items()
+            batch.extend(_Item((self._gap(t, _QUEUE_FULL, d),), queued=False) for t, d in gaps)
             self._drops = {}
         return batch
 
-    def _gap(self, tenant_id: str, drops: _Drops) -> Record:
-        """The entry that says where access entries are missing and how many."""
+    def _gap(self, tenant_id: str, reason: str, drops: _Drops) -> Record:
+        """The entry that says where entries are missing, why and how many."""
         return Record(
             tenant_id=tenant_id,
             kind=GAP,
             time_ms=self.now_ms(),
             method="",
             code="",
-            reason="AUDIT_QUEUE_FULL",
+            reason=reason,
             attributes={
                 "dropped": str(drops.count),
                 "first_dropped_ms": str(drops.first_ms),
@@ -376,7 +440,7 @@ class AuditLog:
             count += len(item.records)
         return count
 
-    async def _write(self, batch: list[_Item]) -> None:
+    async def _write(self, batch: list[_Item], batch_id: bytes) -> None:
         groups: dict[str, list[Record]] = {}
         offsets = []
         for item in batch:
@@ -384,7 +448,7 @@ class AuditLog:
             offsets.append(len(group))
             group.extend(item.records)
         started = time.perf_counter()
-        firsts = await self._store.append(groups)
+        firsts = await self._store.append(groups, batch_id)
         self._metrics.commit.observe(time.perf_counter() - started)
         self._metrics.batch.observe(sum(len(g) for g in groups.values()))
         for item, offset in zip(batch, offsets, strict=True):

@@ -6,6 +6,14 @@ advisory lock on that tenant's log, reads the log's size, assigns the next index
 the entries, every perfect-subtree node they complete (`merkle.completed_nodes`) and the new
 size. The lock makes the writers of all server processes take turns per tenant, so the tree
 is one consistent sequence; it is released by the commit.
+
+Appends are idempotent per batch: the first entry of each tenant's part carries the batch's
+random id (`audit_entries.batch`, unique per tenant), and under the lock the writer first looks
+for it. A retry of a batch whose COMMIT went through although its answer was lost finds it and
+returns its indexes instead of appending the entries again. Errors are sorted here, where the
+driver is known: a batch PostgreSQL refuses for its content (a constraint, a value it cannot
+hold, a value the driver cannot encode) raises `BatchRejected`; everything else (connection
+lost, server shutting down, timeouts) is left to the writer's retry.
 """
 
 from __future__ import annotations
@@ -18,7 +26,15 @@ from typing import Any
 import asyncpg
 
 from server.audit import merkle
-from server.audit.model import EntryFilter, Record, Settings, StoredEntry, encode, log_id
+from server.audit.model import (
+    BatchRejected,
+    EntryFilter,
+    Record,
+    Settings,
+    StoredEntry,
+    encode,
+    log_id,
+)
 from server.db import Database
 
 _LOCK_CLASS = 0x61756474  # "audt": the first key of every audit advisory lock
@@ -28,6 +44,24 @@ _SET_SIZE = """
 INSERT INTO audit_logs (tenant_id, size) VALUES ($1, $2)
 ON CONFLICT (tenant_id) DO UPDATE SET size = EXCLUDED.size, updated_at = now()
 """
+# Read after the lock is held (a statement of its own, so its snapshot sees every commit made
+# before the lock was granted).
+_SIZE_AND_BATCH = """
+SELECT (SELECT size FROM audit_logs WHERE tenant_id = $1),
+       (SELECT idx FROM audit_entries WHERE tenant_id = $1 AND batch = $2)
+"""
+# Failures that say nothing about the batch itself: connection lost, server shutting down or
+# out of resources, a conflict to retry. Any other PostgreSQL error, or a value the driver
+# cannot encode, rejects the batch.
+_TRANSIENT = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.TransactionRollbackError,
+    asyncpg.ObjectNotInPrerequisiteStateError,
+    asyncpg.InternalServerError,
+    asyncpg.PostgresSystemError,
+)
 _NODES = """
 SELECT n.level, n.idx, n.hash FROM audit_nodes n
 JOIN unnest($2::smallint[], $3::bigint[]) AS w(level, idx) ON n.level = w.level AND n.idx = w.idx
@@ -57,23 +91,33 @@ class PgAuditStore:
         # reused when the log still has that size (no other process appended since).
         self._edges: dict[str, tuple[int, dict[tuple[int, int], bytes]]] = {}
 
-    async def append(self, groups: Mapping[str, Sequence[Record]]) -> dict[str, int]:
-        """Append each tenant's records; returns the index of each tenant's first record."""
+    async def append(self, groups: Mapping[str, Sequence[Record]], batch: bytes) -> dict[str, int]:
+        """Append each tenant's records as batch `batch`; returns the index of each tenant's
+        first record. Appending a batch that is already stored returns its indexes."""
         firsts: dict[str, int] = {}
         edges: dict[str, tuple[int, dict[tuple[int, int], bytes]]] = {}
-        async with self._db.transaction() as conn:
-            for tenant_id in sorted(groups):
-                firsts[tenant_id], edges[tenant_id] = await self._append(
-                    conn, tenant_id, groups[tenant_id]
-                )
+        try:
+            async with self._db.transaction() as conn:
+                for tenant_id in sorted(groups):
+                    firsts[tenant_id], edge = await self._append(
+                        conn, tenant_id, groups[tenant_id], batch
+                    )
+                    if edge is not None:
+                        edges[tenant_id] = edge
+        except (asyncpg.PostgresError, ValueError, TypeError) as exc:
+            if isinstance(exc, _TRANSIENT):
+                raise
+            raise BatchRejected(type(exc).__name__) from exc
         self._edges.update(edges)  # only once committed
         return firsts
 
     async def _append(
-        self, conn: asyncpg.Connection, tenant_id: str, records: Sequence[Record]
-    ) -> tuple[int, tuple[int, dict[tuple[int, int], bytes]]]:
+        self, conn: asyncpg.Connection, tenant_id: str, records: Sequence[Record], batch: bytes
+    ) -> tuple[int, tuple[int, dict[tuple[int, int], bytes]] | None]:
         await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_CLASS, tenant_id)
-        size = await conn.fetchval("SELECT size FROM audit_logs WHERE tenant_id = $1", tenant_id)
+        size, stored = await conn.fetchrow(_SIZE_AND_BATCH, tenant_id, batch)
+        if stored is not None:  # committed by an earlier attempt whose answer was lost
+            return int(stored), None
         size = size or 0
         bodies = [encode(record, size + i) for i, record in enumerate(records)]
         cached = self._edges.get(tenant_id)
@@ -85,7 +129,9 @@ class PgAuditStore:
             size, [merkle.leaf_hash(b) for b in bodies], lambda lv, ix: edge[(lv, ix)]
         )
         await conn.copy_records_to_table(
-            "audit_entries", records=_entry_rows(tenant_id, records, size, bodies), columns=_COLUMNS
+            "audit_entries",
+            records=_entry_rows(tenant_id, records, size, bodies, batch),
+            columns=_COLUMNS,
         )
         await conn.copy_records_to_table(
             "audit_nodes",
@@ -339,11 +385,12 @@ _COLUMNS = (
     "resource",
     "data_subject",
     "body",
+    "batch",
 )
 
 
 def _entry_rows(
-    tenant_id: str, records: Sequence[Record], size: int, bodies: Sequence[bytes]
+    tenant_id: str, records: Sequence[Record], size: int, bodies: Sequence[bytes], batch: bytes
 ) -> list[tuple[Any, ...]]:
     return [
         (
@@ -359,6 +406,7 @@ def _entry_rows(
             _column(r.resource),
             r.data_subject,
             body.decode(),
+            batch if i == 0 else None,
         )
         for i, (r, body) in enumerate(zip(records, bodies, strict=True))
     ]

@@ -149,7 +149,7 @@ async def test_security_call_fails_closed_when_the_log_is_down(server, idp, monk
     store = server.app.audit._store
     real = store.append
 
-    async def broken(groups):
+    async def broken(groups, batch):
         raise ConnectionResetError("database gone")
 
     monkeypatch.setattr(store, "append", broken)

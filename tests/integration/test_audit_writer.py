@@ -11,14 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
+from trustplane.audit.v1 import audit_pb2 as pb
 
 from server.audit import merkle
 from server.audit.model import CALL, EntryFilter, Record, decode
 from server.audit.service import AuditUnavailable, LogInconsistent
+from server.audit.verify import verify_export
+from tests.support.pg_proxy import LossyProxy
+from tests.support.status import expect_error, rich
+from tests.support.tokens import OTHER_TENANT, bearer
+from tests.support.tokens import TENANT as TOKEN_TENANT
 
 _LOCK_CLASS = 0x61756474
 TENANT = "t-writer"
@@ -40,7 +48,7 @@ async def stalled(database_url: str, tenant: str = TENANT) -> AsyncIterator[asyn
         await conn.close()
 
 
-async def stored(running, tenant: str = TENANT) -> list[dict[str, object]]:
+async def stored(running, tenant: str = TENANT) -> list[dict[str, Any]]:
     await running.app.audit.flush()
     entries, _ = await running.app.audit.list_entries(tenant, EntryFilter(), 1000, "")
     return [decode(e.body) for e in entries]
@@ -149,3 +157,100 @@ async def test_checkpoint_and_proofs_from_stored_nodes(start_server, database_ur
         await log.commit([record()])
         with pytest.raises(LogInconsistent):
             await log.checkpoint(TENANT)
+
+
+async def test_retry_after_a_lost_commit_answer_appends_nothing_twice(
+    start_server, database_url, idp
+):
+    """The connection dies after PostgreSQL committed the batch but before the writer heard
+    so: the caller is told AUDIT_UNAVAILABLE, the writer retries, and finds the batch stored."""
+    async with (
+        LossyProxy(database_url) as proxy,
+        start_server(DATABASE_URL=proxy.url, TRUSTPLANE_AUDIT_LINGER="0") as running,
+    ):
+        member = bearer(idp.token(roles=["member"]))
+        events = [pb.AuditEvent(event_type="tool.invoke", resource=f"once-{i}") for i in range(3)]
+        await running.audit.AppendEntries(
+            pb.AppendEntriesRequest(events=events[:1]), metadata=member
+        )
+        await running.app.audit.flush()
+        proxy.arm()
+        status = await expect_error(
+            running.audit.AppendEntries(pb.AppendEntriesRequest(events=events), metadata=member)
+        )
+        assert (status.code, status.reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "AUDIT_UNAVAILABLE",
+        )
+        assert proxy.cut.is_set()  # PostgreSQL answered the COMMIT; the writer never heard
+        await asyncio.wait_for(running.app.audit.flush(), 10)
+        entries = await stored(running, TOKEN_TENANT)
+        events_stored = [e["resource"] for e in entries if e["kind"] == "event"]
+        assert events_stored == ["once-0", "once-0", "once-1", "once-2"]
+        assert [e["index"] for e in entries] == list(range(len(entries)))
+        assert not [e for e in entries if e["kind"] == "gap"]  # found, not refused as a dup
+        registry = running.app.metrics.registry
+        assert registry.get_sample_value("trustplane_audit_commit_failures_total") == 1
+        assert not registry.get_sample_value("trustplane_audit_rejected_entries_total")
+        owner = bearer(idp.token(roles=["owner"]))
+        head = await running.audit.GetCheckpoint(pb.GetCheckpointRequest(), metadata=owner)
+        lines = []
+        async for chunk in running.audit.ExportEntries(pb.ExportEntriesRequest(), metadata=owner):
+            lines += chunk.lines
+        key = serialization.load_pem_public_key(head.public_key_pem.encode())
+        assert verify_export(lines, key).ok
+
+
+async def test_a_rejected_entry_fails_alone_with_a_gap(start_server, database_url, idp):
+    """PostgreSQL refuses one entry (a constraint it breaks): the others of its batch, of the
+    same tenant and of another, still commit; its caller gets AUDIT_ENTRY_REJECTED, the log
+    records a gap entry and the rejection is counted."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "ALTER TABLE audit_entries ADD CONSTRAINT poison CHECK (resource <> 'poison')"
+        )
+    finally:
+        await conn.close()
+    async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+        log = running.app.audit
+        member = bearer(idp.token(roles=["member"]))
+        other = bearer(idp.token(roles=["member"], tid=OTHER_TENANT))
+
+        def append(metadata, resource):
+            events = [pb.AuditEvent(event_type="tool.invoke", resource=resource)]
+            return running.audit.AppendEntries(
+                pb.AppendEntriesRequest(events=events), metadata=metadata
+            )
+
+        async with stalled(database_url, TOKEN_TENANT) as lock:
+            assert log.offer(record(TOKEN_TENANT, "/first"))  # the writer waits with this one
+            await writer_waits_on_lock(lock)
+            calls = [
+                asyncio.ensure_future(append(member, "good")),
+                asyncio.ensure_future(append(member, "poison")),
+                asyncio.ensure_future(append(other, "elsewhere")),
+            ]
+            for _ in range(100):  # all three wait in the queue: the next batch holds them all
+                if log.depth() == 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert log.depth() == 3
+        good, poison, elsewhere = await asyncio.wait_for(
+            asyncio.gather(*calls, return_exceptions=True), 20
+        )
+        assert isinstance(poison, grpc.aio.AioRpcError), poison
+        assert good.indexes and elsewhere.indexes
+        status = rich(poison)
+        assert (status.code, status.reason) == (grpc.StatusCode.INTERNAL, "AUDIT_ENTRY_REJECTED")
+        mine = await stored(running, TOKEN_TENANT)
+        assert "poison" not in [e["resource"] for e in mine]
+        [gap] = [e for e in mine if e["kind"] == "gap"]
+        assert gap["reason"] == "AUDIT_ENTRY_REJECTED" and gap["attributes"]["dropped"] == "1"
+        assert [
+            e["resource"] for e in await stored(running, OTHER_TENANT) if e["kind"] == "event"
+        ] == ["elsewhere"]
+        rejected = running.app.metrics.registry.get_sample_value(
+            "trustplane_audit_rejected_entries_total"
+        )
+        assert rejected == 1

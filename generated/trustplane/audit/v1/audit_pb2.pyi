@@ -39,8 +39,10 @@ class _EntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntryKind.V
     ENTRY_KIND_EVENT: _EntryKind.ValueType  # 2
     """An event appended by an agent runtime through AppendEntries."""
     ENTRY_KIND_GAP: _EntryKind.ValueType  # 3
-    """A gap marker: the server dropped access entries because its queue was full (only with
-    TRUSTPLANE_AUDIT_OVERFLOW=drop); `attributes` says how many and when.
+    """A gap marker: entries are missing, `reason` says why and `attributes` how many and when.
+    AUDIT_QUEUE_FULL: access entries dropped because the queue was full (only with
+    TRUSTPLANE_AUDIT_OVERFLOW=drop); AUDIT_ENTRY_REJECTED: entries the database refused to store
+    (their callers failed with that reason).
     """
 
 class EntryKind(_EntryKind, metaclass=_EntryKindEnumTypeWrapper):
@@ -53,8 +55,10 @@ ENTRY_KIND_CALL: EntryKind.ValueType  # 1
 ENTRY_KIND_EVENT: EntryKind.ValueType  # 2
 """An event appended by an agent runtime through AppendEntries."""
 ENTRY_KIND_GAP: EntryKind.ValueType  # 3
-"""A gap marker: the server dropped access entries because its queue was full (only with
-TRUSTPLANE_AUDIT_OVERFLOW=drop); `attributes` says how many and when.
+"""A gap marker: entries are missing, `reason` says why and `attributes` how many and when.
+AUDIT_QUEUE_FULL: access entries dropped because the queue was full (only with
+TRUSTPLANE_AUDIT_OVERFLOW=drop); AUDIT_ENTRY_REJECTED: entries the database refused to store
+(their callers failed with that reason).
 """
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
 

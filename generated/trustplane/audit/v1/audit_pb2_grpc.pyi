@@ -34,7 +34,9 @@ class AuditServiceStub:
     """AuditService reads the caller's tenant log and appends runtime events to it. The tenant is
     always the caller's: another tenant's entries are never visible. Every RPC may also fail with
     UNAUTHENTICATED (see docs/authentication.md), PERMISSION_DENIED / PERMISSION_DENIED,
-    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE.
+    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE; those answered only once
+    something is durably recorded (the appends and the security-class RPCs) also with
+    UNAVAILABLE / AUDIT_UNAVAILABLE and INTERNAL / AUDIT_ENTRY_REJECTED.
     """
 
     @_typing.overload
@@ -52,6 +54,7 @@ class AuditServiceStub:
     committed, with their indexes (a receipt) and, on request, a signed checkpoint covering them.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (events), INVALID_ARGUMENT / REQUEST_TOO_LARGE
     (more than 1000 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+    INTERNAL / AUDIT_ENTRY_REJECTED (the database refused to store the events),
     INVALID_ARGUMENT / IDEMPOTENCY_KEY_*.
     """
     GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.GetCheckpointResponse]
@@ -115,7 +118,9 @@ class AuditServiceAsyncStub(AuditServiceStub):
     """AuditService reads the caller's tenant log and appends runtime events to it. The tenant is
     always the caller's: another tenant's entries are never visible. Every RPC may also fail with
     UNAUTHENTICATED (see docs/authentication.md), PERMISSION_DENIED / PERMISSION_DENIED,
-    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE.
+    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE; those answered only once
+    something is durably recorded (the appends and the security-class RPCs) also with
+    UNAVAILABLE / AUDIT_UNAVAILABLE and INTERNAL / AUDIT_ENTRY_REJECTED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -130,6 +135,7 @@ class AuditServiceAsyncStub(AuditServiceStub):
     committed, with their indexes (a receipt) and, on request, a signed checkpoint covering them.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (events), INVALID_ARGUMENT / REQUEST_TOO_LARGE
     (more than 1000 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+    INTERNAL / AUDIT_ENTRY_REJECTED (the database refused to store the events),
     INVALID_ARGUMENT / IDEMPOTENCY_KEY_*.
     """
     GetCheckpoint: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.GetCheckpointResponse]  # type: ignore[assignment]
@@ -192,7 +198,9 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuditService reads the caller's tenant log and appends runtime events to it. The tenant is
     always the caller's: another tenant's entries are never visible. Every RPC may also fail with
     UNAUTHENTICATED (see docs/authentication.md), PERMISSION_DENIED / PERMISSION_DENIED,
-    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE.
+    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE; those answered only once
+    something is durably recorded (the appends and the security-class RPCs) also with
+    UNAVAILABLE / AUDIT_UNAVAILABLE and INTERNAL / AUDIT_ENTRY_REJECTED.
     """
 
     @_abc_1.abstractmethod
@@ -217,6 +225,7 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         committed, with their indexes (a receipt) and, on request, a signed checkpoint covering them.
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (events), INVALID_ARGUMENT / REQUEST_TOO_LARGE
         (more than 1000 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+        INTERNAL / AUDIT_ENTRY_REJECTED (the database refused to store the events),
         INVALID_ARGUMENT / IDEMPOTENCY_KEY_*.
         """
 
