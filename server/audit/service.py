@@ -79,7 +79,7 @@ _T = TypeVar("_T")
 
 SIGNING_TENANT = "_audit"
 SIGNING_KEY = "checkpoints"
-MAX_EVENTS = 1000
+MAX_EVENTS = 256  # per request or stream message: never more than one group commit holds
 MAX_STREAM_EVENTS = 100_000
 MAX_SUBJECT = 256
 MAX_ATTRIBUTE_BYTES = 64 * 1024
@@ -263,6 +263,7 @@ class AuditLog:
         self._clock = clock
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(config.queue_size)
         self._writer: asyncio.Task[None] | None = None
+        self._carry: _Item | None = None  # taken from the queue, first in the next batch
         self._metrics = _Metrics(registry)
         self._key_ready = False
 
@@ -288,7 +289,8 @@ class AuditLog:
         await self._queue.join()
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Items waiting for the writer (one per access entry, one per durable request)."""
+        return self._queue.qsize() + (self._carry is not None)
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -397,10 +399,17 @@ class AuditLog:
             await self._settle([_Item((gap,), queued=False)])
 
     async def _take(self) -> list[_Item]:
-        batch = [await self._queue.get()]
-        count = len(batch[0].records)
-        count = self._drain(batch, count)
-        if count < self._config.batch_max:
+        """The next batch: at most `batch_max` entries, lingering for more when short. An item
+        is never split (one request's entries commit together); one that does not fit waits
+        for the next batch (`_carry`), and gap entries fill what room is left."""
+        batch: list[_Item] = []
+        if self._carry is not None:
+            batch.append(self._carry)
+            self._carry = None
+        elif not (self._drops and self._queue.empty()):
+            batch.append(await self._queue.get())
+        count = self._drain(batch, sum(len(item.records) for item in batch))
+        if batch and count < self._config.batch_max and self._carry is None:
             durable = any(item.done is not None for item in batch)
             linger = self._config.linger if durable else self._config.access_linger
             if durable and linger > 0:
@@ -409,11 +418,10 @@ class AuditLog:
                 self._urgent.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._urgent.wait(), linger)
-            self._drain(batch, count)
-        if self._drops:
-            gaps = self._drops.items()
-            batch.extend(_Item((self._gap(t, _QUEUE_FULL, d),), queued=False) for t, d in gaps)
-            self._drops = {}
+            count = self._drain(batch, count)
+        for tenant_id in list(self._drops)[: max(0, self._config.batch_max - count)]:
+            gap = self._gap(tenant_id, _QUEUE_FULL, self._drops.pop(tenant_id))
+            batch.append(_Item((gap,), queued=False))
         return batch
 
     def _gap(self, tenant_id: str, reason: str, drops: _Drops) -> Record:
@@ -434,8 +442,11 @@ class AuditLog:
         )
 
     def _drain(self, batch: list[_Item], count: int) -> int:
-        while count < self._config.batch_max and not self._queue.empty():
+        while self._carry is None and count < self._config.batch_max and not self._queue.empty():
             item = self._queue.get_nowait()
+            if batch and count + len(item.records) > self._config.batch_max:
+                self._carry = item  # would overflow the batch: first in the next one
+                break
             batch.append(item)
             count += len(item.records)
         return count

@@ -254,3 +254,50 @@ async def test_a_rejected_entry_fails_alone_with_a_gap(start_server, database_ur
             "trustplane_audit_rejected_entries_total"
         )
         assert rejected == 1
+
+
+async def test_a_batch_never_exceeds_256_entries(start_server, database_url, idp):
+    """Three appends of 200 events wait together in the queue: the writer commits them in
+    batches of at most 256 entries, each request's events together and in order."""
+    async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+        log = running.app.audit
+        member = bearer(idp.token(roles=["member"]))
+        events = [pb.AuditEvent(event_type="tool.invoke")] * 200
+        before = running.app.metrics.registry.get_sample_value(
+            "trustplane_audit_batch_entries_count"
+        )
+        async with stalled(database_url, TOKEN_TENANT) as lock:
+            assert log.offer(record(TOKEN_TENANT, "/first"))
+            await writer_waits_on_lock(lock)
+            calls = [
+                asyncio.ensure_future(
+                    running.audit.AppendEntries(
+                        pb.AppendEntriesRequest(events=events), metadata=member
+                    )
+                )
+                for _ in range(3)
+            ]
+            for _ in range(100):
+                if log.depth() == 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert log.depth() == 3
+        receipts = await asyncio.wait_for(asyncio.gather(*calls), 20)
+        for receipt in receipts:
+            first = receipt.indexes[0]
+            assert list(receipt.indexes) == list(range(first, first + 200))
+        registry = running.app.metrics.registry
+        count = registry.get_sample_value("trustplane_audit_batch_entries_count") or 0
+        within = registry.get_sample_value("trustplane_audit_batch_entries_bucket", {"le": "256.0"})
+        largest = registry.get_sample_value("trustplane_audit_batch_entries_sum")
+        assert count - (before or 0) >= 4  # the first entry, then one batch per request
+        assert within == count, (within, count, largest)
+        status = await expect_error(
+            running.audit.AppendEntries(
+                pb.AppendEntriesRequest(events=events + events[:57]), metadata=member
+            )
+        )
+        assert (status.code, status.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "REQUEST_TOO_LARGE",
+        )

@@ -425,7 +425,7 @@ class AppendEntriesRequest(_message.Message):
     """Also return a signed checkpoint that covers the new entries."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
-        """1 to 1000 events, appended in this order."""
+        """1 to 256 events, appended in this order, all in one group commit (one transaction)."""
 
     def __init__(
         self,
@@ -1048,7 +1048,7 @@ class StreamAppendEntriesRequest(_message.Message):
     """Only read from the first message: answer with a signed checkpoint covering every event."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
-        """Events to append, in order; at most 1000 per message."""
+        """Events to append, in order; at most 256 per message (each message is one group commit)."""
 
     def __init__(
         self,

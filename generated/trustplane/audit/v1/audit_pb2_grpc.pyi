@@ -53,7 +53,7 @@ class AuditServiceStub:
     taken from the credential, never from the request. Answered after the events are durably
     committed, with their indexes (a receipt) and, on request, a signed checkpoint covering them.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (events), INVALID_ARGUMENT / REQUEST_TOO_LARGE
-    (more than 1000 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+    (more than 256 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
     INTERNAL / AUDIT_ENTRY_REJECTED (the database refused to store the events),
     INVALID_ARGUMENT / IDEMPOTENCY_KEY_*.
     """
@@ -134,7 +134,7 @@ class AuditServiceAsyncStub(AuditServiceStub):
     taken from the credential, never from the request. Answered after the events are durably
     committed, with their indexes (a receipt) and, on request, a signed checkpoint covering them.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (events), INVALID_ARGUMENT / REQUEST_TOO_LARGE
-    (more than 1000 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+    (more than 256 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
     INTERNAL / AUDIT_ENTRY_REJECTED (the database refused to store the events),
     INVALID_ARGUMENT / IDEMPOTENCY_KEY_*.
     """
@@ -224,7 +224,7 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         taken from the credential, never from the request. Answered after the events are durably
         committed, with their indexes (a receipt) and, on request, a signed checkpoint covering them.
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (events), INVALID_ARGUMENT / REQUEST_TOO_LARGE
-        (more than 1000 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+        (more than 256 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
         INTERNAL / AUDIT_ENTRY_REJECTED (the database refused to store the events),
         INVALID_ARGUMENT / IDEMPOTENCY_KEY_*.
         """
