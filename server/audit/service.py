@@ -1,9 +1,11 @@
 """AuditLog: the audit domain — group commit, checkpoints, proofs, queries, export.
 
-Two ways in. `offer`/`put` take an access entry into a bounded in-memory queue: `offer` never
-waits (the hot path), `put` waits while the queue is full (back-pressure; counted). `commit`
-takes entries and returns only once they are durably committed, with their indexes ("no audit,
-no action" for security-class calls and appended events).
+Three ways in. `offer`/`put` take an access entry into a bounded in-memory queue: `offer` never
+waits (the hot path), `put` waits while the queue is full (back-pressure; counted).
+`record_nowait` is for calls that cannot wait (cancelled ones): with a full queue their entry is
+held in a side list the writer takes first, never lost. `commit` takes entries and returns only
+once they are durably committed, with their indexes ("no audit, no action" for security-class
+calls and appended events).
 
 One writer task per process drains the queue: it takes what is waiting (up to `batch_max`
 entries, lingering `linger` seconds for a short batch, or `access_linger` when nobody waits for
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import json
@@ -150,7 +153,7 @@ class Signer(Protocol):
 class _Item:
     records: Sequence[Record]
     done: asyncio.Future[int] | None = None  # set: a durable caller waits for the first index
-    queued: bool = True  # False: a gap entry the writer added itself (no task_done)
+    queued: bool = True  # False: a gap entry the writer added itself (not tracked)
 
 
 @dataclass
@@ -201,6 +204,7 @@ class _Metrics:
     failures: prom.Counter = field(init=False)
     dropped: prom.Counter = field(init=False)
     rejected: prom.Counter = field(init=False)
+    spilled: prom.Counter = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -228,6 +232,12 @@ class _Metrics:
             "trustplane_audit_dropped_entries",
             "Access entries dropped because the queue was full (TRUSTPLANE_AUDIT_OVERFLOW=drop);"
             " each run of drops leaves a gap entry in the log.",
+            registry=r,
+        )
+        self.spilled = prom.Counter(
+            "trustplane_audit_spilled_entries",
+            "Entries of cancelled calls that found the queue full: held outside it, never"
+            " dropped (unless an access entry with TRUSTPLANE_AUDIT_OVERFLOW=drop).",
             registry=r,
         )
         self.rejected = prom.Counter(
@@ -264,6 +274,10 @@ class AuditLog:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(config.queue_size)
         self._writer: asyncio.Task[None] | None = None
         self._carry: _Item | None = None  # taken from the queue, first in the next batch
+        self._spill: collections.deque[_Item] = collections.deque()  # see record_nowait
+        self._pending = 0  # items queued, spilled or being written (flush waits for 0)
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._metrics = _Metrics(registry)
         self._key_ready = False
 
@@ -278,7 +292,7 @@ class AuditLog:
         if writer is None:
             return
         try:
-            await asyncio.wait_for(self._queue.join(), timeout)
+            await asyncio.wait_for(self.flush(), timeout)
         except TimeoutError:
             _log.error("audit queue not flushed at shutdown", extra={"queued": self.depth()})
         writer.cancel()
@@ -286,11 +300,21 @@ class AuditLog:
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
-        await self._queue.join()
+        await self._idle.wait()
 
     def depth(self) -> int:
         """Items waiting for the writer (one per access entry, one per durable request)."""
-        return self._queue.qsize() + (self._carry is not None)
+        return self._queue.qsize() + len(self._spill) + (self._carry is not None)
+
+    def _track(self) -> None:
+        """One more item for the writer (queued, spilled or waiting to be)."""
+        self._pending += 1
+        self._idle.clear()
+
+    def _untrack(self, count: int) -> None:
+        self._pending -= count
+        if not self._pending:
+            self._idle.set()
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -303,6 +327,7 @@ class AuditLog:
             self._queue.put_nowait(_Item((record,)))
         except asyncio.QueueFull:
             return False
+        self._track()
         if self._queue.qsize() >= self._config.batch_max:
             self._urgent.set()
         return True
@@ -316,6 +341,23 @@ class AuditLog:
         self._metrics.waits.inc()
         self._urgent.set()  # the queue is full: no reason to linger
         await self._queue.put(_Item((record,)))
+        self._track()
+
+    def record_nowait(self, record: Record) -> None:
+        """Queue the entry of a call that cannot wait (it was cancelled), never losing it: into
+        the queue when it has room; else, for an access entry with overflow "drop", dropped like
+        any other (counted, gap entry); else into the spill list, which the writer takes before
+        the queue. The spill list holds at most one entry per cancelled call, so it is bounded by
+        the calls in flight."""
+        if self.offer(record):
+            return
+        if record.audit_class == ACCESS and self._config.overflow == "drop":
+            self._drop(record)
+            return
+        self._metrics.spilled.inc()
+        self._spill.append(_Item((record,)))
+        self._track()
+        self._urgent.set()
 
     def _drop(self, record: Record) -> None:
         self._metrics.dropped.inc()
@@ -333,6 +375,7 @@ class AuditLog:
     async def _enqueue(self, records: Sequence[Record]) -> asyncio.Future[int]:
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Item(records, done))
+        self._track()
         self._urgent.set()  # someone waits for this one: end an access-only linger
         return done
 
@@ -345,9 +388,7 @@ class AuditLog:
         while True:
             batch = await self._take()
             await self._settle(batch)
-            for item in batch:
-                if item.queued:
-                    self._queue.task_done()
+            self._untrack(sum(1 for item in batch if item.queued))
 
     async def _settle(self, batch: list[_Item]) -> None:
         """Commit `batch`, retrying while the database is unavailable (idempotently: every
@@ -406,6 +447,8 @@ class AuditLog:
         if self._carry is not None:
             batch.append(self._carry)
             self._carry = None
+        elif self._spill:
+            batch.append(self._spill.popleft())
         elif not (self._drops and self._queue.empty()):
             batch.append(await self._queue.get())
         count = self._drain(batch, sum(len(item.records) for item in batch))
@@ -442,8 +485,13 @@ class AuditLog:
         )
 
     def _drain(self, batch: list[_Item], count: int) -> int:
-        while self._carry is None and count < self._config.batch_max and not self._queue.empty():
-            item = self._queue.get_nowait()
+        while self._carry is None and count < self._config.batch_max:
+            if self._spill:
+                item = self._spill.popleft()
+            elif not self._queue.empty():
+                item = self._queue.get_nowait()
+            else:
+                break
             if batch and count + len(item.records) > self._config.batch_max:
                 self._carry = item  # would overflow the batch: first in the next one
                 break

@@ -17,6 +17,7 @@ import asyncpg
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
+from google.protobuf import field_mask_pb2
 from trustplane.audit.v1 import audit_pb2 as pb
 
 from server.audit import merkle
@@ -301,3 +302,105 @@ async def test_a_batch_never_exceeds_256_entries(start_server, database_url, idp
             grpc.StatusCode.INVALID_ARGUMENT,
             "REQUEST_TOO_LARGE",
         )
+
+
+def _settings_update(days: int) -> pb.UpdateSettingsRequest:
+    return pb.UpdateSettingsRequest(
+        settings=pb.AuditSettings(retention_days=days),
+        update_mask=field_mask_pb2.FieldMask(paths=["retention_days"]),
+    )
+
+
+async def _waiting_on_locks(conn: asyncpg.Connection, count: int) -> None:
+    for _ in range(200):
+        if await conn.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE {_WAITING}") >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {count} trustplane connections wait on a lock")
+
+
+async def test_a_cancelled_security_call_is_recorded_even_with_a_full_queue(
+    start_server, database_url, idp
+):
+    """A cancelled call cannot wait for room in the queue; its entry is still never lost."""
+    async with start_server(
+        TRUSTPLANE_AUDIT_QUEUE_SIZE="1", TRUSTPLANE_AUDIT_LINGER="0"
+    ) as running:
+        log = running.app.audit
+        admin = bearer(idp.token(roles=["admin"]))
+        await running.audit.UpdateSettings(_settings_update(30), metadata=admin)
+        await log.flush()
+        row_lock = await asyncpg.connect(database_url)
+        try:
+            async with row_lock.transaction(), stalled(database_url, TOKEN_TENANT) as lock:
+                await row_lock.execute(  # UpdateSettings will wait for this row
+                    "SELECT 1 FROM audit_settings WHERE tenant_id = $1 FOR UPDATE", TOKEN_TENANT
+                )
+                assert log.offer(record(TOKEN_TENANT, "/first"))
+                await writer_waits_on_lock(lock)
+                assert log.offer(record(TOKEN_TENANT, "/fills-the-queue"))
+                assert not log.offer(record(TOKEN_TENANT, "/no-room"))
+                call = running.audit.UpdateSettings(_settings_update(40), metadata=admin)
+                waiting = asyncio.ensure_future(call)
+                await _waiting_on_locks(lock, 2)  # the writer and the handler
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+                for _ in range(100):  # the server sees the cancellation
+                    if log.depth() == 2:
+                        break
+                    await asyncio.sleep(0.02)
+                assert log.depth() == 2  # the full queue, and the cancelled call's entry aside
+        finally:
+            await row_lock.close()
+        entries = await asyncio.wait_for(stored(running, TOKEN_TENANT), 10)
+        updates = [e for e in entries if e["method"].endswith("/UpdateSettings")]
+        assert [(e["code"], e["audit_class"]) for e in updates] == [
+            ("OK", "security"),
+            ("CANCELLED", "security"),
+        ]
+        spilled = running.app.metrics.registry.get_sample_value(
+            "trustplane_audit_spilled_entries_total"
+        )
+        assert spilled == 1
+
+
+async def test_a_security_stream_is_recorded_before_its_first_message(
+    start_server, database_url, idp
+):
+    """ExportSubject (security class, server stream) sends nothing until an entry is durable."""
+    async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+        member = bearer(idp.token(roles=["member"]))
+        admin = bearer(idp.token(roles=["admin"]))
+        event = pb.AuditEvent(
+            event_type="crm.lookup", data_subject="ada@example.com", personal_data={"a": "b"}
+        )
+        await running.audit.AppendEntries(pb.AppendEntriesRequest(events=[event]), metadata=member)
+        await running.app.audit.flush()
+        request = pb.ExportSubjectRequest(data_subject="ada@example.com")
+        async with stalled(database_url, TOKEN_TENANT) as lock:
+            stream = running.audit.ExportSubject(request, metadata=admin)
+            first = asyncio.ensure_future(stream.read())
+            await writer_waits_on_lock(lock)  # the opening entry waits for the log
+            await asyncio.sleep(0.3)
+            assert not first.done()  # no data before its entry is committed
+        message = await asyncio.wait_for(first, 10)
+        assert [e.personal_data["a"] for e in message.entries] == ["b"]
+        rest = await stream.read()
+        assert not isinstance(rest, pb.ExportSubjectResponse)  # the end of the stream (EOF)
+        assert await stream.code() == grpc.StatusCode.OK
+        entries = await stored(running, TOKEN_TENANT)
+        exports = [e for e in entries if e["method"].endswith("/ExportSubject")]
+        assert [(e["code"], e["attributes"]["stream"]) for e in exports] == [
+            ("OK", "opened"),
+            ("OK", "closed"),
+        ]
+        status = await expect_error(  # fails before any message: one entry, no opening
+            running.audit.ExportSubject(pb.ExportSubjectRequest(), metadata=admin).read()
+        )
+        assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+        entries = await stored(running, TOKEN_TENANT)
+        exports = [e for e in entries if e["method"].endswith("/ExportSubject")]
+        assert [(e["code"], e["attributes"].get("stream")) for e in exports[2:]] == [
+            ("INVALID_ARGUMENT", None)
+        ]
