@@ -10,3 +10,10 @@ ALTER TABLE audit_logs ADD COLUMN expired bigint NOT NULL DEFAULT 0 CHECK (expir
 -- entries twice. Partial: only one entry per batch is indexed.
 ALTER TABLE audit_entries ADD COLUMN batch bytea;
 CREATE UNIQUE INDEX audit_entries_batch ON audit_entries (tenant_id, batch) WHERE batch IS NOT NULL;
+
+-- The whole delegation chain, for ListEntries' `agent` filter (an agent anywhere in the chain,
+-- or the subject). Most calls are not delegated: only non-empty chains are indexed.
+ALTER TABLE audit_entries ADD COLUMN actors text[] NOT NULL DEFAULT '{}';
+UPDATE audit_entries SET actors = ARRAY(SELECT jsonb_array_elements_text(body::jsonb -> 'actors'))
+    WHERE body LIKE '{"actors":["%';
+CREATE INDEX audit_entries_actors ON audit_entries USING gin (actors) WHERE actors <> '{}';

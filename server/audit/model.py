@@ -146,6 +146,7 @@ class EntryFilter:
     code: str = ""
     resource: str = ""
     kind: str = ""
+    agent: str = ""  # the subject, or anywhere in the delegation chain
 
     def fingerprint(self) -> str:
         return canonical_json(self.__dict__).decode()

@@ -176,6 +176,7 @@ def _filter(request: Any) -> EntryFilter:
         code=request.code,
         resource=request.resource,
         kind=_KINDS.get(request.kind, ""),
+        agent=request.agent,
     )
 
 

@@ -292,13 +292,14 @@ class PgAuditStore:
     async def subject_entries(
         self, tenant_id: str, ref: str | None, principal: str, after: int, limit: int
     ) -> list[tuple[StoredEntry, str]]:
-        """Entries whose personal data is `ref`'s, or where `principal` is the subject or the
-        actor, in index order after `after`; with each entry's data-subject reference."""
+        """Entries whose personal data is `ref`'s, or where `principal` is the subject or in the
+        delegation chain, in index order after `after`; with each entry's data-subject
+        reference."""
         query = (
             "SELECT e.idx, e.body, n.hash, e.data_subject FROM audit_entries e"
             " JOIN audit_nodes n ON n.tenant_id = e.tenant_id AND n.level = 0 AND n.idx = e.idx"
-            " WHERE e.tenant_id = $1 AND e.idx > $4 AND (e.data_subject = $2"
-            " OR e.subject = $3 OR e.actor = $3) ORDER BY e.idx LIMIT $5"
+            " WHERE e.tenant_id = $1 AND e.idx > $4 AND (e.data_subject = $2 OR e.subject = $3"
+            " OR (e.actors <> '{}' AND e.actors @> ARRAY[$3])) ORDER BY e.idx LIMIT $5"
         )
         async with self._db.acquire() as conn:
             rows = await conn.fetch(query, tenant_id, ref or "-", principal, after, limit)
@@ -351,7 +352,7 @@ SELECT COALESCE(
 """
 _EXPIRE_BODIES = """
 UPDATE audit_entries SET body = NULL, subject = '', actor = '', session_id = '', resource = '',
-    data_subject = ''
+    data_subject = '', actors = '{}'
 WHERE tenant_id = $1 AND idx >= $2 AND idx < $3 AND body IS NOT NULL
 """
 _EXPIRED_UP_TO = "UPDATE audit_logs SET expired = GREATEST(expired, $2) WHERE tenant_id = $1"
@@ -386,6 +387,7 @@ _COLUMNS = (
     "data_subject",
     "body",
     "batch",
+    "actors",
 )
 
 
@@ -407,6 +409,7 @@ def _entry_rows(
             r.data_subject,
             body.decode(),
             batch if i == 0 else None,
+            [_column(a) for a in r.actors],
         )
         for i, (r, body) in enumerate(zip(records, bodies, strict=True))
     ]
@@ -428,6 +431,10 @@ def _filter_clauses(where: EntryFilter, args: list[Any]) -> tuple[str, list[Any]
         if value:
             args.append(_column(value))
             clauses.append(f"e.{column} = ${len(args)}")
+    if where.agent:  # the subject, or anywhere in the chain (`<> '{}'`: the partial index)
+        args.append(_column(where.agent))
+        n = len(args)
+        clauses.append(f"(e.subject = ${n} OR (e.actors <> '{{}}' AND e.actors @> ARRAY[${n}]))")
     return "".join(f" AND {c}" for c in clauses), args
 
 

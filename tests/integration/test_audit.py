@@ -11,6 +11,7 @@ import uuid
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
+from google.protobuf import timestamp_pb2
 from tptest.v1 import test_service_pb2
 from trustplane.audit.v1 import audit_pb2 as pb
 from trustplane.crypto.v1 import crypto_pb2
@@ -259,6 +260,76 @@ async def test_list_filters_and_page_tokens(server, idp, member):
     other_query = await expect_error(listed(resource="r1", page_token=first.next_page_token))
     assert other_query.reason == "PAGE_TOKEN_INVALID"
     assert not (await listed(subject="somebody-else")).entries
+
+
+async def test_list_filters_time_actor_agent_method_and_code(start_server, idp):
+    """Every ListEntries filter through the RPC: time range, actor, agent, method, outcome."""
+    now = [time.time() - 600]
+    async with start_server(clock=lambda: now[0]) as running:
+        user = bearer(idp.token(sub="user-1"))
+        delegated = bearer(idp.token(sub="user-1", act={"sub": "agent-7", "ptype": "agent"}))
+        chained = bearer(  # agent-8 acting for agent-7 acting for user-1
+            idp.token(sub="user-1", act={"sub": "agent-8", "act": {"sub": "agent-7"}})
+        )
+        own = bearer(idp.token(sub="agent-7", ptype="agent"))
+        started = {}
+        for name, metadata, code in [
+            ("user", user, ""),
+            ("delegated", delegated, "NOT_FOUND"),
+            ("chained", chained, ""),
+            ("own", own, ""),
+        ]:
+            started[name] = int(now[0] * 1000)
+            await append(running, metadata, [event(resource=name, code=code)])
+            now[0] += 60
+        viewer = bearer(idp.token(roles=["viewer"], sub="viewer-1"))
+        await expect_error(append(running, viewer, [event(resource="denied")]))
+        await running.audit.GetCheckpoint(pb.GetCheckpointRequest(), metadata=viewer)
+        await running.app.audit.flush()
+
+        async def resources(**kw):
+            listed = await running.audit.ListEntries(
+                pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT, **kw), metadata=viewer
+            )
+            return [e.resource for e in listed.entries]
+
+        def at(ms):
+            return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=ms % 1000 * 1_000_000)
+
+        middle = {"start_time": at(started["delegated"]), "end_time": at(started["own"])}
+        assert await resources(**middle) == ["delegated", "chained"]
+        assert await resources(start_time=at(started["chained"])) == ["chained", "own"]
+        assert await resources(end_time=at(started["delegated"])) == ["user"]
+        assert await resources(actor="agent-7") == ["delegated", "own"]
+        assert await resources(actor="agent-8") == ["chained"]
+        assert await resources(agent="agent-7") == ["delegated", "chained", "own"]
+        assert await resources(agent="agent-8", **middle) == ["chained"]
+        assert await resources(agent="user-1") == ["user", "delegated", "chained"]
+        assert await resources(code="NOT_FOUND") == ["delegated"]
+        assert await resources(code="OK", agent="agent-7") == ["chained", "own"]
+
+        async def calls(**kw):
+            listed = await running.audit.ListEntries(
+                pb.ListEntriesRequest(kind=pb.ENTRY_KIND_CALL, **kw), metadata=viewer
+            )
+            return [(e.method.rsplit("/", 1)[1], e.code, e.subject) for e in listed.entries]
+
+        checkpoint = "/trustplane.audit.v1.AuditService/GetCheckpoint"
+        assert await calls(method=checkpoint) == [("GetCheckpoint", "OK", "viewer-1")]
+        assert await calls(code="PERMISSION_DENIED") == [
+            ("AppendEntries", "PERMISSION_DENIED", "viewer-1")
+        ]
+        appended = await calls(method="/trustplane.audit.v1.AuditService/AppendEntries", code="OK")
+        assert len(appended) == 4
+        assert await calls(agent="agent-8") == [("AppendEntries", "OK", "user-1")]
+        inverted = {"start_time": at(started["own"]), "end_time": at(started["user"])}
+        status = await expect_error(
+            running.audit.ListEntries(pb.ListEntriesRequest(**inverted), metadata=viewer)
+        )
+        assert (status.code, status.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
 
 
 async def test_cross_tenant_queries_see_nothing(server, idp, member):

@@ -232,6 +232,7 @@ class ListEntriesRequest(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many entries (default 100, at most 1000)."""
     page_token: _builtins.str
@@ -239,7 +240,9 @@ class ListEntriesRequest(_message.Message):
     subject: _builtins.str
     """Only entries whose subject is this principal."""
     actor: _builtins.str
-    """Only entries in which this identity acted (the delegation chain's current actor)."""
+    """Only entries in which this identity acted: the delegation chain's current actor, or the
+    subject when the call was not delegated.
+    """
     session_id: _builtins.str
     """Only entries of this session."""
     method: _builtins.str
@@ -250,6 +253,11 @@ class ListEntriesRequest(_message.Message):
     """Only entries about this resource."""
     kind: Global___EntryKind.ValueType
     """Only calls or only events."""
+    agent: _builtins.str
+    """Only entries in which this principal (typically an agent) took part: as the subject (its
+    own credential) or anywhere in the delegation chain (acting for someone, directly or
+    through further delegates).
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only entries recorded at or after this time."""
@@ -272,10 +280,11 @@ class ListEntriesRequest(_message.Message):
         code: _builtins.str = ...,
         resource: _builtins.str = ...,
         kind: Global___EntryKind.ValueType = ...,
+        agent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "code", b"code", "end_time", b"end_time", "kind", b"kind", "method", b"method", "page_size", b"page_size", "page_token", b"page_token", "resource", b"resource", "session_id", b"session_id", "start_time", b"start_time", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "agent", b"agent", "code", b"code", "end_time", b"end_time", "kind", b"kind", "method", b"method", "page_size", b"page_size", "page_token", b"page_token", "resource", b"resource", "session_id", b"session_id", "start_time", b"start_time", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
