@@ -536,6 +536,8 @@ class App:
             await health.shutdown()
         if self.sessions is not None:
             self.sessions.close()  # watch streams end now rather than at the grace deadline
+        if self.audit is not None:
+            self.audit.stop_following()  # followed exports too
         server, self._server = self._server, None
         if server is not None:
             await server.stop(self.config.server.grace_period)

@@ -143,6 +143,9 @@ class AuditConfig:
     # A full queue makes access-class calls wait ("block") or drops their entries and records a
     # gap entry with the count ("drop"); security-class entries are never dropped.
     overflow: str = "block"
+    # A followed export (ExportEntries `follow`) sends at most one checkpoint this often, and
+    # polls for other processes' appends at this period.
+    tail_interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,7 @@ def _audit(env: _Env) -> AuditConfig:
         ),
         retention_days=env.get("TRUSTPLANE_AUDIT_RETENTION_DAYS", "365", _int_range(1, 3650)),
         overflow=env.get("TRUSTPLANE_AUDIT_OVERFLOW", "block", _choice("block", "drop")),
+        tail_interval=env.get("TRUSTPLANE_AUDIT_TAIL_INTERVAL", "1", _float_range(0.05, 60.0)),
     )
 
 

@@ -278,6 +278,8 @@ class AuditLog:
         self._pending = 0  # items queued, spilled or being written (flush waits for 0)
         self._idle = asyncio.Event()
         self._idle.set()
+        self._followers: dict[str, set[asyncio.Event]] = {}  # followed exports, by tenant
+        self._stopping = asyncio.Event()
         self._metrics = _Metrics(registry)
         self._key_ready = False
 
@@ -288,6 +290,7 @@ class AuditLog:
 
     async def close(self, timeout: float = 10.0) -> None:
         """Flush what is queued (for at most `timeout` seconds), then stop the writer."""
+        self.stop_following()
         writer, self._writer = self._writer, None
         if writer is None:
             return
@@ -513,6 +516,9 @@ class AuditLog:
         for item, offset in zip(batch, offsets, strict=True):
             if item.done is not None and not item.done.done():
                 item.done.set_result(firsts[item.records[0].tenant_id] + offset)
+        for tenant_id in groups:
+            for wake in self._followers.get(tenant_id, ()):
+                wake.set()
         every = self._config.checkpoint_entries
         for tenant_id, group in groups.items():
             first = firsts[tenant_id]
@@ -791,18 +797,84 @@ class AuditLog:
             return entries, ""
         return entries[:limit], self._page_tokens.encode(query, {"after": entries[limit - 1].index})
 
-    async def export(self, tenant_id: str, start: int) -> AsyncIterator[list[str]]:
-        """NDJSON lines (docs/audit-format.md): a checkpoint, then entries with their proofs."""
+    async def export(
+        self, tenant_id: str, start: int, *, follow: bool = False
+    ) -> AsyncIterator[list[str]]:
+        """NDJSON lines (docs/audit-format.md): a checkpoint, then entries with their proofs;
+        with `follow`, then the log's growth (`_follow`) until the server stops."""
         if start < 0:
             raise InvalidArgument.fields(FieldViolation("start_index", "must not be negative"))
         signed = await self.checkpoint(tenant_id)
         size = signed.checkpoint.size
         header = {"type": "checkpoint", "start_index": start, "complete": start == 0}
         yield [_line({**header, **signed.to_dict()})]
-        for low in range(start, size, EXPORT_CHUNK):
-            high = min(low + EXPORT_CHUNK, size)
-            entries = await self._store.range(tenant_id, low, high)
+        async for lines in self._entry_lines(tenant_id, start, size):
+            yield lines
+        if follow:
+            async for lines in self._follow(tenant_id, signed, start):
+                yield lines
+
+    async def _entry_lines(self, tenant_id: str, low: int, size: int) -> AsyncIterator[list[str]]:
+        """The entries from `low` below `size`, in chunks, with proofs in the tree of `size`."""
+        for start in range(low, size, EXPORT_CHUNK):
+            entries = await self._store.range(tenant_id, start, min(start + EXPORT_CHUNK, size))
             yield await self._export_lines(tenant_id, entries, size)
+
+    async def _follow(
+        self, tenant_id: str, signed: merkle.SignedCheckpoint, start: int
+    ) -> AsyncIterator[list[str]]:
+        """Each time the log grows: a new signed checkpoint with the consistency proof from the
+        previous one (so a follower knows the log was only appended to), then the new entries
+        with their inclusion proofs against it. At most one checkpoint per `tail_interval`;
+        this process's commits wake the stream, other processes' appends are polled for."""
+        wake = asyncio.Event()
+        self._followers.setdefault(tenant_id, set()).add(wake)
+        try:
+            while await self._grown(tenant_id, signed.checkpoint.size, wake):
+                previous, signed = signed, await self.checkpoint(tenant_id)
+                yield [await self._extension_line(tenant_id, previous.checkpoint.size, signed)]
+                low = max(start, previous.checkpoint.size)
+                async for lines in self._entry_lines(tenant_id, low, signed.checkpoint.size):
+                    yield lines
+                await self._pause(self._config.tail_interval)
+        finally:
+            followers = self._followers.get(tenant_id, set())
+            followers.discard(wake)
+            if not followers:
+                self._followers.pop(tenant_id, None)
+
+    async def _extension_line(
+        self, tenant_id: str, old: int, signed: merkle.SignedCheckpoint
+    ) -> str:
+        """A followed export's checkpoint line: `signed`, proven to extend the log at `old`."""
+        new = signed.checkpoint.size
+        proof = await self._with_nodes(
+            tenant_id, lambda node: merkle.consistency_proof(old, new, node)
+        )
+        head = {"type": "checkpoint", "start_index": old, "complete": False}
+        return _line({**head, "consistency": [_b64(h) for h in proof], **signed.to_dict()})
+
+    async def _grown(self, tenant_id: str, size: int, wake: asyncio.Event) -> bool:
+        """Wait until the log holds more than `size` entries; False once the server stops."""
+        while not self._stopping.is_set():
+            wake.clear()
+            if await self._store.size(tenant_id) > size:
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self._config.tail_interval)
+        return False
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def stop_following(self) -> None:
+        """Shutting down: followed exports end cleanly now (OK) instead of holding the
+        server's grace period."""
+        self._stopping.set()
+        for followers in self._followers.values():
+            for wake in followers:
+                wake.set()
 
     async def _export_lines(
         self, tenant_id: str, entries: Sequence[StoredEntry], size: int

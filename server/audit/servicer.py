@@ -100,7 +100,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         return response
 
     async def ExportEntries(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        async for lines in self._log.export(_tenant(), request.start_index):
+        async for lines in self._log.export(_tenant(), request.start_index, follow=request.follow):
             yield audit_pb2.ExportEntriesResponse(lines=lines)
 
     async def StreamAppendEntries(self, requests: AsyncIterator[Any], context: Any) -> Any:

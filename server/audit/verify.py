@@ -2,9 +2,9 @@
 
 `verify_export(lines, public_key)` never trusts the export: it checks the checkpoint's
 signature, recomputes every leaf hash from its body, checks every inclusion proof against the
-signed root, and that each body names its own log and index. A complete export (from index 0)
-must also hold every index below the checkpoint's size exactly once, and its leaves must
-rebuild the signed root. Every problem is reported with the index it concerns:
+signed root, and that each body names its own log and index. An export must hold every index
+from its start below the checkpoint's size exactly once; a complete one (from index 0) must
+also rebuild the signed root from its leaves. Every problem is reported with the index it concerns:
 
 * an edited entry no longer hashes to a leaf in the signed tree;
 * a deleted entry leaves its index missing;
@@ -16,6 +16,11 @@ rebuild the signed root. Every problem is reported with the index it concerns:
   that still has one. A bodiless entry after a bodied one is reported as tampering: otherwise
   `UPDATE audit_entries SET body = NULL` on a recent entry would hide what it said. The
   bodiless prefix is counted in `Report.expired`.
+
+A followed export (a tail) carries later checkpoint lines: each must be signed, of the same
+log, and proven by its `consistency` proof to extend the checkpoint before it; the entries
+after it are checked against it. Every index from the export's `start_index` below the last
+checkpoint's size must be present.
 
 With `trusted` (a checkpoint saved earlier), a complete export must also extend it: same log,
 at least as large, and its first `trusted.size` leaves rebuild the trusted root — a log that
@@ -93,12 +98,22 @@ def verify_export(
     bodiless: set[int] = set()
     previous = start - 1
     for number, line in enumerate(rows, start=2):
-        index = _entry(line, number, signed, leaves, bodiless, previous, report)
+        try:
+            data = _json(line)
+        except ValueError as exc:
+            report.add(None, f"line {number} unreadable: {exc}")
+            continue
+        if data.get("type") == "checkpoint":
+            signed = _next_checkpoint(data, number, signed, public_key, report)
+            continue
+        index = _entry(data, number, signed, leaves, bodiless, previous, report)
         previous = max(previous, index if index is not None else previous)
+    report.checkpoint = signed
     report.entries = len(leaves)
     _check_retention_prefix(bodiless, report)
+    _check_present(signed, start, leaves, report)
     if complete:
-        _check_complete(signed, leaves, report)
+        _check_root(signed, leaves, report)
         if trusted is not None:
             _check_trusted(signed, trusted, public_key, leaves, report)
     return report
@@ -124,8 +139,46 @@ def _header(
     return signed, start, complete and start == 0
 
 
+def _next_checkpoint(
+    data: dict[str, Any],
+    number: int,
+    current: merkle.SignedCheckpoint,
+    public_key: merkle.PublicKey,
+    report: Report,
+) -> merkle.SignedCheckpoint:
+    """A later checkpoint of a followed export: it must be signed, of the same log, and proven
+    (`consistency`) to extend the current one; the entries after it are checked against it.
+    Returns the checkpoint to check them against (the current one if this one is unusable)."""
+    old = current.checkpoint
+    try:
+        signed = merkle.SignedCheckpoint.from_dict(data)
+        proof = data.get("consistency")
+        if not isinstance(proof, list) or not all(isinstance(p, str) for p in proof):
+            raise _Malformed("consistency is not a list of base64 strings")
+        hashes = [_b64(p) for p in proof]
+    except ValueError as exc:
+        report.add(None, f"line {number} (checkpoint) unreadable: {exc}")
+        return current
+    new = signed.checkpoint
+    if not merkle.verify_checkpoint(signed, public_key):
+        report.add(None, f"line {number}: the checkpoint signature does not verify")
+    elif new.log_id != old.log_id:
+        report.add(None, f"line {number}: a checkpoint of another log")
+    elif data.get("start_index") != old.size:
+        report.add(None, f"line {number}: start_index is not the previous checkpoint's size")
+    elif not merkle.verify_consistency(old.size, new.size, old.root, new.root, hashes):
+        report.add(
+            None,
+            f"line {number}: the log at {new.size} does not extend {old.size}"
+            " (rewritten or truncated)",
+        )
+    else:
+        return signed
+    return current
+
+
 def _entry(
-    line: str,
+    data: dict[str, Any],
     number: int,
     signed: merkle.SignedCheckpoint,
     leaves: dict[int, bytes],
@@ -134,7 +187,7 @@ def _entry(
     report: Report,
 ) -> int | None:
     try:
-        index, leaf, proof, body = _parse_entry(line)
+        index, leaf, proof, body = _parse_entry(data)
     except ValueError as exc:
         report.add(None, f"line {number} unreadable: {exc}")
         return None
@@ -159,8 +212,7 @@ def _entry(
     return index
 
 
-def _parse_entry(line: str) -> tuple[int, bytes, list[bytes], str | None]:
-    data = _json(line)
+def _parse_entry(data: dict[str, Any]) -> tuple[int, bytes, list[bytes], str | None]:
     index, body, proof = data.get("index"), data.get("body"), data.get("proof")
     if data.get("type") != "entry" or not isinstance(index, int) or isinstance(index, bool):
         raise _Malformed("not an entry with an integer index")
@@ -198,13 +250,17 @@ def _check_retention_prefix(bodiless: set[int], report: Report) -> None:
     report.expired = sum(1 for i in bodiless if first is None or i < first)
 
 
-def _check_complete(
-    signed: merkle.SignedCheckpoint, leaves: dict[int, bytes], report: Report
+def _check_present(
+    signed: merkle.SignedCheckpoint, start: int, leaves: dict[int, bytes], report: Report
 ) -> None:
-    size = signed.checkpoint.size
-    for index in range(size):
+    """Every index from `start` below the (last) checkpoint's size must be in the export."""
+    for index in range(start, signed.checkpoint.size):
         if index not in leaves:
             report.add(index, "missing (deleted or truncated)")
+
+
+def _check_root(signed: merkle.SignedCheckpoint, leaves: dict[int, bytes], report: Report) -> None:
+    size = signed.checkpoint.size
     if len(leaves) < size or report.problems:
         return  # the rebuilt root would only repeat what was already found
     if merkle.root([leaves[i] for i in range(size)]) != signed.checkpoint.root:

@@ -4,6 +4,7 @@ durability of security-class calls, receipts, proofs, queries, isolation, export
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -428,3 +429,65 @@ async def test_retention_keeps_proofs_valid(start_server, idp, member):
             list(proof.hashes),
             proof.checkpoint.root_hash,
         )
+
+
+async def read_until(stream, lines, wanted=lambda lines: True):
+    """Read a followed export into `lines` until `wanted(lines)` holds and every entry below
+    the latest checkpoint has arrived; returns that checkpoint's size."""
+    while True:
+        message = await asyncio.wait_for(stream.read(), 10)
+        assert isinstance(message, pb.ExportEntriesResponse), message
+        lines += message.lines
+        parsed = [json.loads(line) for line in lines]
+        heads = [p for p in parsed if p["type"] == "checkpoint"]
+        have = {p["index"] for p in parsed if p["type"] == "entry"}
+        size = heads[-1]["size"]
+        if wanted(lines) and have >= set(range(heads[0]["start_index"], size)):
+            return size
+
+
+def resources_in(lines, resource):
+    bodies = [json.loads(line).get("body") or "{}" for line in lines]
+    return sum(1 for body in bodies if json.loads(body).get("resource") == resource)
+
+
+async def test_follow_tails_new_entries_with_proofs(start_server, make_config, idp, member):
+    """ExportEntries(follow): the snapshot, then every growth of the log — appended here or
+    by another server process — as a checkpoint proven to extend the last one and the new
+    entries with their proofs; it verifies as one export. A cancelled tail is recorded."""
+    config = make_config(TRUSTPLANE_AUDIT_TAIL_INTERVAL="0.1")
+    async with start_server(config) as one, start_server(config) as two:
+        owner = bearer(idp.token(roles=["owner"]))
+        await append(one, member, [event(resource="before")])
+        stream = one.audit.ExportEntries(pb.ExportEntriesRequest(follow=True), metadata=owner)
+        lines: list[str] = []
+        first = await read_until(stream, lines)
+        assert resources_in(lines, "before") == 1
+        await append(one, member, [event(resource="local")] * 2)
+        await read_until(stream, lines, lambda got: resources_in(got, "local") == 2)
+        await append(two, member, [event(resource="remote")] * 3)  # polled for
+        size = await read_until(stream, lines, lambda got: resources_in(got, "remote") == 3)
+        heads = [json.loads(line) for line in lines if '"type":"checkpoint"' in line]
+        assert len(heads) >= 3 and heads[0]["complete"] and size > first
+        assert all(h["start_index"] == p["size"] for p, h in itertools.pairwise(heads))
+        report = verify_export(lines, await public_key(one, owner))
+        assert report.ok, report.problems
+        assert report.checkpoint.checkpoint.size == size == report.entries
+        tampered = [line.replace("remote", "REMOTE") for line in lines]
+        assert not verify_export(tampered, await public_key(one, owner)).ok
+        stream.cancel()
+        await one.app.audit.flush()
+        method = "/trustplane.audit.v1.AuditService/ExportEntries"
+        for _ in range(50):
+            if await tenant_entries(one, method=method):
+                break
+            await asyncio.sleep(0.05)
+        assert [e["code"] for e in await tenant_entries(one, method=method)] == ["CANCELLED"]
+
+        tail = two.audit.ExportEntries(pb.ExportEntriesRequest(follow=True), metadata=owner)
+        await read_until(tail, [])
+        started = time.monotonic()
+        await two.app.stop()  # the grace period is 5 s: the tail must not hold it
+        assert time.monotonic() - started < 3
+        assert not isinstance(await tail.read(), pb.ExportEntriesResponse)  # ended (EOF)
+        assert await tail.code() == grpc.StatusCode.OK

@@ -138,3 +138,61 @@ def test_entry_bodies_are_canonical_json():
     record = Record("t", CALL, 1, "/m", "OK", attributes={"b": "é", "a": "\x00"}, actors=("x",))
     body = encode(record, 3)
     assert body == canonical_json(json.loads(body)) and body.isascii()
+
+
+def followed(n=10, cut=6, rewrite=False):
+    """A followed export: a checkpoint at `cut` with its entries, then one at `n` (with the
+    consistency proof from `cut`) and the rest; `rewrite` signs the second over other leaves."""
+    bodies = [encode(Record("t", CALL, 1, f"/m{i}", "OK"), i) for i in range(n)]
+    tree = merkle.MemoryTree(merkle.leaf_hash(b) for b in bodies)
+    second_bodies = list(bodies)
+    if rewrite:
+        second_bodies[1] = encode(Record("t", CALL, 1, "/rewritten", "OK"), 1)
+    second = merkle.MemoryTree(merkle.leaf_hash(b) for b in second_bodies)
+
+    def head(size, root, **extra):
+        signed = merkle.sign_checkpoint(merkle.Checkpoint(LOG, size, root, 5), KEY.sign, "kid.1")
+        return json.dumps({"type": "checkpoint", **extra, **signed.to_dict()})
+
+    def entry(i, source, size):
+        proof = [_b64(h) for h in source.inclusion_proof(i, size)]
+        body = second_bodies[i] if source is second else bodies[i]
+        return json.dumps({"type": "entry", "index": i, "proof": proof, "body": body.decode()})
+
+    consistency = [_b64(h) for h in second.consistency_proof(cut, n)]
+    lines = [head(cut, tree.root_at(cut), start_index=0, complete=True)]
+    lines += [entry(i, tree, cut) for i in range(cut)]
+    lines.append(head(n, second.root(), start_index=cut, complete=False, consistency=consistency))
+    lines += [entry(i, second, n) for i in range(cut, n)]
+    return lines
+
+
+def test_a_followed_export_verifies_across_its_checkpoints():
+    lines = followed()
+    found, report = indexes(lines)
+    assert found == set() and report.ok and report.entries == 10
+    assert report.checkpoint is not None and report.checkpoint.checkpoint.size == 10
+
+
+def test_a_followed_export_must_extend_each_checkpoint():
+    _, report = indexes(followed(rewrite=True))
+    assert not report.ok and any("does not extend" in p.message for p in report.problems)
+    lines = followed()
+    later = json.loads(lines[7])
+    later["start_index"] = 3  # claims to continue from elsewhere
+    lines[7] = json.dumps(later)
+    _, report = indexes(lines)
+    assert any("start_index" in p.message for p in report.problems)
+    lines = followed()
+    del lines[9]  # entry 7 of the second segment
+    assert indexes(lines)[0] == {7}
+
+
+def test_a_partial_export_must_hold_every_index_from_its_start():
+    lines, _ = build()
+    head = json.loads(lines[0])
+    head.update(start_index=4, complete=False)
+    partial = [json.dumps(head), *lines[5:]]
+    assert indexes(partial)[1].ok
+    del partial[3]  # entry 6
+    assert indexes(partial)[0] == {6}

@@ -725,16 +725,22 @@ class ExportEntriesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     START_INDEX_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
     start_index: _builtins.int
     """First index to export; 0 exports the whole log (a complete export)."""
+    follow: _builtins.bool
+    """Keep streaming new entries as they are committed, after the snapshot (see ExportEntries);
+    at most one new checkpoint per TRUSTPLANE_AUDIT_TAIL_INTERVAL (1 s).
+    """
     def __init__(
         self,
         *,
         start_index: _builtins.int = ...,
+        follow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["start_index", b"start_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "start_index", b"start_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -159,7 +159,11 @@ class AuditServiceServicer:
     def ExportEntries(self, request, context):
         """Streams the log as NDJSON lines (docs/audit-format.md): a signed checkpoint first, then
         every entry from `start_index` with its inclusion proof against that checkpoint, so the
-        export verifies offline with only the public key (`python -m server audit verify`).
+        export verifies offline with only the public key (`python -m server audit verify`). With
+        `follow`, the stream then stays open (a tail): whenever the log has grown, a new signed
+        checkpoint line carrying the consistency proof from the previous one, then the new entries
+        with their inclusion proofs against it; it ends with OK when the server shuts down, and
+        whenever the client cancels.
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (start_index), DATA_LOSS / AUDIT_LOG_INCONSISTENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -76,7 +76,11 @@ class AuditServiceStub:
     ExportEntries: _grpc.UnaryStreamMultiCallable[_audit_pb2.ExportEntriesRequest, _audit_pb2.ExportEntriesResponse]
     """Streams the log as NDJSON lines (docs/audit-format.md): a signed checkpoint first, then
     every entry from `start_index` with its inclusion proof against that checkpoint, so the
-    export verifies offline with only the public key (`python -m server audit verify`).
+    export verifies offline with only the public key (`python -m server audit verify`). With
+    `follow`, the stream then stays open (a tail): whenever the log has grown, a new signed
+    checkpoint line carrying the consistency proof from the previous one, then the new entries
+    with their inclusion proofs against it; it ends with OK when the server shuts down, and
+    whenever the client cancels.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (start_index), DATA_LOSS / AUDIT_LOG_INCONSISTENT.
     """
     StreamAppendEntries: _grpc.StreamUnaryMultiCallable[_audit_pb2.StreamAppendEntriesRequest, _audit_pb2.StreamAppendEntriesResponse]
@@ -157,7 +161,11 @@ class AuditServiceAsyncStub(AuditServiceStub):
     ExportEntries: _aio.UnaryStreamMultiCallable[_audit_pb2.ExportEntriesRequest, _audit_pb2.ExportEntriesResponse]  # type: ignore[assignment]
     """Streams the log as NDJSON lines (docs/audit-format.md): a signed checkpoint first, then
     every entry from `start_index` with its inclusion proof against that checkpoint, so the
-    export verifies offline with only the public key (`python -m server audit verify`).
+    export verifies offline with only the public key (`python -m server audit verify`). With
+    `follow`, the stream then stays open (a tail): whenever the log has grown, a new signed
+    checkpoint line carrying the consistency proof from the previous one, then the new entries
+    with their inclusion proofs against it; it ends with OK when the server shuts down, and
+    whenever the client cancels.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (start_index), DATA_LOSS / AUDIT_LOG_INCONSISTENT.
     """
     StreamAppendEntries: _aio.StreamUnaryMultiCallable[_audit_pb2.StreamAppendEntriesRequest, _audit_pb2.StreamAppendEntriesResponse]  # type: ignore[assignment]
@@ -271,7 +279,11 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_audit_pb2.ExportEntriesResponse], _abc.AsyncIterator[_audit_pb2.ExportEntriesResponse]]:
         """Streams the log as NDJSON lines (docs/audit-format.md): a signed checkpoint first, then
         every entry from `start_index` with its inclusion proof against that checkpoint, so the
-        export verifies offline with only the public key (`python -m server audit verify`).
+        export verifies offline with only the public key (`python -m server audit verify`). With
+        `follow`, the stream then stays open (a tail): whenever the log has grown, a new signed
+        checkpoint line carrying the consistency proof from the previous one, then the new entries
+        with their inclusion proofs against it; it ends with OK when the server shuts down, and
+        whenever the client cancels.
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (start_index), DATA_LOSS / AUDIT_LOG_INCONSISTENT.
         """
 
