@@ -339,7 +339,10 @@ class App:
                 self._every(self.config.audit.checkpoint_interval, self.audit.checkpoints_due),
                 name="audit-checkpoints",
             ),
-            asyncio.create_task(self._every(3600.0, self.audit.expire), name="audit-retention"),
+            asyncio.create_task(
+                self._every(self.config.audit.retention_interval, self.audit.expire),
+                name="audit-retention",
+            ),
             asyncio.create_task(
                 self._every(self.config.session.sweep_interval, self.sessions.sweep),
                 name="session-sweep",

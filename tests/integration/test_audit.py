@@ -491,3 +491,26 @@ async def test_follow_tails_new_entries_with_proofs(start_server, make_config, i
         assert time.monotonic() - started < 3
         assert not isinstance(await tail.read(), pb.ExportEntriesResponse)  # ended (EOF)
         assert await tail.code() == grpc.StatusCode.OK
+
+
+async def test_retention_runs_every_configured_interval(start_server, idp, member):
+    """TRUSTPLANE_AUDIT_RETENTION_INTERVAL: the background job removes expired bodies by
+    itself (nobody calls expire)."""
+    now = [time.time() - 400 * 86_400]
+    async with start_server(
+        clock=lambda: now[0], TRUSTPLANE_AUDIT_RETENTION_INTERVAL="0.2"
+    ) as running:
+        old = await append(running, member, [event(resource="old")] * 3)
+        now[0] = time.time()
+        await append(running, member, [event(resource="new")])
+        viewer = bearer(idp.token(roles=["viewer"]))
+        redacted: list[int] = []
+        for _ in range(50):
+            listed = await running.audit.ListEntries(
+                pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT), metadata=viewer
+            )
+            redacted = [e.index for e in listed.entries if not e.body]
+            if redacted:
+                break
+            await asyncio.sleep(0.1)
+        assert redacted == list(old.indexes)
