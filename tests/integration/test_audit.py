@@ -4,8 +4,11 @@ durability of security-class calls, receipts, proofs, queries, isolation, export
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import subprocess
+import sys
 import time
 import uuid
 
@@ -15,11 +18,13 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf import timestamp_pb2
 from tptest.v1 import test_service_pb2
 from trustplane.audit.v1 import audit_pb2 as pb
+from trustplane.audit.v1 import audit_pb2_grpc
 from trustplane.crypto.v1 import crypto_pb2
 
 from server.audit import merkle
 from server.audit.model import SYSTEM_TENANT, EntryFilter, decode
 from server.audit.verify import verify_export
+from tests.support.process import ROOT, server_env
 from tests.support.status import expect_error
 from tests.support.tokens import OTHER_TENANT, TENANT, bearer
 
@@ -334,20 +339,57 @@ async def test_list_filters_time_actor_agent_method_and_code(start_server, idp):
 
 
 async def test_cross_tenant_queries_see_nothing(server, idp, member):
+    """Another tenant's log is at least as large, so every index and size we use exists there
+    too: what it gets back is its own log (its leaves, roots, log id), never ours."""
     receipt = await append(server, member, [event(resource="secret-tool")] * 3)
+    mine = bearer(idp.token(roles=["owner"]))
+    ours = await server.audit.GetCheckpoint(pb.GetCheckpointRequest(), metadata=mine)
+    other_member = bearer(idp.token(roles=["member"], tid=OTHER_TENANT))
+    await append(server, other_member, [event(resource="theirs")] * (receipt.indexes[-1] + 5))
     other = bearer(idp.token(roles=["owner"], tid=OTHER_TENANT))
+    theirs = await server.audit.GetCheckpoint(pb.GetCheckpointRequest(), metadata=other)
+    assert theirs.checkpoint.log_id == f"trustplane.audit/{OTHER_TENANT}"
+    assert theirs.checkpoint.tree_size >= ours.checkpoint.tree_size
+    assert theirs.checkpoint.root_hash != ours.checkpoint.root_hash
+
     listed = await server.audit.ListEntries(pb.ListEntriesRequest(), metadata=other)
-    assert all(e.resource != "secret-tool" for e in listed.entries)
+    assert listed.entries and all(e.resource != "secret-tool" for e in listed.entries)
     assert all(TENANT not in e.body for e in listed.entries)
-    status = await expect_error(
-        server.audit.GetInclusionProof(
-            pb.GetInclusionProofRequest(
-                index=receipt.indexes[-1], tree_size=receipt.indexes[-1] + 1
-            ),
-            metadata=other,
-        )
+    mine_listed = await server.audit.ListEntries(
+        pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT, resource="secret-tool"), metadata=mine
     )
-    assert (status.code, status.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    our_leaves = {e.index: e.leaf_hash for e in mine_listed.entries}
+
+    index, size = receipt.indexes[-1], ours.checkpoint.tree_size
+    proof = await server.audit.GetInclusionProof(
+        pb.GetInclusionProofRequest(index=index, tree_size=size), metadata=other
+    )
+    assert proof.leaf_hash != our_leaves[index]  # their leaf at that index
+    assert proof.root_hash != ours.checkpoint.root_hash
+    assert not merkle.verify_inclusion(
+        our_leaves[index], index, size, list(proof.hashes), proof.root_hash
+    )
+    fresh = await server.audit.GetInclusionProof(
+        pb.GetInclusionProofRequest(index=index), metadata=other
+    )
+    assert fresh.checkpoint.log_id == f"trustplane.audit/{OTHER_TENANT}"
+    consistency = await server.audit.GetConsistencyProof(
+        pb.GetConsistencyProofRequest(first_tree_size=size), metadata=other
+    )
+    assert consistency.first_root_hash != ours.checkpoint.root_hash
+    assert consistency.checkpoint.log_id == f"trustplane.audit/{OTHER_TENANT}"
+    assert not merkle.verify_consistency(
+        size,
+        consistency.second_tree_size,
+        ours.checkpoint.root_hash,
+        consistency.second_root_hash,
+        list(consistency.hashes),
+    )
+    pinned = await server.audit.GetConsistencyProof(
+        pb.GetConsistencyProofRequest(first_tree_size=1, second_tree_size=size), metadata=other
+    )
+    assert pinned.second_root_hash != ours.checkpoint.root_hash
+
     lines = await export(server, other)
     assert all("secret-tool" not in line for line in lines)
     head = json.loads(lines[0])
@@ -363,12 +405,54 @@ async def export(running, metadata, start=0):
     return lines
 
 
-async def test_two_servers_append_one_consistent_tree(start_server, make_config, idp, member):
+@contextlib.asynccontextmanager
+async def app_process(config):
+    """The real App in a process of its own (tests/support/app_process.py) sharing this
+    test's PostgreSQL, Redis and data directory (so the same root key); yields its port."""
+    env = server_env(
+        DATABASE_URL=config.database.url,
+        REDIS_URL=config.cache.url,
+        TRUSTPLANE_CACHE_PREFIX=config.cache.prefix,
+        TRUSTPLANE_LISTEN="127.0.0.1:0",
+        TRUSTPLANE_METRICS_LISTEN="off",
+        TRUSTPLANE_TRUSTED_ISSUERS_FILE=str(config.auth.trusted_issuers_file),
+        TRUSTPLANE_DATA_DIR=str(config.data_dir),
+        TRUSTPLANE_RATE_LIMIT="0",
+    )
+    env["PYTHONPATH"] += f":{ROOT}/tests/generated"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.app_process"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)
+        yield int(line.strip().removeprefix("port="))
+    finally:
+        process.terminate()
+        await asyncio.to_thread(process.wait, 30)
+        process.stdout.close()
+
+
+async def test_two_server_processes_append_one_consistent_tree(make_config, idp, member):
+    """Two OS processes, each with its own writer, append to one tenant's log at once: the
+    per-tenant PostgreSQL lock makes them take turns, so the result is one tree."""
     config = make_config()
-    async with start_server(config) as one, start_server(config) as two:
+    async with (  # one after the other: the first creates the root key both use
+        app_process(config) as first,
+        app_process(config) as second,
+        grpc.aio.insecure_channel(f"127.0.0.1:{first}") as one,
+        grpc.aio.insecure_channel(f"127.0.0.1:{second}") as two,
+    ):
+        stubs = [audit_pb2_grpc.AuditServiceStub(c) for c in (one, two)]
         calls = [
-            append(running, member, [event(resource=f"{n}-{i}") for i in range(20)])
-            for n, running in enumerate([one, two] * 10)
+            stub.AppendEntries(
+                pb.AppendEntriesRequest(events=[event(resource=f"{n}-{i}") for i in range(20)]),
+                metadata=member,
+            )
+            for n, stub in enumerate(stubs * 10)
         ]
         receipts = await asyncio.gather(*calls)
         indexes = sorted(i for r in receipts for i in r.indexes)
@@ -376,11 +460,25 @@ async def test_two_servers_append_one_consistent_tree(start_server, make_config,
         for r in receipts:  # each batch is contiguous: one writer per log at a time
             assert list(r.indexes) == list(range(r.indexes[0], r.indexes[0] + 20))
         owner = bearer(idp.token(roles=["owner"]))
-        lines = await export(one, owner)
-        key = await public_key(two, owner)
+        lines: list[str] = []
+        async for chunk in stubs[0].ExportEntries(pb.ExportEntriesRequest(), metadata=owner):
+            lines += chunk.lines
+        head = await stubs[1].GetCheckpoint(pb.GetCheckpointRequest(), metadata=owner)
+        key = serialization.load_pem_public_key(head.public_key_pem.encode())
         report = verify_export(lines, key)
         assert report.ok, report.problems
         assert report.entries == json.loads(lines[0])["size"] >= 400
+        later = await stubs[1].GetConsistencyProof(
+            pb.GetConsistencyProofRequest(first_tree_size=report.entries), metadata=owner
+        )
+        first_root = report.checkpoint.checkpoint.root
+        assert merkle.verify_consistency(
+            report.entries,
+            later.second_tree_size,
+            first_root,
+            later.second_root_hash,
+            list(later.hashes),
+        )
 
 
 async def public_key(running, metadata):
@@ -514,3 +612,52 @@ async def test_retention_runs_every_configured_interval(start_server, idp, membe
                 break
             await asyncio.sleep(0.1)
         assert redacted == list(old.indexes)
+
+
+async def test_a_checkpoint_is_signed_every_interval(start_server, idp, member):
+    """TRUSTPLANE_AUDIT_CHECKPOINT_INTERVAL: the periodic job signs a checkpoint of every log
+    that grew, without anybody asking for one (and none while nothing changes)."""
+    async with start_server(
+        TRUSTPLANE_AUDIT_CHECKPOINT_INTERVAL="0.2", TRUSTPLANE_AUDIT_CHECKPOINT_ENTRIES="0"
+    ) as running:
+
+        async def signed_sizes():
+            rows = await running.app.db.pool.fetch(
+                "SELECT size FROM audit_checkpoints WHERE tenant_id = $1 ORDER BY size", TENANT
+            )
+            return [r["size"] for r in rows]
+
+        async def signed_at_least(size):
+            for _ in range(50):
+                sizes = await signed_sizes()
+                if sizes and sizes[-1] >= size:
+                    return sizes
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"no checkpoint of {size} entries signed: {sizes}")
+
+        first = await append(running, member, [event()] * 3)
+        sizes = await signed_at_least(first.indexes[-1] + 1)
+        await running.app.audit.flush()
+        grown = await running.app.db.pool.fetchval(
+            "SELECT size FROM audit_logs WHERE tenant_id = $1", TENANT
+        )
+        settled = await signed_at_least(grown)
+        await asyncio.sleep(0.6)  # three periods without growth: nothing new
+        assert await signed_sizes() == settled
+        second = await append(running, member, [event()] * 2)
+        later = await signed_at_least(second.indexes[-1] + 1)
+        assert len(later) > len(sizes)
+        row = await running.app.db.pool.fetchrow(
+            "SELECT size, root, timestamp_ms, key_id, signature FROM audit_checkpoints"
+            " WHERE tenant_id = $1 ORDER BY size DESC LIMIT 1",
+            TENANT,
+        )
+        signed = merkle.SignedCheckpoint(
+            merkle.Checkpoint(
+                f"trustplane.audit/{TENANT}", row["size"], bytes(row["root"]), row["timestamp_ms"]
+            ),
+            row["key_id"],
+            bytes(row["signature"]),
+        )
+        owner = bearer(idp.token(roles=["owner"]))
+        assert merkle.verify_checkpoint(signed, await public_key(running, owner))
