@@ -97,7 +97,7 @@ async def run_bench(settings: Settings, placement: Placement, workdir: Path) -> 
         scored = [await _measure_case(case, server, settings, placement, workdir) for case in built]
     for variant in cases.VARIANTS:
         scored += await _measure_variant(variant, wanted, settings, placement, workdir)
-    return Results(ceiling, scored)
+    return Results(ceiling, report.with_baselines(scored))
 
 
 async def _measure_variant(
@@ -158,7 +158,7 @@ async def _measure_case(
     if case.requests is not None:
         shape = dataclasses.replace(shape, requests=max(case.requests, shape.in_flight))
     measured = await measure(target, shape, settings.runs, workdir, placement.load_prefix())
-    return Scored(measured, case.target_ratio, case.items, case.target_items_per_s)
+    return Scored(measured, case.target_ratio, case.items, case.target_items_per_s, case.ratio_to)
 
 
 async def main_async(settings: Settings) -> int:
