@@ -32,7 +32,7 @@ from server.audit.model import (
     Record,
     Settings,
     StoredEntry,
-    encode,
+    encode_all,
     log_id,
 )
 from server.db import Database
@@ -119,7 +119,7 @@ class PgAuditStore:
         if stored is not None:  # committed by an earlier attempt whose answer was lost
             return int(stored), None
         size = size or 0
-        bodies = [encode(record, size + i) for i, record in enumerate(records)]
+        bodies = encode_all(records, size)
         cached = self._edges.get(tenant_id)
         if cached is not None and cached[0] == size:
             edge = cached[1]
@@ -135,13 +135,12 @@ class PgAuditStore:
         )
         await conn.copy_records_to_table(
             "audit_nodes",
-            records=[(tenant_id, *node) for node in nodes],
+            records=[(tenant_id, level, index, value) for level, index, value in nodes],
             columns=("tenant_id", "level", "idx", "hash"),
         )
         new_size = size + len(records)
         await conn.execute(_SET_SIZE, tenant_id, new_size)
-        known = {**edge, **{(level, index): value for level, index, value in nodes}}
-        return int(size), (new_size, {place: known[place] for place in _edge(new_size)})
+        return int(size), (new_size, _new_edge(edge, nodes, new_size))
 
     async def size(self, tenant_id: str) -> int:
         async with self._db.acquire() as conn:
@@ -363,6 +362,18 @@ _SUBJECT_REF = (
 )
 
 
+def _new_edge(
+    edge: Mapping[tuple[int, int], bytes], nodes: Sequence[merkle.StoredNode], size: int
+) -> dict[tuple[int, int], bytes]:
+    """The right-edge subtrees after an append: from the old edge or the nodes it completed."""
+    wanted = _edge(size)
+    found = {place: edge[place] for place in wanted if place in edge}
+    if len(found) < len(wanted):
+        missing = set(wanted) - found.keys()
+        found.update(((lv, ix), h) for lv, ix, h in nodes if (lv, ix) in missing)
+    return found
+
+
 def _edge(size: int) -> list[tuple[int, int]]:
     """The perfect subtrees of a tree of `size` leaves (its binary decomposition)."""
     found, start = [], 0
@@ -394,25 +405,55 @@ _COLUMNS = (
 def _entry_rows(
     tenant_id: str, records: Sequence[Record], size: int, bodies: Sequence[bytes], batch: bytes
 ) -> list[tuple[Any, ...]]:
-    return [
-        (
-            tenant_id,
-            size + i,
-            _time(r.time_ms),
-            r.kind,
-            _column(r.method),
-            _column(r.code),
-            _column(r.subject),
-            _column(r.actor),
-            _column(r.session_id),
-            _column(r.resource),
-            r.data_subject,
-            body.decode(),
-            batch if i == 0 else None,
-            [_column(a) for a in r.actors],
+    """The COPY rows of a batch: the first carries the batch id. Entries of one call share one
+    time, converted once."""
+    times: dict[int, dt.datetime] = {}
+    rows = []
+    for i, (r, body) in enumerate(zip(records, bodies, strict=True)):
+        at = times.get(r.time_ms)
+        if at is None:
+            at = times[r.time_ms] = _time(r.time_ms)
+        text = body.decode()
+        first = batch if i == 0 else None
+        if "\\u0000" in text:  # a field holds NUL (escaped in the body), which text cannot
+            rows.append(_nul_row(tenant_id, size + i, at, r, text, first))
+            continue
+        rows.append(
+            (
+                tenant_id,
+                size + i,
+                at,
+                r.kind,
+                r.method,
+                r.code,
+                r.subject,
+                r.actors[0] if r.actors else r.subject,
+                r.session_id,
+                r.resource,
+                r.data_subject,
+                text,
+                first,
+                r.actors,
+            )
         )
-        for i, (r, body) in enumerate(zip(records, bodies, strict=True))
-    ]
+    return rows
+
+
+def _nul_row(
+    tenant_id: str, index: int, at: dt.datetime, r: Record, text: str, batch: bytes | None
+) -> tuple[Any, ...]:
+    columns = (r.method, r.code, r.subject, r.actor, r.session_id, r.resource)
+    return (
+        tenant_id,
+        index,
+        at,
+        r.kind,
+        *(_column(c) for c in columns),
+        r.data_subject,
+        text,
+        batch,
+        [_column(a) for a in r.actors],
+    )
 
 
 _FILTER_COLUMNS = ("subject", "actor", "session_id", "method", "code", "resource", "kind")

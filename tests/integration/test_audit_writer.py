@@ -404,3 +404,25 @@ async def test_a_security_stream_is_recorded_before_its_first_message(
         assert [(e["code"], e["attributes"].get("stream")) for e in exports[2:]] == [
             ("INVALID_ARGUMENT", None)
         ]
+
+
+async def test_nul_characters_are_kept_in_the_body(start_server):
+    """PostgreSQL text cannot hold NUL: the filter columns get U+FFFD, the body (which the leaf
+    hash covers) keeps the exact value, JSON-escaped."""
+    async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+        log = running.app.audit
+        nul = Record(
+            tenant_id=TENANT,
+            kind=CALL,
+            time_ms=1,
+            method="/m",
+            code="OK",
+            resource="a\x00b",
+            actors=("agent\x00x",),
+        )
+        [index] = await log.commit([nul])
+        found, _ = await log.list_entries(TENANT, EntryFilter(resource="a\x00b"), 10, "")
+        assert [e.index for e in found] == [index]
+        assert decode(found[0].body)["resource"] == "a\x00b"
+        chain, _ = await log.list_entries(TENANT, EntryFilter(agent="agent\x00x"), 10, "")
+        assert [e.index for e in chain] == [index]

@@ -7,9 +7,11 @@ import base64
 import json
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.audit import merkle
-from server.audit.model import CALL, Record, encode, log_id
+from server.audit.model import CALL, Record, canonical_json, encode, encode_all, log_id
 from server.audit.verify import verify_export
 
 KEY = Ed25519PrivateKey.generate()
@@ -133,11 +135,100 @@ def test_trusted_checkpoint_catches_truncation_and_rewrites():
 
 
 def test_entry_bodies_are_canonical_json():
-    from server.audit.model import canonical_json
-
     record = Record("t", CALL, 1, "/m", "OK", attributes={"b": "é", "a": "\x00"}, actors=("x",))
     body = encode(record, 3)
     assert body == canonical_json(json.loads(body)) and body.isascii()
+
+
+def _fields(record, index):
+    """What a body must hold: every field of the record under its documented key."""
+    fields = {
+        "actors": list(record.actors),
+        "attributes": dict(record.attributes),
+        "index": index,
+        "log": log_id(record.tenant_id),
+        "v": 1,
+        **{
+            name: getattr(record, name)
+            for name in [
+                "audit_class",
+                "code",
+                "event_type",
+                "idempotency_key",
+                "kind",
+                "latency_us",
+                "method",
+                "occurred_at_ms",
+                "peer",
+                "reason",
+                "replayed",
+                "request_digest",
+                "request_id",
+                "resource",
+                "session_id",
+                "subject",
+                "subject_type",
+                "time_ms",
+            ]
+        },
+    }
+    if record.data_subject:
+        fields["personal"] = {"ciphertext": record.personal, "subject": record.data_subject}
+    return fields
+
+
+_text = st.text(st.characters(codec="utf-8") | st.sampled_from('\x00\x1f"\\\u2028é\U0001f600'))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    record=st.builds(
+        Record,
+        tenant_id=_text,
+        kind=st.sampled_from(["call", "event", "gap"]),
+        time_ms=st.integers(0, 2**53),
+        method=_text,
+        code=_text,
+        reason=_text,
+        subject=_text,
+        subject_type=_text,
+        actors=st.lists(_text, max_size=3).map(tuple),
+        session_id=_text,
+        request_id=_text,
+        idempotency_key=_text,
+        replayed=st.booleans(),
+        request_digest=_text,
+        peer=_text,
+        latency_us=st.integers(0, 2**40),
+        resource=_text,
+        event_type=_text,
+        attributes=st.dictionaries(_text, _text, max_size=4),
+        audit_class=st.sampled_from(["access", "security"]),
+        occurred_at_ms=st.integers(0, 2**53),
+        data_subject=_text,
+        personal=_text,
+    ),
+    index=st.integers(0, 2**40),
+)
+def test_a_body_holds_exactly_the_record_canonically(record, index):
+    body = encode(record, index)
+    assert json.loads(body) == _fields(record, index)
+    assert body == canonical_json(_fields(record, index)) and body.isascii()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    shared=st.lists(st.sampled_from(["a", "b", "é"]), min_size=1, max_size=8),
+    resources=st.lists(_text, min_size=8, max_size=8),
+)
+def test_bodies_of_a_run_are_those_of_each_record(shared, resources):
+    """encode_all writes the shared JSON once per run: the same bodies as encode, whether
+    neighbours share their call's fields or not."""
+    records = [
+        Record("t", CALL, 1, f"/m{s}", "OK", subject=s, resource=r, attributes={"k": r})
+        for s, r in zip(shared, resources, strict=False)
+    ]
+    assert encode_all(records, 7) == [encode(r, 7 + i) for i, r in enumerate(records)]
 
 
 def followed(n=10, cut=6, rewrite=False):
