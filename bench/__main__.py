@@ -106,7 +106,7 @@ async def run_bench(settings: Settings, placement: Placement, workdir: Path) -> 
         ]
     for variant in cases.VARIANTS:
         scored += await _measure_variant(variant, wanted, settings, placement, workdir)
-    return Results(ceiling, scored, generator_ceiling)
+    return Results(ceiling, report.with_baselines(scored), generator_ceiling)
 
 
 async def _measure_variant(
@@ -176,7 +176,9 @@ async def _measure_case(
         shape = dataclasses.replace(shape, requests=max(case.requests, shape.in_flight))
     measured = await measure(target, shape, settings.runs, workdir, placement.load_prefix())
     ceiling = generator_ceiling if case.unique_field else None
-    return Scored(measured, case.target_ratio, case.items, case.target_items_per_s, ceiling)
+    return Scored(
+        measured, case.target_ratio, case.items, case.target_items_per_s, ceiling, case.ratio_to
+    )
 
 
 async def main_async(settings: Settings) -> int:

@@ -18,6 +18,7 @@ with `unique_field` (a fresh request id per call, which h2load cannot send) is d
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -66,6 +67,9 @@ class Case:
     # grpc.aio generator (bench.grpcload) instead of h2load and measured against an echo
     # ceiling taken with that generator.
     unique_field: int = 0
+    # The name of another case: `target_ratio` is then this case's req/s over that case's
+    # (e.g. the audited mutation over the same one with audit off) instead of over the echo.
+    ratio_to: str = ""
 
 
 CaseBuilder = Callable[[BenchContext], Awaitable[Case]]
@@ -138,7 +142,8 @@ async def _batch_encrypt(ctx: BenchContext) -> Case:
 
 async def _audited_mutation(ctx: BenchContext) -> Case:
     """UpdateKey (labels): a SECURITY-class mutation, answered only after its audit entry is
-    committed (group commit under load). Compare with TRUSTPLANE_AUDIT=off for the layer's cost."""
+    committed (group commit under load); its target is ≥ 0.8 of the same mutation on a server
+    with TRUSTPLANE_AUDIT=off (the `audit-off` variant): the audit layer's cost."""
     key = crypto_pb2.Key(name="bench", labels={"bench": "yes"})
     request = crypto_pb2.UpdateKeyRequest(
         key=key, update_mask=field_mask_pb2.FieldMask(paths=["labels"])
@@ -147,10 +152,20 @@ async def _audited_mutation(ctx: BenchContext) -> Case:
         name="CryptoService/UpdateKey (audited, durable)",
         path="/trustplane.crypto.v1.CryptoService/UpdateKey",
         request=request.SerializeToString(),
-        target_ratio=0.0,
+        target_ratio=0.8,
         headers=await _crypto_key(ctx),
         requests=5000,
+        ratio_to=_UNAUDITED_MUTATION,
     )
+
+
+_UNAUDITED_MUTATION = "CryptoService/UpdateKey (audit off)"
+
+
+async def _unaudited_mutation(ctx: BenchContext) -> Case:
+    """The same UpdateKey on a server with TRUSTPLANE_AUDIT=off: the audited case's baseline."""
+    audited = await _audited_mutation(ctx)
+    return dataclasses.replace(audited, name=_UNAUDITED_MUTATION, target_ratio=0.0, ratio_to="")
 
 
 async def _audit_append(ctx: BenchContext) -> Case:
@@ -389,6 +404,7 @@ VARIANTS: list[Variant] = [
         {"TRUSTPLANE_POLICY_DECISION_CACHE_SIZE": "0"},
         [("PolicyService/Check (2x2, decision cache off)", _policy_check_uncached)],
     ),
+    Variant("audit-off", {"TRUSTPLANE_AUDIT": "off"}, [(_UNAUDITED_MUTATION, _unaudited_mutation)]),
 ]
 
 

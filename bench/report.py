@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench.h2load import LoadShape
 from bench.measure import Measurement
@@ -24,11 +24,22 @@ class Scored:
     target_ratio: float
     items: int = 1  # items per request (batch RPCs)
     target_items_per_s: float = 0.0  # when set, the target is a throughput, not a ratio
-    ceiling: Measurement | None = None
+    ceiling: Measurement | None = None  # its own echo ceiling (generator cases), else h2load's
+    ratio_to: str = ""  # the case the ratio is over, instead of the echo ceiling
+    baseline: Measurement | None = None  # that case's measurement (None: not measured)
 
     def ratio(self, ceiling: Measurement) -> float:
-        own = self.ceiling or ceiling
-        return self.measurement.median.requests_per_second / own.median.requests_per_second
+        below = (self.ceiling or ceiling) if not self.ratio_to else self.baseline
+        if below is None:
+            return 0.0
+        return self.measurement.median.requests_per_second / below.median.requests_per_second
+
+    def ratio_cell(self, ceiling: Measurement) -> str:
+        if not self.ratio_to:
+            return f"{self.ratio(ceiling):.2f}"
+        if self.baseline is None:
+            return f"— (to {self.ratio_to}: not measured)"
+        return f"{self.ratio(ceiling):.2f} (to {self.ratio_to})"
 
     @property
     def items_per_s(self) -> float:
@@ -46,8 +57,11 @@ class Scored:
         return f"≥ {self.target_ratio:.2f}"
 
     def met(self, ceiling: Measurement) -> bool:
-        """The target is met by a correct measurement at or above the target."""
+        """The target is met by a correct measurement at or above the target (and, for a ratio
+        to another case, a correct measurement of that case)."""
         if self.measurement.problems:
+            return False
+        if self.ratio_to and (self.baseline is None or self.baseline.problems):
             return False
         if self.target_items_per_s:
             return self.items_per_s >= self.target_items_per_s
@@ -86,7 +100,7 @@ def table(
             _row(
                 case.measurement,
                 items,
-                f"{case.ratio(echo):.2f}",
+                case.ratio_cell(echo),
                 case.target(),
                 case.verdict(echo),
                 case.ceiling or echo,
@@ -148,11 +162,20 @@ def summary_line(echo: Measurement, cases: Sequence[Scored]) -> str:
     if not missed:
         return f"Targets: all {len(targeted)} met ({len(cases) - len(targeted)} reported only)."
     names = ", ".join(
-        f"{c.measurement.name} ({c.ratio(echo):.2f} vs {c.target()}"
+        f"{c.measurement.name} ({c.ratio_cell(echo)} vs {c.target()}"
         f"{', incorrect' if c.measurement.problems else ''})"
         for c in missed
     )
     return f"Targets: {len(missed)} of {len(targeted)} MISSED: {names}."
+
+
+def with_baselines(cases: Sequence[Scored]) -> list[Scored]:
+    """Each case whose ratio is to another case, given that case's measurement."""
+    measured = {case.measurement.name: case.measurement for case in cases}
+    return [
+        replace(case, baseline=measured.get(case.ratio_to)) if case.ratio_to else case
+        for case in cases
+    ]
 
 
 def correctness_lines(problems: Sequence[str]) -> list[str]:

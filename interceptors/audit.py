@@ -13,15 +13,27 @@ is durably committed ("no audit, no action"); if that fails the caller gets UNAV
 AUDIT_UNAVAILABLE instead of the result (the action may have happened: the caller retries with
 the same request id and gets the replay). ACCESS: the entry goes into a bounded in-memory queue
 without waiting; only when the queue is full does the call wait for room (back-pressure).
+
+A cancelled call cannot wait for anything: its entry (code CANCELLED) is handed over with
+`record_nowait`, which never loses it (with a full queue it is held aside, or — an access entry
+under TRUSTPLANE_AUDIT_OVERFLOW=drop — dropped, counted and recorded as a gap like any other).
+
+A SECURITY-class *server stream* sends data before it has a final status, so "no audit, no
+action" needs an entry before the first message: the layer commits one (code OK, attribute
+`stream` = `opened`) durably before the first message is written, and fails the call with
+AUDIT_UNAVAILABLE instead of sending anything if it cannot; the call's usual entry, with its
+final code, follows when the stream ends (attribute `stream` = `closed`). A stream that fails
+before its first message has only that final entry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
@@ -44,6 +56,7 @@ class AuditSink(Protocol):
 
     def offer(self, record: Record) -> bool: ...
     async def put(self, record: Record) -> None: ...
+    def record_nowait(self, record: Record) -> None: ...
     async def commit(self, records: list[Record]) -> list[int]: ...
 
 
@@ -58,25 +71,43 @@ class AuditLayer:
         self._clock = clock
 
     def wrap(self, method: MethodSpec, call: Call) -> Call:
-        settle = self._durable if method.audit is AuditClass.SECURITY else self._queued
+        security = method.audit is AuditClass.SECURITY
+        settle = self._durable if security else self._queued
+        opens = security and method.server_streaming
         record = self._record
 
         async def audited(request: Any, context: Context) -> Any:
             state = call_state.current()
+            inner: Any = context
+            if opens:
+                inner = _Opening(context, self._opener(state, request, context))
             try:
-                response = await call(request, context)
+                response = await call(request, inner)
             except grpc.aio.AbortError:
                 _settle_abort(state, context)
                 await settle(record(state, request, context), context, failed=True)
                 raise
             except asyncio.CancelledError:
                 state.code = grpc.StatusCode.CANCELLED
-                _offer(self._sink, record(state, request, context))
+                self._sink.record_nowait(record(state, request, context))
                 raise
             await settle(record(state, request, context), context, failed=False)
             return response
 
         return audited
+
+    def _opener(
+        self, state: call_state.CallState, request: Any, context: Context
+    ) -> Callable[[], Awaitable[None]]:
+        """Commits a stream's `opened` entry; later entries of the call say `closed`."""
+
+        async def opened() -> None:
+            entry = self._record(state, request, context)
+            attributes = {**entry.attributes, "stream": "opened"}
+            await self._sink.commit([dataclasses.replace(entry, attributes=attributes)])
+            state.audit_attributes["stream"] = "closed"
+
+        return opened
 
     async def _queued(self, entry: Record, context: Context, *, failed: bool) -> None:
         if not self._sink.offer(entry):
@@ -121,10 +152,22 @@ class AuditLayer:
         return hmac.digest(self._key, request.SerializeToString(), "sha256").hex()
 
 
-def _offer(sink: AuditSink, entry: Record) -> None:
-    """Cancelled calls cannot wait; a full queue here is logged, never silent."""
-    if not sink.offer(entry):
-        _log.error("audit queue full; cancelled call not recorded", extra={"method": entry.method})
+class _Opening:
+    """The call's context, except that the first `write` first runs `before` (which commits the
+    stream's opening entry; if it raises, nothing is written)."""
+
+    def __init__(self, context: Context, before: Callable[[], Awaitable[None]]) -> None:
+        self._context = context
+        self._before: Callable[[], Awaitable[None]] | None = before
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def write(self, message: Any) -> None:
+        before, self._before = self._before, None
+        if before is not None:
+            await before()
+        await self._context.write(message)
 
 
 def _resource(request: Any) -> str:

@@ -351,7 +351,10 @@ class App:
                 self._every(self.config.audit.checkpoint_interval, self.audit.checkpoints_due),
                 name="audit-checkpoints",
             ),
-            asyncio.create_task(self._every(3600.0, self.audit.expire), name="audit-retention"),
+            asyncio.create_task(
+                self._every(self.config.audit.retention_interval, self.audit.expire),
+                name="audit-retention",
+            ),
             asyncio.create_task(
                 self._every(self.config.session.sweep_interval, self.sessions.sweep),
                 name="session-sweep",
@@ -550,6 +553,17 @@ class App:
             self._metrics_server = server
             self.metrics_port = server.port
 
+    async def _flush_coalesced(self) -> None:
+        """Write what was being coalesced in memory (key usage, last-use times), best effort."""
+        if self.db is None:
+            return
+        if self.crypto is not None:
+            with contextlib.suppress(Exception):
+                await self.crypto.flush_usage()
+        if self.api_keys is not None:
+            with contextlib.suppress(Exception):
+                await self.api_keys.flush()
+
     async def stop(self) -> None:
         """Graceful shutdown; safe to call on a partly started app, and twice."""
         health, self._health = self._health, None
@@ -557,6 +571,8 @@ class App:
             await health.shutdown()
         if self.sessions is not None:
             self.sessions.close()  # watch streams end now rather than at the grace deadline
+        if self.audit is not None:
+            self.audit.stop_following()  # followed exports too
         server, self._server = self._server, None
         if server is not None:
             await server.stop(self.config.server.grace_period)
@@ -566,12 +582,7 @@ class App:
         background, self._background = self._background, []
         for task in background:
             await stop_following(task)
-        if self.crypto is not None and self.db is not None:
-            with contextlib.suppress(Exception):
-                await self.crypto.flush_usage()
-        if self.api_keys is not None and self.db is not None:
-            with contextlib.suppress(Exception):
-                await self.api_keys.flush()  # the last coalesced last-use times
+        await self._flush_coalesced()
         audit, self.audit = self.audit, None
         if audit is not None:
             await audit.close()  # after the server stopped: every answered call is queued

@@ -143,9 +143,13 @@ class AuditConfig:
     checkpoint_interval: float = 10.0  # seconds between automatic signed checkpoints
     checkpoint_entries: int = 10_000  # also sign one whenever a log passes a multiple of this
     retention_days: int = 365  # default per tenant; bodies of older entries are removed
+    retention_interval: float = 3600.0  # seconds between retention runs
     # A full queue makes access-class calls wait ("block") or drops their entries and records a
     # gap entry with the count ("drop"); security-class entries are never dropped.
     overflow: str = "block"
+    # A followed export (ExportEntries `follow`) sends at most one checkpoint this often, and
+    # polls for other processes' appends at this period.
+    tail_interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -359,7 +363,11 @@ def _audit(env: _Env) -> AuditConfig:
             "TRUSTPLANE_AUDIT_CHECKPOINT_ENTRIES", "10000", _int_range(0, 10**9)
         ),
         retention_days=env.get("TRUSTPLANE_AUDIT_RETENTION_DAYS", "365", _int_range(1, 3650)),
+        retention_interval=env.get(
+            "TRUSTPLANE_AUDIT_RETENTION_INTERVAL", "3600", _float_range(0.05, 86400.0)
+        ),
         overflow=env.get("TRUSTPLANE_AUDIT_OVERFLOW", "block", _choice("block", "drop")),
+        tail_interval=env.get("TRUSTPLANE_AUDIT_TAIL_INTERVAL", "1", _float_range(0.05, 60.0)),
     )
 
 

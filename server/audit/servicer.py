@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import types
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -100,7 +101,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         return response
 
     async def ExportEntries(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        async for lines in self._log.export(_tenant(), request.start_index):
+        async for lines in self._log.export(_tenant(), request.start_index, follow=request.follow):
             yield audit_pb2.ExportEntriesResponse(lines=lines)
 
     async def StreamAppendEntries(self, requests: AsyncIterator[Any], context: Any) -> Any:
@@ -176,6 +177,7 @@ def _filter(request: Any) -> EntryFilter:
         code=request.code,
         resource=request.resource,
         kind=_KINDS.get(request.kind, ""),
+        agent=request.agent,
     )
 
 
@@ -192,11 +194,20 @@ def _event(event: Any) -> EventInput:
         resource=event.resource,
         code=event.code,
         session_id=event.session_id,
-        attributes=dict(event.attributes),
-        occurred_at_ms=_millis(event, "occurred_at") or 0,
+        attributes=_map(event.attributes),
+        occurred_at_ms=event.occurred_at.ToMilliseconds() if event.HasField("occurred_at") else 0,
         data_subject=event.data_subject,
-        personal_data=dict(event.personal_data),
+        personal_data=_map(event.personal_data),
     )
+
+
+def _map(values: Any) -> Mapping[str, str]:
+    """A protobuf map field as a mapping (`dict(values)` goes through the much slower `keys()`
+    of the Mapping mixin, and this runs for every appended event; empty ones share one)."""
+    return {key: values[key] for key in values} if values else _EMPTY
+
+
+_EMPTY: Mapping[str, str] = types.MappingProxyType({})
 
 
 def encode_entry(entry: StoredEntry, data_subject_ref: str = "") -> audit_pb2.AuditEntry:

@@ -6,6 +6,14 @@ advisory lock on that tenant's log, reads the log's size, assigns the next index
 the entries, every perfect-subtree node they complete (`merkle.completed_nodes`) and the new
 size. The lock makes the writers of all server processes take turns per tenant, so the tree
 is one consistent sequence; it is released by the commit.
+
+Appends are idempotent per batch: the first entry of each tenant's part carries the batch's
+random id (`audit_entries.batch`, unique per tenant), and under the lock the writer first looks
+for it. A retry of a batch whose COMMIT went through although its answer was lost finds it and
+returns its indexes instead of appending the entries again. Errors are sorted here, where the
+driver is known: a batch PostgreSQL refuses for its content (a constraint, a value it cannot
+hold, a value the driver cannot encode) raises `BatchRejected`; everything else (connection
+lost, server shutting down, timeouts) is left to the writer's retry.
 """
 
 from __future__ import annotations
@@ -18,7 +26,15 @@ from typing import Any
 import asyncpg
 
 from server.audit import merkle
-from server.audit.model import EntryFilter, Record, Settings, StoredEntry, encode, log_id
+from server.audit.model import (
+    BatchRejected,
+    EntryFilter,
+    Record,
+    Settings,
+    StoredEntry,
+    encode_all,
+    log_id,
+)
 from server.db import Database
 
 _LOCK_CLASS = 0x61756474  # "audt": the first key of every audit advisory lock
@@ -28,6 +44,24 @@ _SET_SIZE = """
 INSERT INTO audit_logs (tenant_id, size) VALUES ($1, $2)
 ON CONFLICT (tenant_id) DO UPDATE SET size = EXCLUDED.size, updated_at = now()
 """
+# Read after the lock is held (a statement of its own, so its snapshot sees every commit made
+# before the lock was granted).
+_SIZE_AND_BATCH = """
+SELECT (SELECT size FROM audit_logs WHERE tenant_id = $1),
+       (SELECT idx FROM audit_entries WHERE tenant_id = $1 AND batch = $2)
+"""
+# Failures that say nothing about the batch itself: connection lost, server shutting down or
+# out of resources, a conflict to retry. Any other PostgreSQL error, or a value the driver
+# cannot encode, rejects the batch.
+_TRANSIENT = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.TransactionRollbackError,
+    asyncpg.ObjectNotInPrerequisiteStateError,
+    asyncpg.InternalServerError,
+    asyncpg.PostgresSystemError,
+)
 _NODES = """
 SELECT n.level, n.idx, n.hash FROM audit_nodes n
 JOIN unnest($2::smallint[], $3::bigint[]) AS w(level, idx) ON n.level = w.level AND n.idx = w.idx
@@ -57,25 +91,35 @@ class PgAuditStore:
         # reused when the log still has that size (no other process appended since).
         self._edges: dict[str, tuple[int, dict[tuple[int, int], bytes]]] = {}
 
-    async def append(self, groups: Mapping[str, Sequence[Record]]) -> dict[str, int]:
-        """Append each tenant's records; returns the index of each tenant's first record."""
+    async def append(self, groups: Mapping[str, Sequence[Record]], batch: bytes) -> dict[str, int]:
+        """Append each tenant's records as batch `batch`; returns the index of each tenant's
+        first record. Appending a batch that is already stored returns its indexes."""
         firsts: dict[str, int] = {}
         edges: dict[str, tuple[int, dict[tuple[int, int], bytes]]] = {}
-        async with self._db.transaction() as conn:
-            for tenant_id in sorted(groups):
-                firsts[tenant_id], edges[tenant_id] = await self._append(
-                    conn, tenant_id, groups[tenant_id]
-                )
+        try:
+            async with self._db.transaction() as conn:
+                for tenant_id in sorted(groups):
+                    firsts[tenant_id], edge = await self._append(
+                        conn, tenant_id, groups[tenant_id], batch
+                    )
+                    if edge is not None:
+                        edges[tenant_id] = edge
+        except (asyncpg.PostgresError, ValueError, TypeError) as exc:
+            if isinstance(exc, _TRANSIENT):
+                raise
+            raise BatchRejected(type(exc).__name__) from exc
         self._edges.update(edges)  # only once committed
         return firsts
 
     async def _append(
-        self, conn: asyncpg.Connection, tenant_id: str, records: Sequence[Record]
-    ) -> tuple[int, tuple[int, dict[tuple[int, int], bytes]]]:
+        self, conn: asyncpg.Connection, tenant_id: str, records: Sequence[Record], batch: bytes
+    ) -> tuple[int, tuple[int, dict[tuple[int, int], bytes]] | None]:
         await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_CLASS, tenant_id)
-        size = await conn.fetchval("SELECT size FROM audit_logs WHERE tenant_id = $1", tenant_id)
+        size, stored = await conn.fetchrow(_SIZE_AND_BATCH, tenant_id, batch)
+        if stored is not None:  # committed by an earlier attempt whose answer was lost
+            return int(stored), None
         size = size or 0
-        bodies = [encode(record, size + i) for i, record in enumerate(records)]
+        bodies = encode_all(records, size)
         cached = self._edges.get(tenant_id)
         if cached is not None and cached[0] == size:
             edge = cached[1]
@@ -85,17 +129,18 @@ class PgAuditStore:
             size, [merkle.leaf_hash(b) for b in bodies], lambda lv, ix: edge[(lv, ix)]
         )
         await conn.copy_records_to_table(
-            "audit_entries", records=_entry_rows(tenant_id, records, size, bodies), columns=_COLUMNS
+            "audit_entries",
+            records=_entry_rows(tenant_id, records, size, bodies, batch),
+            columns=_COLUMNS,
         )
         await conn.copy_records_to_table(
             "audit_nodes",
-            records=[(tenant_id, *node) for node in nodes],
+            records=[(tenant_id, level, index, value) for level, index, value in nodes],
             columns=("tenant_id", "level", "idx", "hash"),
         )
         new_size = size + len(records)
         await conn.execute(_SET_SIZE, tenant_id, new_size)
-        known = {**edge, **{(level, index): value for level, index, value in nodes}}
-        return int(size), (new_size, {place: known[place] for place in _edge(new_size)})
+        return int(size), (new_size, _new_edge(edge, nodes, new_size))
 
     async def size(self, tenant_id: str) -> int:
         async with self._db.acquire() as conn:
@@ -179,19 +224,32 @@ class PgAuditStore:
         return [r["tenant_id"] for r in rows]
 
     async def expire(self, now_ms: int, default_days: int) -> int:
-        """Remove bodies (and personal filter columns) of entries older than their tenant's
-        retention (`audit_settings`, else `default_days`)."""
+        """Retention: remove the bodies (and personal filter columns) at the start of each log
+        that are older than its tenant's retention (`audit_settings`, else `default_days`).
+
+        Only a prefix is ever removed: a log's expiry stops at its first entry still within
+        retention, even if a later entry is older (entries of several processes are not
+        strictly in time order), so bodiless entries always precede every entry with a body.
+        A system-wide background job: it visits every tenant's log."""
         async with self._db.acquire() as conn:
-            status = await conn.execute(
-                "UPDATE audit_entries e SET body = NULL, subject = '', actor = '',"
-                " session_id = '', resource = '', data_subject = ''"
-                " WHERE e.body IS NOT NULL AND e.recorded_at < $1::timestamptz - make_interval("
-                " days => COALESCE((SELECT s.retention_days FROM audit_settings s"
-                " WHERE s.tenant_id = e.tenant_id), $2))",
-                _time(now_ms),
-                default_days,
-            )
-        return int(status.split()[-1])
+            logs = await conn.fetch(_RETENTION, default_days)
+        removed = 0
+        for log in logs:
+            cutoff = _time(now_ms) - dt.timedelta(days=log["days"])
+            removed += await self._expire_log(log["tenant_id"], log["expired"], cutoff)
+        return removed
+
+    async def _expire_log(self, tenant_id: str, start: int, cutoff: dt.datetime) -> int:
+        async with self._db.acquire() as conn:
+            end = await conn.fetchval(_EXPIRY_END, tenant_id, start, cutoff)
+        removed = 0
+        for low in range(start, end, _EXPIRE_CHUNK):
+            high = min(low + _EXPIRE_CHUNK, end)
+            async with self._db.transaction() as conn:
+                status = await conn.execute(_EXPIRE_BODIES, tenant_id, low, high)
+                await conn.execute(_EXPIRED_UP_TO, tenant_id, high)
+            removed += int(status.split()[-1])
+        return removed
 
     # --- data subjects ----------------------------------------------------------------------
 
@@ -233,13 +291,14 @@ class PgAuditStore:
     async def subject_entries(
         self, tenant_id: str, ref: str | None, principal: str, after: int, limit: int
     ) -> list[tuple[StoredEntry, str]]:
-        """Entries whose personal data is `ref`'s, or where `principal` is the subject or the
-        actor, in index order after `after`; with each entry's data-subject reference."""
+        """Entries whose personal data is `ref`'s, or where `principal` is the subject or in the
+        delegation chain, in index order after `after`; with each entry's data-subject
+        reference."""
         query = (
             "SELECT e.idx, e.body, n.hash, e.data_subject FROM audit_entries e"
             " JOIN audit_nodes n ON n.tenant_id = e.tenant_id AND n.level = 0 AND n.idx = e.idx"
-            " WHERE e.tenant_id = $1 AND e.idx > $4 AND (e.data_subject = $2"
-            " OR e.subject = $3 OR e.actor = $3) ORDER BY e.idx LIMIT $5"
+            " WHERE e.tenant_id = $1 AND e.idx > $4 AND (e.data_subject = $2 OR e.subject = $3"
+            " OR (e.actors <> '{}' AND e.actors @> ARRAY[$3])) ORDER BY e.idx LIMIT $5"
         )
         async with self._db.acquire() as conn:
             rows = await conn.fetch(query, tenant_id, ref or "-", principal, after, limit)
@@ -276,9 +335,43 @@ class PgAuditStore:
         return Settings(row["retention_days"], row["revision"])
 
 
+_RETENTION = """
+SELECT l.tenant_id, l.expired, COALESCE(s.retention_days, $1) AS days
+FROM audit_logs l LEFT JOIN audit_settings s ON s.tenant_id = l.tenant_id
+"""
+# Where a log's expired prefix ends: its first entry (from `start`, in index order) still within
+# retention, else the end of the log (both read in one snapshot, so an entry appended meanwhile
+# lies beyond it).
+_EXPIRY_END = """
+SELECT COALESCE(
+    (SELECT idx FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 AND recorded_at >= $3
+     ORDER BY idx LIMIT 1),
+    (SELECT max(idx) + 1 FROM audit_entries WHERE tenant_id = $1 AND idx >= $2),
+    $2)
+"""
+_EXPIRE_BODIES = """
+UPDATE audit_entries SET body = NULL, subject = '', actor = '', session_id = '', resource = '',
+    data_subject = '', actors = '{}'
+WHERE tenant_id = $1 AND idx >= $2 AND idx < $3 AND body IS NOT NULL
+"""
+_EXPIRED_UP_TO = "UPDATE audit_logs SET expired = GREATEST(expired, $2) WHERE tenant_id = $1"
+_EXPIRE_CHUNK = 10_000
+
 _SUBJECT_REF = (
     "SELECT ref FROM audit_subjects WHERE tenant_id = $1 AND subject_mac = $2 AND erased_at IS NULL"
 )
+
+
+def _new_edge(
+    edge: Mapping[tuple[int, int], bytes], nodes: Sequence[merkle.StoredNode], size: int
+) -> dict[tuple[int, int], bytes]:
+    """The right-edge subtrees after an append: from the old edge or the nodes it completed."""
+    wanted = _edge(size)
+    found = {place: edge[place] for place in wanted if place in edge}
+    if len(found) < len(wanted):
+        missing = set(wanted) - found.keys()
+        found.update(((lv, ix), h) for lv, ix, h in nodes if (lv, ix) in missing)
+    return found
 
 
 def _edge(size: int) -> list[tuple[int, int]]:
@@ -304,29 +397,63 @@ _COLUMNS = (
     "resource",
     "data_subject",
     "body",
+    "batch",
+    "actors",
 )
 
 
 def _entry_rows(
-    tenant_id: str, records: Sequence[Record], size: int, bodies: Sequence[bytes]
+    tenant_id: str, records: Sequence[Record], size: int, bodies: Sequence[bytes], batch: bytes
 ) -> list[tuple[Any, ...]]:
-    return [
-        (
-            tenant_id,
-            size + i,
-            _time(r.time_ms),
-            r.kind,
-            _column(r.method),
-            _column(r.code),
-            _column(r.subject),
-            _column(r.actor),
-            _column(r.session_id),
-            _column(r.resource),
-            r.data_subject,
-            body.decode(),
+    """The COPY rows of a batch: the first carries the batch id. Entries of one call share one
+    time, converted once."""
+    times: dict[int, dt.datetime] = {}
+    rows = []
+    for i, (r, body) in enumerate(zip(records, bodies, strict=True)):
+        at = times.get(r.time_ms)
+        if at is None:
+            at = times[r.time_ms] = _time(r.time_ms)
+        text = body.decode()
+        first = batch if i == 0 else None
+        if "\\u0000" in text:  # a field holds NUL (escaped in the body), which text cannot
+            rows.append(_nul_row(tenant_id, size + i, at, r, text, first))
+            continue
+        rows.append(
+            (
+                tenant_id,
+                size + i,
+                at,
+                r.kind,
+                r.method,
+                r.code,
+                r.subject,
+                r.actors[0] if r.actors else r.subject,
+                r.session_id,
+                r.resource,
+                r.data_subject,
+                text,
+                first,
+                r.actors,
+            )
         )
-        for i, (r, body) in enumerate(zip(records, bodies, strict=True))
-    ]
+    return rows
+
+
+def _nul_row(
+    tenant_id: str, index: int, at: dt.datetime, r: Record, text: str, batch: bytes | None
+) -> tuple[Any, ...]:
+    columns = (r.method, r.code, r.subject, r.actor, r.session_id, r.resource)
+    return (
+        tenant_id,
+        index,
+        at,
+        r.kind,
+        *(_column(c) for c in columns),
+        r.data_subject,
+        text,
+        batch,
+        [_column(a) for a in r.actors],
+    )
 
 
 _FILTER_COLUMNS = ("subject", "actor", "session_id", "method", "code", "resource", "kind")
@@ -345,6 +472,10 @@ def _filter_clauses(where: EntryFilter, args: list[Any]) -> tuple[str, list[Any]
         if value:
             args.append(_column(value))
             clauses.append(f"e.{column} = ${len(args)}")
+    if where.agent:  # the subject, or anywhere in the chain (`<> '{}'`: the partial index)
+        args.append(_column(where.agent))
+        n = len(args)
+        clauses.append(f"(e.subject = ${n} OR (e.actors <> '{{}}' AND e.actors @> ARRAY[${n}]))")
     return "".join(f" AND {c}" for c in clauses), args
 
 

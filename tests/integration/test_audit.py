@@ -4,20 +4,27 @@ durability of security-class calls, receipts, proofs, queries, isolation, export
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
+import subprocess
+import sys
 import time
 import uuid
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
+from google.protobuf import timestamp_pb2
 from tptest.v1 import test_service_pb2
 from trustplane.audit.v1 import audit_pb2 as pb
+from trustplane.audit.v1 import audit_pb2_grpc
 from trustplane.crypto.v1 import crypto_pb2
 
 from server.audit import merkle
 from server.audit.model import SYSTEM_TENANT, EntryFilter, decode
 from server.audit.verify import verify_export
+from tests.support.process import ROOT, server_env
 from tests.support.status import expect_error
 from tests.support.tokens import OTHER_TENANT, TENANT, bearer
 
@@ -149,7 +156,7 @@ async def test_security_call_fails_closed_when_the_log_is_down(server, idp, monk
     store = server.app.audit._store
     real = store.append
 
-    async def broken(groups):
+    async def broken(groups, batch):
         raise ConnectionResetError("database gone")
 
     monkeypatch.setattr(store, "append", broken)
@@ -215,7 +222,7 @@ async def test_append_validation_and_permissions(server, idp, member):
         ([], "INVALID_ARGUMENT", "events"),
         ([event("Bad Type")], "INVALID_ARGUMENT", "events[0].event_type"),
         ([event(code="NOPE")], "INVALID_ARGUMENT", "events[0].code"),
-        ([event()] * 1001, "REQUEST_TOO_LARGE", "events"),
+        ([event()] * 257, "REQUEST_TOO_LARGE", "events"),
         ([event(attributes={"a": "x" * 70_000})], "REQUEST_TOO_LARGE", "events[0].attributes"),
     ]
     for events, reason, field in cases:
@@ -261,21 +268,128 @@ async def test_list_filters_and_page_tokens(server, idp, member):
     assert not (await listed(subject="somebody-else")).entries
 
 
-async def test_cross_tenant_queries_see_nothing(server, idp, member):
-    receipt = await append(server, member, [event(resource="secret-tool")] * 3)
-    other = bearer(idp.token(roles=["owner"], tid=OTHER_TENANT))
-    listed = await server.audit.ListEntries(pb.ListEntriesRequest(), metadata=other)
-    assert all(e.resource != "secret-tool" for e in listed.entries)
-    assert all(TENANT not in e.body for e in listed.entries)
-    status = await expect_error(
-        server.audit.GetInclusionProof(
-            pb.GetInclusionProofRequest(
-                index=receipt.indexes[-1], tree_size=receipt.indexes[-1] + 1
-            ),
-            metadata=other,
+async def test_list_filters_time_actor_agent_method_and_code(start_server, idp):
+    """Every ListEntries filter through the RPC: time range, actor, agent, method, outcome."""
+    now = [time.time() - 600]
+    async with start_server(clock=lambda: now[0]) as running:
+        user = bearer(idp.token(sub="user-1"))
+        delegated = bearer(idp.token(sub="user-1", act={"sub": "agent-7", "ptype": "agent"}))
+        chained = bearer(  # agent-8 acting for agent-7 acting for user-1
+            idp.token(sub="user-1", act={"sub": "agent-8", "act": {"sub": "agent-7"}})
         )
+        own = bearer(idp.token(sub="agent-7", ptype="agent"))
+        started = {}
+        for name, metadata, code in [
+            ("user", user, ""),
+            ("delegated", delegated, "NOT_FOUND"),
+            ("chained", chained, ""),
+            ("own", own, ""),
+        ]:
+            started[name] = int(now[0] * 1000)
+            await append(running, metadata, [event(resource=name, code=code)])
+            now[0] += 60
+        viewer = bearer(idp.token(roles=["viewer"], sub="viewer-1"))
+        await expect_error(append(running, viewer, [event(resource="denied")]))
+        await running.audit.GetCheckpoint(pb.GetCheckpointRequest(), metadata=viewer)
+        await running.app.audit.flush()
+
+        async def resources(**kw):
+            listed = await running.audit.ListEntries(
+                pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT, **kw), metadata=viewer
+            )
+            return [e.resource for e in listed.entries]
+
+        def at(ms):
+            return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=ms % 1000 * 1_000_000)
+
+        middle = {"start_time": at(started["delegated"]), "end_time": at(started["own"])}
+        assert await resources(**middle) == ["delegated", "chained"]
+        assert await resources(start_time=at(started["chained"])) == ["chained", "own"]
+        assert await resources(end_time=at(started["delegated"])) == ["user"]
+        assert await resources(actor="agent-7") == ["delegated", "own"]
+        assert await resources(actor="agent-8") == ["chained"]
+        assert await resources(agent="agent-7") == ["delegated", "chained", "own"]
+        assert await resources(agent="agent-8", **middle) == ["chained"]
+        assert await resources(agent="user-1") == ["user", "delegated", "chained"]
+        assert await resources(code="NOT_FOUND") == ["delegated"]
+        assert await resources(code="OK", agent="agent-7") == ["chained", "own"]
+
+        async def calls(**kw):
+            listed = await running.audit.ListEntries(
+                pb.ListEntriesRequest(kind=pb.ENTRY_KIND_CALL, **kw), metadata=viewer
+            )
+            return [(e.method.rsplit("/", 1)[1], e.code, e.subject) for e in listed.entries]
+
+        checkpoint = "/trustplane.audit.v1.AuditService/GetCheckpoint"
+        assert await calls(method=checkpoint) == [("GetCheckpoint", "OK", "viewer-1")]
+        assert await calls(code="PERMISSION_DENIED") == [
+            ("AppendEntries", "PERMISSION_DENIED", "viewer-1")
+        ]
+        appended = await calls(method="/trustplane.audit.v1.AuditService/AppendEntries", code="OK")
+        assert len(appended) == 4
+        assert await calls(agent="agent-8") == [("AppendEntries", "OK", "user-1")]
+        inverted = {"start_time": at(started["own"]), "end_time": at(started["user"])}
+        status = await expect_error(
+            running.audit.ListEntries(pb.ListEntriesRequest(**inverted), metadata=viewer)
+        )
+        assert (status.code, status.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        )
+
+
+async def test_cross_tenant_queries_see_nothing(server, idp, member):
+    """Another tenant's log is at least as large, so every index and size we use exists there
+    too: what it gets back is its own log (its leaves, roots, log id), never ours."""
+    receipt = await append(server, member, [event(resource="secret-tool")] * 3)
+    mine = bearer(idp.token(roles=["owner"]))
+    ours = await server.audit.GetCheckpoint(pb.GetCheckpointRequest(), metadata=mine)
+    other_member = bearer(idp.token(roles=["member"], tid=OTHER_TENANT))
+    await append(server, other_member, [event(resource="theirs")] * (receipt.indexes[-1] + 5))
+    other = bearer(idp.token(roles=["owner"], tid=OTHER_TENANT))
+    theirs = await server.audit.GetCheckpoint(pb.GetCheckpointRequest(), metadata=other)
+    assert theirs.checkpoint.log_id == f"trustplane.audit/{OTHER_TENANT}"
+    assert theirs.checkpoint.tree_size >= ours.checkpoint.tree_size
+    assert theirs.checkpoint.root_hash != ours.checkpoint.root_hash
+
+    listed = await server.audit.ListEntries(pb.ListEntriesRequest(), metadata=other)
+    assert listed.entries and all(e.resource != "secret-tool" for e in listed.entries)
+    assert all(TENANT not in e.body for e in listed.entries)
+    mine_listed = await server.audit.ListEntries(
+        pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT, resource="secret-tool"), metadata=mine
     )
-    assert (status.code, status.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    our_leaves = {e.index: e.leaf_hash for e in mine_listed.entries}
+
+    index, size = receipt.indexes[-1], ours.checkpoint.tree_size
+    proof = await server.audit.GetInclusionProof(
+        pb.GetInclusionProofRequest(index=index, tree_size=size), metadata=other
+    )
+    assert proof.leaf_hash != our_leaves[index]  # their leaf at that index
+    assert proof.root_hash != ours.checkpoint.root_hash
+    assert not merkle.verify_inclusion(
+        our_leaves[index], index, size, list(proof.hashes), proof.root_hash
+    )
+    fresh = await server.audit.GetInclusionProof(
+        pb.GetInclusionProofRequest(index=index), metadata=other
+    )
+    assert fresh.checkpoint.log_id == f"trustplane.audit/{OTHER_TENANT}"
+    consistency = await server.audit.GetConsistencyProof(
+        pb.GetConsistencyProofRequest(first_tree_size=size), metadata=other
+    )
+    assert consistency.first_root_hash != ours.checkpoint.root_hash
+    assert consistency.checkpoint.log_id == f"trustplane.audit/{OTHER_TENANT}"
+    assert not merkle.verify_consistency(
+        size,
+        consistency.second_tree_size,
+        ours.checkpoint.root_hash,
+        consistency.second_root_hash,
+        list(consistency.hashes),
+    )
+    pinned = await server.audit.GetConsistencyProof(
+        pb.GetConsistencyProofRequest(first_tree_size=1, second_tree_size=size), metadata=other
+    )
+    assert pinned.second_root_hash != ours.checkpoint.root_hash
+
     lines = await export(server, other)
     assert all("secret-tool" not in line for line in lines)
     head = json.loads(lines[0])
@@ -291,12 +405,54 @@ async def export(running, metadata, start=0):
     return lines
 
 
-async def test_two_servers_append_one_consistent_tree(start_server, make_config, idp, member):
+@contextlib.asynccontextmanager
+async def app_process(config):
+    """The real App in a process of its own (tests/support/app_process.py) sharing this
+    test's PostgreSQL, Redis and data directory (so the same root key); yields its port."""
+    env = server_env(
+        DATABASE_URL=config.database.url,
+        REDIS_URL=config.cache.url,
+        TRUSTPLANE_CACHE_PREFIX=config.cache.prefix,
+        TRUSTPLANE_LISTEN="127.0.0.1:0",
+        TRUSTPLANE_METRICS_LISTEN="off",
+        TRUSTPLANE_TRUSTED_ISSUERS_FILE=str(config.auth.trusted_issuers_file),
+        TRUSTPLANE_DATA_DIR=str(config.data_dir),
+        TRUSTPLANE_RATE_LIMIT="0",
+    )
+    env["PYTHONPATH"] += f":{ROOT}/tests/generated"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.app_process"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)
+        yield int(line.strip().removeprefix("port="))
+    finally:
+        process.terminate()
+        await asyncio.to_thread(process.wait, 30)
+        process.stdout.close()
+
+
+async def test_two_server_processes_append_one_consistent_tree(make_config, idp, member):
+    """Two OS processes, each with its own writer, append to one tenant's log at once: the
+    per-tenant PostgreSQL lock makes them take turns, so the result is one tree."""
     config = make_config()
-    async with start_server(config) as one, start_server(config) as two:
+    async with (  # one after the other: the first creates the root key both use
+        app_process(config) as first,
+        app_process(config) as second,
+        grpc.aio.insecure_channel(f"127.0.0.1:{first}") as one,
+        grpc.aio.insecure_channel(f"127.0.0.1:{second}") as two,
+    ):
+        stubs = [audit_pb2_grpc.AuditServiceStub(c) for c in (one, two)]
         calls = [
-            append(running, member, [event(resource=f"{n}-{i}") for i in range(20)])
-            for n, running in enumerate([one, two] * 10)
+            stub.AppendEntries(
+                pb.AppendEntriesRequest(events=[event(resource=f"{n}-{i}") for i in range(20)]),
+                metadata=member,
+            )
+            for n, stub in enumerate(stubs * 10)
         ]
         receipts = await asyncio.gather(*calls)
         indexes = sorted(i for r in receipts for i in r.indexes)
@@ -304,11 +460,25 @@ async def test_two_servers_append_one_consistent_tree(start_server, make_config,
         for r in receipts:  # each batch is contiguous: one writer per log at a time
             assert list(r.indexes) == list(range(r.indexes[0], r.indexes[0] + 20))
         owner = bearer(idp.token(roles=["owner"]))
-        lines = await export(one, owner)
-        key = await public_key(two, owner)
+        lines: list[str] = []
+        async for chunk in stubs[0].ExportEntries(pb.ExportEntriesRequest(), metadata=owner):
+            lines += chunk.lines
+        head = await stubs[1].GetCheckpoint(pb.GetCheckpointRequest(), metadata=owner)
+        key = serialization.load_pem_public_key(head.public_key_pem.encode())
         report = verify_export(lines, key)
         assert report.ok, report.problems
         assert report.entries == json.loads(lines[0])["size"] >= 400
+        later = await stubs[1].GetConsistencyProof(
+            pb.GetConsistencyProofRequest(first_tree_size=report.entries), metadata=owner
+        )
+        first_root = report.checkpoint.checkpoint.root
+        assert merkle.verify_consistency(
+            report.entries,
+            later.second_tree_size,
+            first_root,
+            later.second_root_hash,
+            list(later.hashes),
+        )
 
 
 async def public_key(running, metadata):
@@ -321,7 +491,10 @@ async def test_retention_keeps_proofs_valid(start_server, idp, member):
     async with start_server(clock=lambda: now[0]) as running:
         old = await append(running, member, [event(resource="old")] * 4)
         now[0] = time.time()
-        await append(running, member, [event(resource="new")] * 2)
+        new = await append(running, member, [event(resource="new")] * 2)
+        now[0] = time.time() - 400 * 86_400  # a process whose clock lags appends after them
+        late = await append(running, member, [event(resource="late")] * 2)
+        now[0] = time.time()
         await running.app.audit.flush()
         await running.app.audit.expire()
         owner = bearer(idp.token(roles=["owner"]))
@@ -329,11 +502,21 @@ async def test_retention_keeps_proofs_valid(start_server, idp, member):
             pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT), metadata=owner
         )
         redacted = [e.index for e in listed.entries if not e.body]
+        # Only the start of the log: the late entries keep their bodies until all before
+        # them have expired, so bodiless entries stay a prefix.
         assert redacted == list(old.indexes)
+        assert late.indexes[0] > new.indexes[-1]
         assert all(len(e.leaf_hash) == 32 for e in listed.entries)
         lines = await export(running, owner)
         report = verify_export(lines, await public_key(running, owner))
         assert report.ok, report.problems
+        # The old events and the old AppendEntries call's own entry.
+        assert (report.expired, report.first_retained) == (5, new.indexes[0])
+        await running.app.audit.expire()  # again: nothing more (starts after the prefix)
+        again = await running.audit.ListEntries(
+            pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT), metadata=owner
+        )
+        assert [e.index for e in again.entries if not e.body] == list(old.indexes)
         proof = await running.audit.GetInclusionProof(
             pb.GetInclusionProofRequest(index=old.indexes[0]), metadata=owner
         )
@@ -344,3 +527,137 @@ async def test_retention_keeps_proofs_valid(start_server, idp, member):
             list(proof.hashes),
             proof.checkpoint.root_hash,
         )
+
+
+async def read_until(stream, lines, wanted=lambda lines: True):
+    """Read a followed export into `lines` until `wanted(lines)` holds and every entry below
+    the latest checkpoint has arrived; returns that checkpoint's size."""
+    while True:
+        message = await asyncio.wait_for(stream.read(), 10)
+        assert isinstance(message, pb.ExportEntriesResponse), message
+        lines += message.lines
+        parsed = [json.loads(line) for line in lines]
+        heads = [p for p in parsed if p["type"] == "checkpoint"]
+        have = {p["index"] for p in parsed if p["type"] == "entry"}
+        size = heads[-1]["size"]
+        if wanted(lines) and have >= set(range(heads[0]["start_index"], size)):
+            return size
+
+
+def resources_in(lines, resource):
+    bodies = [json.loads(line).get("body") or "{}" for line in lines]
+    return sum(1 for body in bodies if json.loads(body).get("resource") == resource)
+
+
+async def test_follow_tails_new_entries_with_proofs(start_server, make_config, idp, member):
+    """ExportEntries(follow): the snapshot, then every growth of the log — appended here or
+    by another server process — as a checkpoint proven to extend the last one and the new
+    entries with their proofs; it verifies as one export. A cancelled tail is recorded."""
+    config = make_config(TRUSTPLANE_AUDIT_TAIL_INTERVAL="0.1")
+    async with start_server(config) as one, start_server(config) as two:
+        owner = bearer(idp.token(roles=["owner"]))
+        await append(one, member, [event(resource="before")])
+        stream = one.audit.ExportEntries(pb.ExportEntriesRequest(follow=True), metadata=owner)
+        lines: list[str] = []
+        first = await read_until(stream, lines)
+        assert resources_in(lines, "before") == 1
+        await append(one, member, [event(resource="local")] * 2)
+        await read_until(stream, lines, lambda got: resources_in(got, "local") == 2)
+        await append(two, member, [event(resource="remote")] * 3)  # polled for
+        size = await read_until(stream, lines, lambda got: resources_in(got, "remote") == 3)
+        heads = [json.loads(line) for line in lines if '"type":"checkpoint"' in line]
+        assert len(heads) >= 3 and heads[0]["complete"] and size > first
+        assert all(h["start_index"] == p["size"] for p, h in itertools.pairwise(heads))
+        report = verify_export(lines, await public_key(one, owner))
+        assert report.ok, report.problems
+        assert report.checkpoint.checkpoint.size == size == report.entries
+        tampered = [line.replace("remote", "REMOTE") for line in lines]
+        assert not verify_export(tampered, await public_key(one, owner)).ok
+        stream.cancel()
+        await one.app.audit.flush()
+        method = "/trustplane.audit.v1.AuditService/ExportEntries"
+        for _ in range(50):
+            if await tenant_entries(one, method=method):
+                break
+            await asyncio.sleep(0.05)
+        assert [e["code"] for e in await tenant_entries(one, method=method)] == ["CANCELLED"]
+
+        tail = two.audit.ExportEntries(pb.ExportEntriesRequest(follow=True), metadata=owner)
+        await read_until(tail, [])
+        started = time.monotonic()
+        await two.app.stop()  # the grace period is 5 s: the tail must not hold it
+        assert time.monotonic() - started < 3
+        assert not isinstance(await tail.read(), pb.ExportEntriesResponse)  # ended (EOF)
+        assert await tail.code() == grpc.StatusCode.OK
+
+
+async def test_retention_runs_every_configured_interval(start_server, idp, member):
+    """TRUSTPLANE_AUDIT_RETENTION_INTERVAL: the background job removes expired bodies by
+    itself (nobody calls expire)."""
+    now = [time.time() - 400 * 86_400]
+    async with start_server(
+        clock=lambda: now[0], TRUSTPLANE_AUDIT_RETENTION_INTERVAL="0.2"
+    ) as running:
+        old = await append(running, member, [event(resource="old")] * 3)
+        now[0] = time.time()
+        await append(running, member, [event(resource="new")])
+        viewer = bearer(idp.token(roles=["viewer"]))
+        redacted: list[int] = []
+        for _ in range(50):
+            listed = await running.audit.ListEntries(
+                pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT), metadata=viewer
+            )
+            redacted = [e.index for e in listed.entries if not e.body]
+            if redacted:
+                break
+            await asyncio.sleep(0.1)
+        assert redacted == list(old.indexes)
+
+
+async def test_a_checkpoint_is_signed_every_interval(start_server, idp, member):
+    """TRUSTPLANE_AUDIT_CHECKPOINT_INTERVAL: the periodic job signs a checkpoint of every log
+    that grew, without anybody asking for one (and none while nothing changes)."""
+    async with start_server(
+        TRUSTPLANE_AUDIT_CHECKPOINT_INTERVAL="0.2", TRUSTPLANE_AUDIT_CHECKPOINT_ENTRIES="0"
+    ) as running:
+
+        async def signed_sizes():
+            rows = await running.app.db.pool.fetch(
+                "SELECT size FROM audit_checkpoints WHERE tenant_id = $1 ORDER BY size", TENANT
+            )
+            return [r["size"] for r in rows]
+
+        async def signed_at_least(size):
+            for _ in range(50):
+                sizes = await signed_sizes()
+                if sizes and sizes[-1] >= size:
+                    return sizes
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"no checkpoint of {size} entries signed: {sizes}")
+
+        first = await append(running, member, [event()] * 3)
+        sizes = await signed_at_least(first.indexes[-1] + 1)
+        await running.app.audit.flush()
+        grown = await running.app.db.pool.fetchval(
+            "SELECT size FROM audit_logs WHERE tenant_id = $1", TENANT
+        )
+        settled = await signed_at_least(grown)
+        await asyncio.sleep(0.6)  # three periods without growth: nothing new
+        assert await signed_sizes() == settled
+        second = await append(running, member, [event()] * 2)
+        later = await signed_at_least(second.indexes[-1] + 1)
+        assert len(later) > len(sizes)
+        row = await running.app.db.pool.fetchrow(
+            "SELECT size, root, timestamp_ms, key_id, signature FROM audit_checkpoints"
+            " WHERE tenant_id = $1 ORDER BY size DESC LIMIT 1",
+            TENANT,
+        )
+        signed = merkle.SignedCheckpoint(
+            merkle.Checkpoint(
+                f"trustplane.audit/{TENANT}", row["size"], bytes(row["root"]), row["timestamp_ms"]
+            ),
+            row["key_id"],
+            bytes(row["signature"]),
+        )
+        owner = bearer(idp.token(roles=["owner"]))
+        assert merkle.verify_checkpoint(signed, await public_key(running, owner))

@@ -72,6 +72,17 @@ async def _swap(running, idx):
     return {a, b}
 
 
+async def _unbody(running, idx):
+    """Hide what a recent entry said: remove its body as if retention had."""
+    await _sql(
+        running,
+        "UPDATE audit_entries SET body = NULL WHERE tenant_id = $1 AND idx = $2",
+        TENANT,
+        idx[7],
+    )
+    return {idx[7]}
+
+
 async def _truncate(running, idx):
     async with running.app.db.acquire() as conn:
         rows = await conn.fetch(
@@ -82,7 +93,9 @@ async def _truncate(running, idx):
     return {r["idx"] for r in rows}
 
 
-@pytest.mark.parametrize("tamper", [_edit, _delete, _swap, _truncate], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize(
+    "tamper", [_edit, _delete, _swap, _unbody, _truncate], ids=lambda f: f.__name__[1:]
+)
 async def test_tampering_in_postgres_is_detected_with_its_index(server, idp, tmp_path, tamper):
     indexes = await _fill(server, idp)
     clean, pem = await _export(server, idp)
@@ -97,7 +110,8 @@ async def test_tampering_in_postgres_is_detected_with_its_index(server, idp, tmp
     export.write_text("\n".join(lines) + "\n")
     (tmp_path / "key.pem").write_text(pem)
     (tmp_path / "clean.ndjson").write_text("\n".join(clean) + "\n")
-    assert _cli(tmp_path / "clean.ndjson", tmp_path / "key.pem").returncode == 0
+    clean_run = _cli(tmp_path / "clean.ndjson", tmp_path / "key.pem")
+    assert clean_run.returncode == 0 and "expired: 0 entries" in clean_run.stdout
     result = _cli(export, tmp_path / "key.pem")
     assert result.returncode == 1 and "FAILED" in result.stdout
     assert f"entry {min(expected)}:" in result.stdout

@@ -11,14 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
+from google.protobuf import field_mask_pb2
+from trustplane.audit.v1 import audit_pb2 as pb
 
 from server.audit import merkle
 from server.audit.model import CALL, EntryFilter, Record, decode
 from server.audit.service import AuditUnavailable, LogInconsistent
+from server.audit.verify import verify_export
+from tests.support.pg_proxy import LossyProxy
+from tests.support.status import expect_error, rich
+from tests.support.tokens import OTHER_TENANT, bearer
+from tests.support.tokens import TENANT as TOKEN_TENANT
 
 _LOCK_CLASS = 0x61756474
 TENANT = "t-writer"
@@ -40,7 +49,7 @@ async def stalled(database_url: str, tenant: str = TENANT) -> AsyncIterator[asyn
         await conn.close()
 
 
-async def stored(running, tenant: str = TENANT) -> list[dict[str, object]]:
+async def stored(running, tenant: str = TENANT) -> list[dict[str, Any]]:
     await running.app.audit.flush()
     entries, _ = await running.app.audit.list_entries(tenant, EntryFilter(), 1000, "")
     return [decode(e.body) for e in entries]
@@ -149,3 +158,271 @@ async def test_checkpoint_and_proofs_from_stored_nodes(start_server, database_ur
         await log.commit([record()])
         with pytest.raises(LogInconsistent):
             await log.checkpoint(TENANT)
+
+
+async def test_retry_after_a_lost_commit_answer_appends_nothing_twice(
+    start_server, database_url, idp
+):
+    """The connection dies after PostgreSQL committed the batch but before the writer heard
+    so: the caller is told AUDIT_UNAVAILABLE, the writer retries, and finds the batch stored."""
+    async with (
+        LossyProxy(database_url) as proxy,
+        start_server(DATABASE_URL=proxy.url, TRUSTPLANE_AUDIT_LINGER="0") as running,
+    ):
+        member = bearer(idp.token(roles=["member"]))
+        events = [pb.AuditEvent(event_type="tool.invoke", resource=f"once-{i}") for i in range(3)]
+        await running.audit.AppendEntries(
+            pb.AppendEntriesRequest(events=events[:1]), metadata=member
+        )
+        await running.app.audit.flush()
+        proxy.arm()
+        status = await expect_error(
+            running.audit.AppendEntries(pb.AppendEntriesRequest(events=events), metadata=member)
+        )
+        assert (status.code, status.reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "AUDIT_UNAVAILABLE",
+        )
+        assert proxy.cut.is_set()  # PostgreSQL answered the COMMIT; the writer never heard
+        await asyncio.wait_for(running.app.audit.flush(), 10)
+        entries = await stored(running, TOKEN_TENANT)
+        events_stored = [e["resource"] for e in entries if e["kind"] == "event"]
+        assert events_stored == ["once-0", "once-0", "once-1", "once-2"]
+        assert [e["index"] for e in entries] == list(range(len(entries)))
+        assert not [e for e in entries if e["kind"] == "gap"]  # found, not refused as a dup
+        registry = running.app.metrics.registry
+        assert registry.get_sample_value("trustplane_audit_commit_failures_total") == 1
+        assert not registry.get_sample_value("trustplane_audit_rejected_entries_total")
+        owner = bearer(idp.token(roles=["owner"]))
+        head = await running.audit.GetCheckpoint(pb.GetCheckpointRequest(), metadata=owner)
+        lines = []
+        async for chunk in running.audit.ExportEntries(pb.ExportEntriesRequest(), metadata=owner):
+            lines += chunk.lines
+        key = serialization.load_pem_public_key(head.public_key_pem.encode())
+        assert verify_export(lines, key).ok
+
+
+async def test_a_rejected_entry_fails_alone_with_a_gap(start_server, database_url, idp):
+    """PostgreSQL refuses one entry (a constraint it breaks): the others of its batch, of the
+    same tenant and of another, still commit; its caller gets AUDIT_ENTRY_REJECTED, the log
+    records a gap entry and the rejection is counted."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "ALTER TABLE audit_entries ADD CONSTRAINT poison CHECK (resource <> 'poison')"
+        )
+    finally:
+        await conn.close()
+    async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+        log = running.app.audit
+        member = bearer(idp.token(roles=["member"]))
+        other = bearer(idp.token(roles=["member"], tid=OTHER_TENANT))
+
+        def append(metadata, resource):
+            events = [pb.AuditEvent(event_type="tool.invoke", resource=resource)]
+            return running.audit.AppendEntries(
+                pb.AppendEntriesRequest(events=events), metadata=metadata
+            )
+
+        async with stalled(database_url, TOKEN_TENANT) as lock:
+            assert log.offer(record(TOKEN_TENANT, "/first"))  # the writer waits with this one
+            await writer_waits_on_lock(lock)
+            calls = [
+                asyncio.ensure_future(append(member, "good")),
+                asyncio.ensure_future(append(member, "poison")),
+                asyncio.ensure_future(append(other, "elsewhere")),
+            ]
+            for _ in range(100):  # all three wait in the queue: the next batch holds them all
+                if log.depth() == 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert log.depth() == 3
+        good, poison, elsewhere = await asyncio.wait_for(
+            asyncio.gather(*calls, return_exceptions=True), 20
+        )
+        assert isinstance(poison, grpc.aio.AioRpcError), poison
+        assert good.indexes and elsewhere.indexes
+        status = rich(poison)
+        assert (status.code, status.reason) == (grpc.StatusCode.INTERNAL, "AUDIT_ENTRY_REJECTED")
+        mine = await stored(running, TOKEN_TENANT)
+        assert "poison" not in [e["resource"] for e in mine]
+        [gap] = [e for e in mine if e["kind"] == "gap"]
+        assert gap["reason"] == "AUDIT_ENTRY_REJECTED" and gap["attributes"]["dropped"] == "1"
+        assert [
+            e["resource"] for e in await stored(running, OTHER_TENANT) if e["kind"] == "event"
+        ] == ["elsewhere"]
+        rejected = running.app.metrics.registry.get_sample_value(
+            "trustplane_audit_rejected_entries_total"
+        )
+        assert rejected == 1
+
+
+async def test_a_batch_never_exceeds_256_entries(start_server, database_url, idp):
+    """Three appends of 200 events wait together in the queue: the writer commits them in
+    batches of at most 256 entries, each request's events together and in order."""
+    async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+        log = running.app.audit
+        member = bearer(idp.token(roles=["member"]))
+        events = [pb.AuditEvent(event_type="tool.invoke")] * 200
+        before = running.app.metrics.registry.get_sample_value(
+            "trustplane_audit_batch_entries_count"
+        )
+        async with stalled(database_url, TOKEN_TENANT) as lock:
+            assert log.offer(record(TOKEN_TENANT, "/first"))
+            await writer_waits_on_lock(lock)
+            calls = [
+                asyncio.ensure_future(
+                    running.audit.AppendEntries(
+                        pb.AppendEntriesRequest(events=events), metadata=member
+                    )
+                )
+                for _ in range(3)
+            ]
+            for _ in range(100):
+                if log.depth() == 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert log.depth() == 3
+        receipts = await asyncio.wait_for(asyncio.gather(*calls), 20)
+        for receipt in receipts:
+            first = receipt.indexes[0]
+            assert list(receipt.indexes) == list(range(first, first + 200))
+        registry = running.app.metrics.registry
+        count = registry.get_sample_value("trustplane_audit_batch_entries_count") or 0
+        within = registry.get_sample_value("trustplane_audit_batch_entries_bucket", {"le": "256.0"})
+        largest = registry.get_sample_value("trustplane_audit_batch_entries_sum")
+        assert count - (before or 0) >= 4  # the first entry, then one batch per request
+        assert within == count, (within, count, largest)
+        status = await expect_error(
+            running.audit.AppendEntries(
+                pb.AppendEntriesRequest(events=events + events[:57]), metadata=member
+            )
+        )
+        assert (status.code, status.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "REQUEST_TOO_LARGE",
+        )
+
+
+def _settings_update(days: int) -> pb.UpdateSettingsRequest:
+    return pb.UpdateSettingsRequest(
+        settings=pb.AuditSettings(retention_days=days),
+        update_mask=field_mask_pb2.FieldMask(paths=["retention_days"]),
+    )
+
+
+async def _waiting_on_locks(conn: asyncpg.Connection, count: int) -> None:
+    for _ in range(200):
+        if await conn.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE {_WAITING}") >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {count} trustplane connections wait on a lock")
+
+
+async def test_a_cancelled_security_call_is_recorded_even_with_a_full_queue(
+    start_server, database_url, idp
+):
+    """A cancelled call cannot wait for room in the queue; its entry is still never lost."""
+    async with start_server(
+        TRUSTPLANE_AUDIT_QUEUE_SIZE="1", TRUSTPLANE_AUDIT_LINGER="0"
+    ) as running:
+        log = running.app.audit
+        admin = bearer(idp.token(roles=["admin"]))
+        await running.audit.UpdateSettings(_settings_update(30), metadata=admin)
+        await log.flush()
+        row_lock = await asyncpg.connect(database_url)
+        try:
+            async with row_lock.transaction(), stalled(database_url, TOKEN_TENANT) as lock:
+                await row_lock.execute(  # UpdateSettings will wait for this row
+                    "SELECT 1 FROM audit_settings WHERE tenant_id = $1 FOR UPDATE", TOKEN_TENANT
+                )
+                assert log.offer(record(TOKEN_TENANT, "/first"))
+                await writer_waits_on_lock(lock)
+                assert log.offer(record(TOKEN_TENANT, "/fills-the-queue"))
+                assert not log.offer(record(TOKEN_TENANT, "/no-room"))
+                call = running.audit.UpdateSettings(_settings_update(40), metadata=admin)
+                waiting = asyncio.ensure_future(call)
+                await _waiting_on_locks(lock, 2)  # the writer and the handler
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+                for _ in range(100):  # the server sees the cancellation
+                    if log.depth() == 2:
+                        break
+                    await asyncio.sleep(0.02)
+                assert log.depth() == 2  # the full queue, and the cancelled call's entry aside
+        finally:
+            await row_lock.close()
+        entries = await asyncio.wait_for(stored(running, TOKEN_TENANT), 10)
+        updates = [e for e in entries if e["method"].endswith("/UpdateSettings")]
+        assert [(e["code"], e["audit_class"]) for e in updates] == [
+            ("OK", "security"),
+            ("CANCELLED", "security"),
+        ]
+        spilled = running.app.metrics.registry.get_sample_value(
+            "trustplane_audit_spilled_entries_total"
+        )
+        assert spilled == 1
+
+
+async def test_a_security_stream_is_recorded_before_its_first_message(
+    start_server, database_url, idp
+):
+    """ExportSubject (security class, server stream) sends nothing until an entry is durable."""
+    async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+        member = bearer(idp.token(roles=["member"]))
+        admin = bearer(idp.token(roles=["admin"]))
+        event = pb.AuditEvent(
+            event_type="crm.lookup", data_subject="ada@example.com", personal_data={"a": "b"}
+        )
+        await running.audit.AppendEntries(pb.AppendEntriesRequest(events=[event]), metadata=member)
+        await running.app.audit.flush()
+        request = pb.ExportSubjectRequest(data_subject="ada@example.com")
+        async with stalled(database_url, TOKEN_TENANT) as lock:
+            stream = running.audit.ExportSubject(request, metadata=admin)
+            first = asyncio.ensure_future(stream.read())
+            await writer_waits_on_lock(lock)  # the opening entry waits for the log
+            await asyncio.sleep(0.3)
+            assert not first.done()  # no data before its entry is committed
+        message = await asyncio.wait_for(first, 10)
+        assert [e.personal_data["a"] for e in message.entries] == ["b"]
+        rest = await stream.read()
+        assert not isinstance(rest, pb.ExportSubjectResponse)  # the end of the stream (EOF)
+        assert await stream.code() == grpc.StatusCode.OK
+        entries = await stored(running, TOKEN_TENANT)
+        exports = [e for e in entries if e["method"].endswith("/ExportSubject")]
+        assert [(e["code"], e["attributes"]["stream"]) for e in exports] == [
+            ("OK", "opened"),
+            ("OK", "closed"),
+        ]
+        status = await expect_error(  # fails before any message: one entry, no opening
+            running.audit.ExportSubject(pb.ExportSubjectRequest(), metadata=admin).read()
+        )
+        assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+        entries = await stored(running, TOKEN_TENANT)
+        exports = [e for e in entries if e["method"].endswith("/ExportSubject")]
+        assert [(e["code"], e["attributes"].get("stream")) for e in exports[2:]] == [
+            ("INVALID_ARGUMENT", None)
+        ]
+
+
+async def test_nul_characters_are_kept_in_the_body(start_server):
+    """PostgreSQL text cannot hold NUL: the filter columns get U+FFFD, the body (which the leaf
+    hash covers) keeps the exact value, JSON-escaped."""
+    async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+        log = running.app.audit
+        nul = Record(
+            tenant_id=TENANT,
+            kind=CALL,
+            time_ms=1,
+            method="/m",
+            code="OK",
+            resource="a\x00b",
+            actors=("agent\x00x",),
+        )
+        [index] = await log.commit([nul])
+        found, _ = await log.list_entries(TENANT, EntryFilter(resource="a\x00b"), 10, "")
+        assert [e.index for e in found] == [index]
+        assert decode(found[0].body)["resource"] == "a\x00b"
+        chain, _ = await log.list_entries(TENANT, EntryFilter(agent="agent\x00x"), 10, "")
+        assert [e.index for e in chain] == [index]

@@ -17,6 +17,7 @@ def test_defaults():
     assert config.cache.url is None
     assert config.server.workers == 1
     assert config.observability.metrics_listen == Address("127.0.0.1", 9464)
+    assert (config.audit.retention_interval, config.audit.tail_interval) == (3600.0, 1.0)
 
 
 def test_values_are_parsed():
@@ -51,6 +52,8 @@ def test_values_are_parsed():
         ("REDIS_URL", "http://x", "redis://"),
         ("TRUSTPLANE_TLS_CERT", "/nonexistent.pem", "no such file"),
         ("TRUSTPLANE_MIGRATE", "sometimes", "expected one of"),
+        ("TRUSTPLANE_AUDIT_RETENTION_INTERVAL", "0", "out of range"),
+        ("TRUSTPLANE_AUDIT_TAIL_INTERVAL", "61", "out of range"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, fragment):

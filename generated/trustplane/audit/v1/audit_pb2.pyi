@@ -41,8 +41,10 @@ class _EntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntryKind.V
     itself (no method, no subject), e.g. `session.expired`.
     """
     ENTRY_KIND_GAP: _EntryKind.ValueType  # 3
-    """A gap marker: the server dropped access entries because its queue was full (only with
-    TRUSTPLANE_AUDIT_OVERFLOW=drop); `attributes` says how many and when.
+    """A gap marker: entries are missing, `reason` says why and `attributes` how many and when.
+    AUDIT_QUEUE_FULL: access entries dropped because the queue was full (only with
+    TRUSTPLANE_AUDIT_OVERFLOW=drop); AUDIT_ENTRY_REJECTED: entries the database refused to store
+    (their callers failed with that reason).
     """
 
 class EntryKind(_EntryKind, metaclass=_EntryKindEnumTypeWrapper):
@@ -57,8 +59,10 @@ ENTRY_KIND_EVENT: EntryKind.ValueType  # 2
 itself (no method, no subject), e.g. `session.expired`.
 """
 ENTRY_KIND_GAP: EntryKind.ValueType  # 3
-"""A gap marker: the server dropped access entries because its queue was full (only with
-TRUSTPLANE_AUDIT_OVERFLOW=drop); `attributes` says how many and when.
+"""A gap marker: entries are missing, `reason` says why and `attributes` how many and when.
+AUDIT_QUEUE_FULL: access entries dropped because the queue was full (only with
+TRUSTPLANE_AUDIT_OVERFLOW=drop); AUDIT_ENTRY_REJECTED: entries the database refused to store
+(their callers failed with that reason).
 """
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
 
@@ -233,6 +237,7 @@ class ListEntriesRequest(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many entries (default 100, at most 1000)."""
     page_token: _builtins.str
@@ -240,7 +245,9 @@ class ListEntriesRequest(_message.Message):
     subject: _builtins.str
     """Only entries whose subject is this principal."""
     actor: _builtins.str
-    """Only entries in which this identity acted (the delegation chain's current actor)."""
+    """Only entries in which this identity acted: the delegation chain's current actor, or the
+    subject when the call was not delegated.
+    """
     session_id: _builtins.str
     """Only entries of this session."""
     method: _builtins.str
@@ -251,6 +258,11 @@ class ListEntriesRequest(_message.Message):
     """Only entries about this resource."""
     kind: Global___EntryKind.ValueType
     """Only calls or only events."""
+    agent: _builtins.str
+    """Only entries in which this principal (typically an agent) took part: as the subject (its
+    own credential) or anywhere in the delegation chain (acting for someone, directly or
+    through further delegates).
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only entries recorded at or after this time."""
@@ -273,10 +285,11 @@ class ListEntriesRequest(_message.Message):
         code: _builtins.str = ...,
         resource: _builtins.str = ...,
         kind: Global___EntryKind.ValueType = ...,
+        agent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "code", b"code", "end_time", b"end_time", "kind", b"kind", "method", b"method", "page_size", b"page_size", "page_token", b"page_token", "resource", b"resource", "session_id", b"session_id", "start_time", b"start_time", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "agent", b"agent", "code", b"code", "end_time", b"end_time", "kind", b"kind", "method", b"method", "page_size", b"page_size", "page_token", b"page_token", "resource", b"resource", "session_id", b"session_id", "start_time", b"start_time", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -426,7 +439,7 @@ class AppendEntriesRequest(_message.Message):
     """Also return a signed checkpoint that covers the new entries."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
-        """1 to 1000 events, appended in this order."""
+        """1 to 256 events, appended in this order, all in one group commit (one transaction)."""
 
     def __init__(
         self,
@@ -717,16 +730,22 @@ class ExportEntriesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     START_INDEX_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
     start_index: _builtins.int
     """First index to export; 0 exports the whole log (a complete export)."""
+    follow: _builtins.bool
+    """Keep streaming new entries as they are committed, after the snapshot (see ExportEntries);
+    at most one new checkpoint per TRUSTPLANE_AUDIT_TAIL_INTERVAL (1 s).
+    """
     def __init__(
         self,
         *,
         start_index: _builtins.int = ...,
+        follow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["start_index", b"start_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "start_index", b"start_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1049,7 +1068,7 @@ class StreamAppendEntriesRequest(_message.Message):
     """Only read from the first message: answer with a signed checkpoint covering every event."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
-        """Events to append, in order; at most 1000 per message."""
+        """Events to append, in order; at most 256 per message (each message is one group commit)."""
 
     def __init__(
         self,

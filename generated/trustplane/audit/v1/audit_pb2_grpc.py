@@ -29,7 +29,9 @@ class AuditServiceStub:
     """AuditService reads the caller's tenant log and appends runtime events to it. The tenant is
     always the caller's: another tenant's entries are never visible. Every RPC may also fail with
     UNAUTHENTICATED (see docs/authentication.md), PERMISSION_DENIED / PERMISSION_DENIED,
-    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE.
+    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE; those answered only once
+    something is durably recorded (the appends and the security-class RPCs) also with
+    UNAVAILABLE / AUDIT_UNAVAILABLE and INTERNAL / AUDIT_ENTRY_REJECTED.
     """
 
     def __init__(self, channel):
@@ -99,7 +101,9 @@ class AuditServiceServicer:
     """AuditService reads the caller's tenant log and appends runtime events to it. The tenant is
     always the caller's: another tenant's entries are never visible. Every RPC may also fail with
     UNAUTHENTICATED (see docs/authentication.md), PERMISSION_DENIED / PERMISSION_DENIED,
-    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE.
+    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE; those answered only once
+    something is durably recorded (the appends and the security-class RPCs) also with
+    UNAVAILABLE / AUDIT_UNAVAILABLE and INTERNAL / AUDIT_ENTRY_REJECTED.
     """
 
     def ListEntries(self, request, context):
@@ -116,7 +120,8 @@ class AuditServiceServicer:
         taken from the credential, never from the request. Answered after the events are durably
         committed, with their indexes (a receipt) and, on request, a signed checkpoint covering them.
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (events), INVALID_ARGUMENT / REQUEST_TOO_LARGE
-        (more than 1000 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+        (more than 256 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+        INTERNAL / AUDIT_ENTRY_REJECTED (the database refused to store the events),
         INVALID_ARGUMENT / IDEMPOTENCY_KEY_*.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -154,7 +159,11 @@ class AuditServiceServicer:
     def ExportEntries(self, request, context):
         """Streams the log as NDJSON lines (docs/audit-format.md): a signed checkpoint first, then
         every entry from `start_index` with its inclusion proof against that checkpoint, so the
-        export verifies offline with only the public key (`python -m server audit verify`).
+        export verifies offline with only the public key (`python -m server audit verify`). With
+        `follow`, the stream then stays open (a tail): whenever the log has grown, a new signed
+        checkpoint line carrying the consistency proof from the previous one, then the new entries
+        with their inclusion proofs against it; it ends with OK when the server shuts down, and
+        whenever the client cancels.
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (start_index), DATA_LOSS / AUDIT_LOG_INCONSISTENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -285,7 +294,9 @@ class AuditService:
     """AuditService reads the caller's tenant log and appends runtime events to it. The tenant is
     always the caller's: another tenant's entries are never visible. Every RPC may also fail with
     UNAUTHENTICATED (see docs/authentication.md), PERMISSION_DENIED / PERMISSION_DENIED,
-    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE.
+    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE; those answered only once
+    something is durably recorded (the appends and the security-class RPCs) also with
+    UNAVAILABLE / AUDIT_UNAVAILABLE and INTERNAL / AUDIT_ENTRY_REJECTED.
     """
 
     @staticmethod

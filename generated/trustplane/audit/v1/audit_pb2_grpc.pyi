@@ -34,7 +34,9 @@ class AuditServiceStub:
     """AuditService reads the caller's tenant log and appends runtime events to it. The tenant is
     always the caller's: another tenant's entries are never visible. Every RPC may also fail with
     UNAUTHENTICATED (see docs/authentication.md), PERMISSION_DENIED / PERMISSION_DENIED,
-    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE.
+    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE; those answered only once
+    something is durably recorded (the appends and the security-class RPCs) also with
+    UNAVAILABLE / AUDIT_UNAVAILABLE and INTERNAL / AUDIT_ENTRY_REJECTED.
     """
 
     @_typing.overload
@@ -51,7 +53,8 @@ class AuditServiceStub:
     taken from the credential, never from the request. Answered after the events are durably
     committed, with their indexes (a receipt) and, on request, a signed checkpoint covering them.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (events), INVALID_ARGUMENT / REQUEST_TOO_LARGE
-    (more than 1000 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+    (more than 256 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+    INTERNAL / AUDIT_ENTRY_REJECTED (the database refused to store the events),
     INVALID_ARGUMENT / IDEMPOTENCY_KEY_*.
     """
     GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.GetCheckpointResponse]
@@ -73,7 +76,11 @@ class AuditServiceStub:
     ExportEntries: _grpc.UnaryStreamMultiCallable[_audit_pb2.ExportEntriesRequest, _audit_pb2.ExportEntriesResponse]
     """Streams the log as NDJSON lines (docs/audit-format.md): a signed checkpoint first, then
     every entry from `start_index` with its inclusion proof against that checkpoint, so the
-    export verifies offline with only the public key (`python -m server audit verify`).
+    export verifies offline with only the public key (`python -m server audit verify`). With
+    `follow`, the stream then stays open (a tail): whenever the log has grown, a new signed
+    checkpoint line carrying the consistency proof from the previous one, then the new entries
+    with their inclusion proofs against it; it ends with OK when the server shuts down, and
+    whenever the client cancels.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (start_index), DATA_LOSS / AUDIT_LOG_INCONSISTENT.
     """
     StreamAppendEntries: _grpc.StreamUnaryMultiCallable[_audit_pb2.StreamAppendEntriesRequest, _audit_pb2.StreamAppendEntriesResponse]
@@ -115,7 +122,9 @@ class AuditServiceAsyncStub(AuditServiceStub):
     """AuditService reads the caller's tenant log and appends runtime events to it. The tenant is
     always the caller's: another tenant's entries are never visible. Every RPC may also fail with
     UNAUTHENTICATED (see docs/authentication.md), PERMISSION_DENIED / PERMISSION_DENIED,
-    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE.
+    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE; those answered only once
+    something is durably recorded (the appends and the security-class RPCs) also with
+    UNAVAILABLE / AUDIT_UNAVAILABLE and INTERNAL / AUDIT_ENTRY_REJECTED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -129,7 +138,8 @@ class AuditServiceAsyncStub(AuditServiceStub):
     taken from the credential, never from the request. Answered after the events are durably
     committed, with their indexes (a receipt) and, on request, a signed checkpoint covering them.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (events), INVALID_ARGUMENT / REQUEST_TOO_LARGE
-    (more than 1000 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+    (more than 256 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+    INTERNAL / AUDIT_ENTRY_REJECTED (the database refused to store the events),
     INVALID_ARGUMENT / IDEMPOTENCY_KEY_*.
     """
     GetCheckpoint: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.GetCheckpointResponse]  # type: ignore[assignment]
@@ -151,7 +161,11 @@ class AuditServiceAsyncStub(AuditServiceStub):
     ExportEntries: _aio.UnaryStreamMultiCallable[_audit_pb2.ExportEntriesRequest, _audit_pb2.ExportEntriesResponse]  # type: ignore[assignment]
     """Streams the log as NDJSON lines (docs/audit-format.md): a signed checkpoint first, then
     every entry from `start_index` with its inclusion proof against that checkpoint, so the
-    export verifies offline with only the public key (`python -m server audit verify`).
+    export verifies offline with only the public key (`python -m server audit verify`). With
+    `follow`, the stream then stays open (a tail): whenever the log has grown, a new signed
+    checkpoint line carrying the consistency proof from the previous one, then the new entries
+    with their inclusion proofs against it; it ends with OK when the server shuts down, and
+    whenever the client cancels.
     Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (start_index), DATA_LOSS / AUDIT_LOG_INCONSISTENT.
     """
     StreamAppendEntries: _aio.StreamUnaryMultiCallable[_audit_pb2.StreamAppendEntriesRequest, _audit_pb2.StreamAppendEntriesResponse]  # type: ignore[assignment]
@@ -192,7 +206,9 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuditService reads the caller's tenant log and appends runtime events to it. The tenant is
     always the caller's: another tenant's entries are never visible. Every RPC may also fail with
     UNAUTHENTICATED (see docs/authentication.md), PERMISSION_DENIED / PERMISSION_DENIED,
-    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE.
+    RESOURCE_EXHAUSTED / RATE_LIMITED and UNAVAILABLE / UNAVAILABLE; those answered only once
+    something is durably recorded (the appends and the security-class RPCs) also with
+    UNAVAILABLE / AUDIT_UNAVAILABLE and INTERNAL / AUDIT_ENTRY_REJECTED.
     """
 
     @_abc_1.abstractmethod
@@ -216,7 +232,8 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         taken from the credential, never from the request. Answered after the events are durably
         committed, with their indexes (a receipt) and, on request, a signed checkpoint covering them.
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (events), INVALID_ARGUMENT / REQUEST_TOO_LARGE
-        (more than 1000 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+        (more than 256 events or 64 KiB of attributes per event), UNAVAILABLE / AUDIT_UNAVAILABLE,
+        INTERNAL / AUDIT_ENTRY_REJECTED (the database refused to store the events),
         INVALID_ARGUMENT / IDEMPOTENCY_KEY_*.
         """
 
@@ -262,7 +279,11 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_audit_pb2.ExportEntriesResponse], _abc.AsyncIterator[_audit_pb2.ExportEntriesResponse]]:
         """Streams the log as NDJSON lines (docs/audit-format.md): a signed checkpoint first, then
         every entry from `start_index` with its inclusion proof against that checkpoint, so the
-        export verifies offline with only the public key (`python -m server audit verify`).
+        export verifies offline with only the public key (`python -m server audit verify`). With
+        `follow`, the stream then stays open (a tail): whenever the log has grown, a new signed
+        checkpoint line carrying the consistency proof from the previous one, then the new entries
+        with their inclusion proofs against it; it ends with OK when the server shuts down, and
+        whenever the client cancels.
         Errors: INVALID_ARGUMENT / INVALID_ARGUMENT (start_index), DATA_LOSS / AUDIT_LOG_INCONSISTENT.
         """
 

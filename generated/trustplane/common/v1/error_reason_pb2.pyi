@@ -144,6 +144,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The stored audit tree no longer matches a checkpoint the server signed earlier (tampering
     or data loss in the database); nothing new is signed until an operator investigates.
     """
+    ERROR_REASON_AUDIT_ENTRY_REJECTED: _ErrorReason.ValueType  # 610
+    """The database refused to store the call's audit entry for what it holds (not for being
+    unreachable), so the answer is withheld; the entry is counted and a gap entry records it.
+    The action itself may have happened. A server fault: retrying the same call does not help.
+    """
     ERROR_REASON_SESSION_INVALID_TRANSITION: _ErrorReason.ValueType  # 700
     """--- session (700-799) ---
 
@@ -334,6 +339,11 @@ audit, no action"); the action itself may have happened: retry with the same req
 ERROR_REASON_AUDIT_LOG_INCONSISTENT: ErrorReason.ValueType  # 601
 """The stored audit tree no longer matches a checkpoint the server signed earlier (tampering
 or data loss in the database); nothing new is signed until an operator investigates.
+"""
+ERROR_REASON_AUDIT_ENTRY_REJECTED: ErrorReason.ValueType  # 610
+"""The database refused to store the call's audit entry for what it holds (not for being
+unreachable), so the answer is withheld; the entry is counted and a gap entry records it.
+The action itself may have happened. A server fault: retrying the same call does not help.
 """
 ERROR_REASON_SESSION_INVALID_TRANSITION: ErrorReason.ValueType  # 700
 """--- session (700-799) ---
