@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF    := $(VENV)/node/node_modules/.bin/buf
+CERBOS_VERSION := 0.55.0
+CERBOS := $(VENV)/node/node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64
 export PYTHONPATH := $(CURDIR):$(CURDIR)/generated
 
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
@@ -22,6 +24,10 @@ $(STAMP): pyproject.toml
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/node @bufbuild/buf@$(BUF_VERSION)
+
+# The Cerbos PDP the bench compares PolicyService/Check with (x86-64 Linux binary).
+$(CERBOS):
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/node @cerbos/cerbos-linux-x64@$(CERBOS_VERSION)
 
 ## run: start the server (embedded PostgreSQL, in-process cache) on 127.0.0.1:50051
 run: $(STAMP)
@@ -57,9 +63,9 @@ protos-check: $(STAMP)
 	$(BIN)/python protos/generate.py --check --out generated --root protos $(PROTO_FILES)
 	$(BIN)/python protos/generate.py --check --out tests/generated --root tests/protos --include protos $(TEST_PROTO_FILES)
 
-## bench: h2load against the server and a bare grpc.aio echo server in the same run
-bench: $(STAMP)
-	PYTHONPATH=$(PYTHONPATH):$(CURDIR)/tests/generated $(BIN)/python -m bench
+## bench: h2load against the server, a bare grpc.aio echo server and a Cerbos PDP in one run
+bench: $(STAMP) $(CERBOS)
+	CERBOS_BIN=$(CERBOS) PYTHONPATH=$(PYTHONPATH):$(CURDIR)/tests/generated $(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -5,7 +5,8 @@ BENCH_STREAMS (concurrent streams per client, default 8), BENCH_RUNS (measured r
 BENCH_CASES (comma-separated substrings of case names to run; default all),
 BENCH_DATABASE_URL / BENCH_REDIS_URL (passed to the server as DATABASE_URL / REDIS_URL; unset:
 embedded PostgreSQL and the in-process cache), BENCH_SERVER_ENV (space-separated
-TRUSTPLANE_*=value settings for the server, for experiments such as TRUSTPLANE_AUDIT=off).
+TRUSTPLANE_*=value settings for the server, for experiments such as TRUSTPLANE_AUDIT=off),
+CERBOS_BIN (the Cerbos binary: the same Check policy in a Cerbos PDP gets a row of its own).
 
 Exit status: 0 when every run was correct (missed targets are flagged, not fatal), 1 on a
 correctness failure or when the bench could not run, 2 on a bad setting.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import grpc.aio
 
-from bench import cases, echo, h2load, report, servers
+from bench import cases, cerbos, echo, h2load, report, servers
 from bench.cases import BenchContext, Case
 from bench.h2load import H2LoadError, LoadShape
 from bench.measure import Measurement, Target, measure
@@ -106,6 +107,7 @@ async def run_bench(settings: Settings, placement: Placement, workdir: Path) -> 
         ]
     for variant in cases.VARIANTS:
         scored += await _measure_variant(variant, wanted, settings, placement, workdir)
+    scored += await _measure_cerbos(wanted, settings, placement, workdir)
     return Results(ceiling, report.with_baselines(scored), generator_ceiling)
 
 
@@ -133,6 +135,25 @@ async def _measure_variant(
         if wanted:
             built = [c for c in built if any(w in c.name for w in wanted.split(","))]
         return [await _measure_case(case, server, settings, placement, directory) for case in built]
+
+
+async def _measure_cerbos(
+    wanted: str, settings: Settings, placement: Placement, workdir: Path
+) -> list[Scored]:
+    """The same Check policy in a Cerbos PDP (bench.cerbos), reported beside ours, when
+    CERBOS_BIN names its binary (`make bench` installs it) and BENCH_CASES selects it."""
+    binary = os.environ.get("CERBOS_BIN", "")
+    if not binary or (wanted and not any(w in cerbos.NAME for w in wanted.split(","))):
+        return []
+    if not os.path.isfile(binary):  # noqa: ASYNC240 (once, before any load)
+        raise BenchError(f"CERBOS_BIN: {binary} is not a file")
+    try:
+        measured, _ = await cerbos.measure_pdp(
+            binary, settings.shape, settings.runs, placement, workdir
+        )
+    except cerbos.CerbosError as exc:
+        raise BenchError(str(exc)) from None
+    return [Scored(measured, 0.0)]
 
 
 async def _measure_echo(

@@ -279,7 +279,18 @@ async def _create_session_replay(ctx: BenchContext) -> Case:
 
 
 async def _get_session(ctx: BenchContext) -> Case:
-    """GetSession: the agent's status check, one indexed row by primary key."""
+    """GetSession: the agent's status check, answered from the shared session read (one
+    indexed row by primary key, then reused until the session changes)."""
+    return await _get_session_case(ctx, "SessionService/GetSession", 0.5)
+
+
+async def _get_session_unshared(ctx: BenchContext) -> Case:
+    """The same status check on a server with TRUSTPLANE_SESSION_READ_TTL=0: a PostgreSQL read
+    on every call (reported only)."""
+    return await _get_session_case(ctx, "SessionService/GetSession (read cache off)", 0.0)
+
+
+async def _get_session_case(ctx: BenchContext, name: str, target_ratio: float) -> Case:
     headers = _agent_headers(ctx)
     stub = session_pb2_grpc.SessionServiceStub(ctx.channel)
     created = await stub.CreateSession(
@@ -290,10 +301,10 @@ async def _get_session(ctx: BenchContext) -> Case:
     )
     request = session_pb2.GetSessionRequest(session_id=created.session.session_id)
     return Case(
-        name="SessionService/GetSession",
+        name=name,
         path="/trustplane.session.v1.SessionService/GetSession",
         request=request.SerializeToString(),
-        target_ratio=0.5,
+        target_ratio=target_ratio,
         headers=headers,
     )
 
@@ -405,6 +416,11 @@ VARIANTS: list[Variant] = [
         [("PolicyService/Check (2x2, decision cache off)", _policy_check_uncached)],
     ),
     Variant("audit-off", {"TRUSTPLANE_AUDIT": "off"}, [(_UNAUDITED_MUTATION, _unaudited_mutation)]),
+    Variant(
+        "session-read-cache-off",
+        {"TRUSTPLANE_SESSION_READ_TTL": "0"},
+        [("SessionService/GetSession (read cache off)", _get_session_unshared)],
+    ),
 ]
 
 

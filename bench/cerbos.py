@@ -7,9 +7,10 @@ and CPU placement, and the same bare grpc.aio echo ceiling for the ratio. Cerbos
 sessions, so the labels travel as a principal attribute.
 
 Needs the Cerbos binary: `npm install @cerbos/cerbos-linux-x64` ships it; point `CERBOS_BIN`
-at `node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64`. h2load only sees HTTP statuses,
-so correctness is checked once up front: the decisions must be ALLOW, ALLOW, ALLOW, DENY (as
-trustplane decides them).
+at `node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64` (`make bench` installs it under
+.venv/node and passes it, so its report carries the Cerbos row beside ours). h2load only sees
+HTTP statuses, so correctness is checked once up front: the decisions must be ALLOW, ALLOW,
+ALLOW, DENY (as trustplane decides them).
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from bench import echo, report, servers
-from bench.__main__ import Settings
 from bench.h2load import LoadShape
 from bench.measure import Measurement, Target, measure
 from bench.report import Scored
 
 SERVICE = "cerbos.svc.v1.CerbosService"
 PATH = f"/{SERVICE}/CheckResources"
+NAME = "Cerbos PDP CheckResources (2x2, same policy)"
 EXPECTED = [["EFFECT_ALLOW", "EFFECT_ALLOW"], ["EFFECT_ALLOW", "EFFECT_DENY"]]
 
 DERIVED_ROLES = """
@@ -116,8 +117,10 @@ telemetry:
 
 
 @contextlib.asynccontextmanager
-async def cerbos(binary: str, placement: servers.Placement, workdir: Path) -> AsyncIterator[str]:
-    """A Cerbos PDP with the bench policy; yields its gRPC address once it answers."""
+async def cerbos(
+    binary: str, placement: servers.Placement, workdir: Path
+) -> AsyncIterator[tuple[str, int]]:
+    """A Cerbos PDP with the bench policy; yields its gRPC address and pid once it answers."""
     policies = workdir / "policies"
     policies.mkdir()
     (policies / "derived_roles.yaml").write_text(DERIVED_ROLES)
@@ -131,7 +134,7 @@ async def cerbos(binary: str, placement: servers.Placement, workdir: Path) -> As
     address = f"127.0.0.1:{grpc_port}"
     try:
         await _wait_ready(address)
-        yield address
+        yield address, proc.pid
     finally:
         proc.terminate()
         await proc.wait()
@@ -174,23 +177,40 @@ def _effects(response: Any) -> list[list[str]]:
     ]
 
 
-async def main_async(binary: str, settings: Settings) -> int:
+class CerbosError(RuntimeError):
+    """The PDP decided the bench request differently from trustplane."""
+
+
+async def measure_pdp(
+    binary: str, shape: LoadShape, runs: int, placement: servers.Placement, workdir: Path
+) -> tuple[Measurement, bytes]:
+    """Start the PDP, check its decisions once, measure CheckResources with h2load; the
+    measurement and the request bytes it sent."""
+    directory = workdir / "cerbos"
+    directory.mkdir()
+    async with cerbos(binary, placement, directory) as (address, pid):
+        request, response = await asyncio.to_thread(_request_bytes, address)
+        if _effects(response) != EXPECTED:
+            raise CerbosError(f"unexpected Cerbos decisions {_effects(response)}")
+        target = Target(NAME, address, PATH, request, pid=pid)
+        measured = await measure(target, shape, runs, directory, placement.load_prefix())
+        return measured, request
+
+
+async def main_async(binary: str, shape: LoadShape, runs: int) -> int:
     placement = servers.Placement.detect()
-    shape = LoadShape(settings.shape.requests, settings.shape.clients, settings.shape.streams)
     with tempfile.TemporaryDirectory(prefix="trustplane-cerbos-") as tmp:
         workdir = Path(tmp)
-        async with cerbos(binary, placement, workdir) as address:
-            request, response = await asyncio.to_thread(_request_bytes, address)
-            if _effects(response) != EXPECTED:
-                print(f"bench.cerbos: unexpected decisions {_effects(response)}", file=sys.stderr)
-                return 1
-            target = Target("Cerbos CheckResources (2x2)", address, PATH, request)
-            measured = await measure(target, shape, settings.runs, workdir, placement.load_prefix())
-        ceiling = await _echo(request, shape, settings.runs, placement, workdir)
+        try:
+            measured, request = await measure_pdp(binary, shape, runs, placement, workdir)
+        except CerbosError as exc:
+            print(f"bench.cerbos: {exc}", file=sys.stderr)
+            return 1
+        ceiling = await _echo(request, shape, runs, placement, workdir)
     print(report.table(ceiling, [Scored(measured, 0.0)]), end="")
     print(
         f"\nMachine: {placement.note}; {shape.requests} requests per run, "
-        f"{shape.in_flight} in flight; median of {settings.runs} run(s)."
+        f"{shape.in_flight} in flight; median of {runs} run(s)."
     )
     return 1 if measured.problems else 0
 
@@ -208,7 +228,10 @@ def main() -> int:
     if not binary or not Path(binary).is_file():
         print("bench.cerbos: set CERBOS_BIN to the Cerbos binary", file=sys.stderr)
         return 2
-    return asyncio.run(main_async(binary, Settings.from_environ()))
+    from bench.__main__ import Settings  # here: bench.__main__ imports this module
+
+    settings = Settings.from_environ()
+    return asyncio.run(main_async(binary, settings.shape, settings.runs))
 
 
 if __name__ == "__main__":
