@@ -179,7 +179,10 @@ class PgSessionStore:
 
     async def create_session(self, new: NewSession) -> tuple[AgentSession, bool]:
         """The new session and True; or, if this request id already created one, that one and
-        False (exactly once: the id is unique per tenant, stored in the same statement)."""
+        False (exactly once: the id is unique per tenant, stored in the same statement). One
+        statement (the session and its first revision), so no explicit transaction: BEGIN and
+        COMMIT would be two more round trips. ON CONFLICT waits for a racing insert of the same
+        request id to commit, so the SELECT that follows a conflict finds its row."""
         insert = _WITH_EVENT.format(
             change="INSERT INTO agent_sessions (id, tenant_id, agent_id, user_id, role, "
             "parent_session_id, task, metadata, labels, state, created_by, created_at, "
@@ -187,7 +190,7 @@ class PgSessionStore:
             "'PENDING', $10, $11, $11, $12, $13) "
             "ON CONFLICT (tenant_id, request_id) DO NOTHING RETURNING *"
         )
-        async with self._transaction() as conn:
+        async with self._acquire() as conn:
             row = await conn.fetchrow(
                 insert,
                 uuid.uuid4(),
@@ -410,7 +413,8 @@ class PgSessionStore:
     # --- tasks ------------------------------------------------------------------------------
 
     async def create_task(self, new: NewTask) -> tuple[Task, bool]:
-        async with self._transaction() as conn:
+        # One statement, no explicit transaction (see create_session).
+        async with self._acquire() as conn:
             row = await conn.fetchrow(
                 "INSERT INTO session_tasks (id, tenant_id, session_id, type, from_role, to_role,"
                 " payload, trace_id, state, created_by, created_at, updated_at, request_id) "
@@ -514,7 +518,8 @@ class PgSessionStore:
     # --- approvals --------------------------------------------------------------------------
 
     async def create_approval(self, new: NewApproval) -> tuple[Approval, bool]:
-        async with self._transaction() as conn:
+        # One statement, no explicit transaction (see create_session).
+        async with self._acquire() as conn:
             row = await conn.fetchrow(
                 "INSERT INTO session_approvals (id, tenant_id, session_id, requester_id, "
                 "requester_chain, action_digest, action, reason, approver_roles, state, "

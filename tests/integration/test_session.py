@@ -19,6 +19,7 @@ from trustplane.auth.v1 import auth_pb2
 from trustplane.session.v1 import session_pb2 as pb
 from trustplane.session.v1 import session_pb2_grpc
 
+from server.session.model import NewSession
 from tests.support import services
 from tests.support.process import ROOT, server_env
 from tests.support.status import expect_error
@@ -370,6 +371,32 @@ async def test_create_is_exactly_once_per_request_id(server, idp):
     assert taken.code is grpc.StatusCode.ALREADY_EXISTS
     listed = await svc.ListSessions(pb.ListSessionsRequest(), metadata=me)
     assert [s.session_id for s in listed.sessions] == [first.session_id]
+
+
+async def test_racing_creates_with_one_request_id_make_one_session(server):
+    """The store's create is one statement without an explicit transaction: twenty racing
+    inserts of one request id (as retries landing on processes whose replay cache missed) make
+    one session and one first revision, and every caller gets that session."""
+    now = time.time()
+    new = NewSession(
+        tenant_id=TENANT,
+        agent_id=AGENT,
+        user_id=None,
+        role="coder",
+        parent_session_id=None,
+        task="",
+        metadata={},
+        labels=(),
+        created_by=AGENT,
+        created_at=now,
+        expires_at=now + 3600,
+        request_id=str(uuid.uuid4()),
+    )
+    store = server.app.sessions._store
+    results = await asyncio.gather(*(store.create_session(new) for _ in range(20)))
+    assert sum(created for _, created in results) == 1
+    assert len({session.id for session, _ in results}) == 1
+    assert len(await store.revisions(TENANT, results[0][0].id, 0)) == 1
 
 
 async def test_retry_without_the_replay_cache_still_returns_the_first_session(start_server, idp):
