@@ -1,10 +1,12 @@
 """A TCP proxy in front of PostgreSQL that can lose the answer to a commit.
 
-`LossyProxy` forwards every connection byte for byte. Once armed, the next connection that
-copies rows into `audit_entries` and then sends COMMIT gets that COMMIT passed on to
-PostgreSQL, which commits; the proxy reads PostgreSQL's answer and, instead of forwarding it,
-closes both sides. The client sees a connection lost in the middle of COMMIT — an ambiguous
-commit — while the transaction is durable: exactly what a retry must not append twice.
+`LossyProxy` forwards every connection byte for byte. Once armed, the next audit append that
+commits — a transaction that copied rows into `audit_entries` and then sends COMMIT, or a
+call of `audit_append` (one statement, committed when PostgreSQL answers its Sync) — is passed
+on to PostgreSQL, which commits; the proxy reads PostgreSQL's answer and, instead of
+forwarding it, closes both sides. The client sees a connection lost in the middle of its
+commit — an ambiguous commit — while the transaction is durable: exactly what a retry must not
+append twice.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class _Connection:
         self._client = (client_reader, client_writer)
         self._server = (server_reader, server_writer)
         self._copied = False  # this transaction copied rows into audit_entries
+        self._appends: set[bytes] = set()  # names of prepared `audit_append` statements
         self._swallow: asyncio.Future[None] | None = None
 
     async def run(self) -> None:
@@ -104,15 +107,33 @@ class _Connection:
         while chunk := await reader.read(65536):
             if b"COPY" in chunk and b"audit_entries" in chunk:
                 self._copied = True
-            if self._copied and _COMMIT in chunk:
+            committing = self._copied and _COMMIT in chunk
+            if committing:
                 self._copied = False
-                if self._proxy.take_arm():
-                    self._swallow = asyncio.get_running_loop().create_future()
+            if (committing or self._binds_append(chunk)) and self._proxy.take_arm():
+                self._swallow = asyncio.get_running_loop().create_future()
             writer.write(chunk)
             await writer.drain()
             if self._swallow is not None:
                 await self._swallow  # the answer arrived and was dropped: hang up
                 return
+
+    def _binds_append(self, chunk: bytes) -> bool:
+        """Whether `chunk` runs a prepared `audit_append` (Bind of a statement whose Parse named
+        it); remembers such Parses. Reads whole messages only, as asyncpg writes them."""
+        found, at = False, 0
+        while at + 5 <= len(chunk):
+            kind, length = chunk[at : at + 1], int.from_bytes(chunk[at + 1 : at + 5], "big")
+            body = chunk[at + 5 : at + 1 + length]
+            if kind == b"P":
+                name, _, rest = body.partition(b"\0")
+                if rest.startswith(b"SELECT outcome, value FROM audit_append("):
+                    self._appends.add(name)
+            elif kind == b"B":
+                statement = body.partition(b"\0")[2].partition(b"\0")[0]
+                found = found or statement in self._appends
+            at += 1 + length
+        return found
 
     async def _pump_down(self) -> None:
         reader, (_, writer) = self._server[0], self._client
