@@ -4,11 +4,8 @@ durability of security-class calls, receipts, proofs, queries, isolation, export
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
-import subprocess
-import sys
 import time
 import uuid
 
@@ -24,7 +21,7 @@ from trustplane.crypto.v1 import crypto_pb2
 from server.audit import merkle
 from server.audit.model import SYSTEM_TENANT, EntryFilter, decode
 from server.audit.verify import verify_export
-from tests.support.process import ROOT, server_env
+from tests.support.process import app_process
 from tests.support.status import expect_error
 from tests.support.tokens import OTHER_TENANT, TENANT, bearer
 
@@ -405,44 +402,13 @@ async def export(running, metadata, start=0):
     return lines
 
 
-@contextlib.asynccontextmanager
-async def app_process(config):
-    """The real App in a process of its own (tests/support/app_process.py) sharing this
-    test's PostgreSQL, Redis and data directory (so the same root key); yields its port."""
-    env = server_env(
-        DATABASE_URL=config.database.url,
-        REDIS_URL=config.cache.url,
-        TRUSTPLANE_CACHE_PREFIX=config.cache.prefix,
-        TRUSTPLANE_LISTEN="127.0.0.1:0",
-        TRUSTPLANE_METRICS_LISTEN="off",
-        TRUSTPLANE_TRUSTED_ISSUERS_FILE=str(config.auth.trusted_issuers_file),
-        TRUSTPLANE_DATA_DIR=str(config.data_dir),
-        TRUSTPLANE_RATE_LIMIT="0",
-    )
-    env["PYTHONPATH"] += f":{ROOT}/tests/generated"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.app_process"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)
-        yield int(line.strip().removeprefix("port="))
-    finally:
-        process.terminate()
-        await asyncio.to_thread(process.wait, 30)
-        process.stdout.close()
-
-
 async def test_two_server_processes_append_one_consistent_tree(make_config, idp, member):
     """Two OS processes, each with its own writer, append to one tenant's log at once: the
     per-tenant PostgreSQL lock makes them take turns, so the result is one tree."""
     config = make_config()
     async with (  # one after the other: the first creates the root key both use
-        app_process(config) as first,
-        app_process(config) as second,
+        app_process(config, TRUSTPLANE_RATE_LIMIT="0") as first,
+        app_process(config, TRUSTPLANE_RATE_LIMIT="0") as second,
         grpc.aio.insecure_channel(f"127.0.0.1:{first}") as one,
         grpc.aio.insecure_channel(f"127.0.0.1:{second}") as two,
     ):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-import sys
 import time
 import uuid
 
@@ -21,7 +19,7 @@ from trustplane.session.v1 import session_pb2_grpc
 
 from server.session.model import NewSession
 from tests.support import services
-from tests.support.process import ROOT, server_env
+from tests.support.process import app_process
 from tests.support.status import expect_error
 from tests.support.tokens import OTHER_TENANT, TENANT, bearer
 
@@ -836,49 +834,26 @@ async def _watch_in_order(server, idp):
 
 
 async def test_watch_across_server_processes(start_server, idp):
-    async with start_server() as running:
-        config = running.app.config
-        env = server_env(
-            DATABASE_URL=config.database.url,
-            REDIS_URL=config.cache.url,
-            TRUSTPLANE_CACHE_PREFIX=config.cache.prefix,
-            TRUSTPLANE_LISTEN="127.0.0.1:0",
-            TRUSTPLANE_METRICS_LISTEN="off",
-            TRUSTPLANE_TRUSTED_ISSUERS_FILE=str(config.auth.trusted_issuers_file),
-            TRUSTPLANE_DATA_DIR=str(config.data_dir),
-            # A long poll: only a cross-process notification can deliver changes in time.
-            TRUSTPLANE_SESSION_WATCH_POLL="60",
+    me = agent_token(idp)
+    seen: list[pb.AgentSession] = []
+    # A long poll: only a cross-process notification can deliver changes in time.
+    async with (
+        start_server() as running,
+        app_process(running.app.config, TRUSTPLANE_SESSION_WATCH_POLL="60") as port,
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        remote = session_pb2_grpc.SessionServiceStub(channel)
+        session = await create(remote, me)
+        watch = remote.WatchSession(
+            pb.WatchSessionRequest(session_id=session.session_id), metadata=me
         )
-        env["PYTHONPATH"] += f":{ROOT}/tests/generated"
-        other = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.app_process"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            line = await asyncio.wait_for(asyncio.to_thread(other.stdout.readline), 60)
-            port = int(line.strip().removeprefix("port="))
-            me = agent_token(idp)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                remote = session_pb2_grpc.SessionServiceStub(channel)
-                session = await create(remote, me)
-                seen: list[pb.AgentSession] = []
-                watch = remote.WatchSession(
-                    pb.WatchSessionRequest(session_id=session.session_id), metadata=me
-                )
-                first = asyncio.Event()
-                watcher = asyncio.ensure_future(_collect(watch, 5, seen, first))
-                await asyncio.wait_for(first.wait(), 10)
-                started = time.monotonic()
-                await _make_changes(stub(running), me, session.session_id)  # the other process
-                await asyncio.wait_for(watcher, 20)
-                assert time.monotonic() - started < 20
-        finally:
-            other.terminate()
-            other.wait(30)
-            other.stdout.close()
+        first = asyncio.Event()
+        watcher = asyncio.ensure_future(_collect(watch, 5, seen, first))
+        await asyncio.wait_for(first.wait(), 10)
+        started = time.monotonic()
+        await _make_changes(stub(running), me, session.session_id)  # the other process
+        await asyncio.wait_for(watcher, 20)
+        assert time.monotonic() - started < 20
     assert [s.revision for s in seen] == [1, 2, 3, 4, 5]
     assert seen[-1].state == S.SESSION_STATE_COMPLETED
 

@@ -4,8 +4,6 @@ on another server, returns the session the first call created, never a second on
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import uuid
 
 import asyncpg
@@ -14,7 +12,7 @@ import grpc.aio
 from trustplane.session.v1 import session_pb2 as pb
 from trustplane.session.v1 import session_pb2_grpc
 
-from tests.support.process import ROOT, server_env
+from tests.support.process import app_port, app_process_env, spawn_app
 from tests.support.tokens import bearer
 
 
@@ -32,29 +30,12 @@ async def _retry(stub, request, metadata):
 
 async def test_retry_after_a_crash_between_commit_and_answer(make_config, start_server, idp):
     config = make_config(TRUSTPLANE_IDEMPOTENCY_LEASE="1")
-    env = server_env(
-        DATABASE_URL=config.database.url,
-        REDIS_URL=config.cache.url,
-        TRUSTPLANE_CACHE_PREFIX=config.cache.prefix,
-        TRUSTPLANE_LISTEN="127.0.0.1:0",
-        TRUSTPLANE_METRICS_LISTEN="off",
-        TRUSTPLANE_TRUSTED_ISSUERS_FILE=str(config.auth.trusted_issuers_file),
-        TRUSTPLANE_DATA_DIR=str(config.data_dir),
-        TRUSTPLANE_IDEMPOTENCY_LEASE="1",
-    )
-    env["PYTHONPATH"] += f":{ROOT}/tests/generated"
-    doomed = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.crash_after_commit"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    env = app_process_env(config, TRUSTPLANE_IDEMPOTENCY_LEASE="1")
+    doomed = spawn_app(env, "tests.support.crash_after_commit")
     metadata = bearer(idp.token(sub="agent-1", ptype="agent"))
     request = pb.CreateSessionRequest(request_id=str(uuid.uuid4()), role="coder")
     try:
-        line = await asyncio.wait_for(asyncio.to_thread(doomed.stdout.readline), 60)
-        port = int(line.strip().removeprefix("port="))
+        port = await app_port(doomed)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = session_pb2_grpc.SessionServiceStub(channel)
             try:

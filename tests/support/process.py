@@ -1,13 +1,18 @@
-"""Run `python -m server serve` as a real process, as an operator would."""
+"""Run `python -m server serve` as a real process, as an operator would; or the test App
+(`tests.support.app_process`) as a second process beside a test's server."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,6 +31,49 @@ def server_env(**overrides: str | None) -> dict[str, str]:
         if value is not None:
             env[key] = value
     return env
+
+
+def app_process_env(config: Any, **overrides: str) -> dict[str, str]:
+    """The environment of a second App process sharing `config`'s PostgreSQL, Redis prefix,
+    trusted issuers and data directory (so the same root key)."""
+    env = server_env(
+        DATABASE_URL=config.database.url,
+        REDIS_URL=config.cache.url,
+        TRUSTPLANE_CACHE_PREFIX=config.cache.prefix,
+        TRUSTPLANE_LISTEN="127.0.0.1:0",
+        TRUSTPLANE_METRICS_LISTEN="off",
+        TRUSTPLANE_TRUSTED_ISSUERS_FILE=str(config.auth.trusted_issuers_file),
+        TRUSTPLANE_DATA_DIR=str(config.data_dir),
+        **overrides,
+    )
+    env["PYTHONPATH"] += f":{ROOT}/tests/generated"
+    return env
+
+
+def spawn_app(env: dict[str, str], module: str = "tests.support.app_process") -> Any:
+    """Start `python -m <module>` (an App that prints `port=<n>` once serving)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+
+
+async def app_port(process: Any, timeout: float = 60.0) -> int:
+    """The port a spawned App printed once it serves."""
+    line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), timeout)
+    return int(line.strip().removeprefix("port="))
+
+
+@contextlib.asynccontextmanager
+async def app_process(config: Any, **overrides: str) -> AsyncIterator[int]:
+    """A second App process beside the test's server (see `app_process_env`); yields its
+    port, and stops it with SIGTERM on exit."""
+    process = spawn_app(app_process_env(config, **overrides))
+    try:
+        yield await app_port(process)
+    finally:
+        process.terminate()
+        await asyncio.to_thread(process.wait, 30)
+        process.stdout.close()
 
 
 class ServerProcess:
