@@ -136,6 +136,7 @@ class AuditConfig:
     enabled: bool = True
     queue_size: int = 10_000  # access entries waiting for the writer; full = back-pressure
     batch_max: int = 256  # entries per group commit
+    pipeline: int = 2  # group commits in flight at once (the next is sent before one is answered)
     linger: float = 0.001  # seconds the writer waits for more entries before a short batch
     # ... when the batch holds only access entries (nobody waits for them): fewer, larger
     # commits; a durable entry or a full batch ends the wait at once.
@@ -354,6 +355,7 @@ def _audit(env: _Env) -> AuditConfig:
         enabled=env.get("TRUSTPLANE_AUDIT", "on", _choice("on", "off")) == "on",
         queue_size=env.get("TRUSTPLANE_AUDIT_QUEUE_SIZE", "10000", _int_range(1, 10**7)),
         batch_max=env.get("TRUSTPLANE_AUDIT_BATCH_MAX", "256", _int_range(1, 256)),
+        pipeline=env.get("TRUSTPLANE_AUDIT_PIPELINE", "2", _int_range(1, 8)),
         linger=env.get("TRUSTPLANE_AUDIT_LINGER", "0.001", _float_range(0.0, 0.1)),
         access_linger=env.get("TRUSTPLANE_AUDIT_ACCESS_LINGER", "0.02", _float_range(0.0, 0.1)),
         checkpoint_interval=env.get(

@@ -388,10 +388,26 @@ class AuditLog:
         return list(range(first, first + count))
 
     async def _write_forever(self) -> None:
-        while True:
-            batch = await self._take()
-            await self._settle(batch)
-            self._untrack(sum(1 for item in batch if item.queued))
+        """Take batches and commit them, up to `pipeline` at once: the next batch is taken and
+        sent while earlier ones are still committing (the store orders them per log). A
+        batch is taken only once a slot is free, so what arrives meanwhile joins it."""
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                while len(running) >= self._config.pipeline:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                batch = await self._take()
+                task = asyncio.create_task(self._settle_counted(batch))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _settle_counted(self, batch: list[_Item]) -> None:
+        await self._settle(batch)
+        self._untrack(sum(1 for item in batch if item.queued))
 
     async def _settle(self, batch: list[_Item]) -> None:
         """Commit `batch`, retrying while the database is unavailable (idempotently: every

@@ -9,6 +9,10 @@ is one consistent sequence; it is released by the commit. When this process appe
 log last it knows the log's size and right edge, so a one-tenant batch is hashed ahead and sent
 as one call of the SQL function `audit_append` (migration 0009), which takes the same lock and
 appends only if the size is still the one hashed against: one round trip instead of nine.
+While such a call is unanswered the writer may already send the log's next batch (it pipelines
+group commits), hashed against the log as the first will leave it; the function (migration
+0010) appends it only if the log ends with exactly that first batch, else it is 'moved' and
+takes the locked path, which waits for the lock and reads the real size and edge.
 
 Appends are idempotent per batch: the first entry of each tenant's part carries the batch's
 random id (`audit_entries.batch`, unique per tenant), and under the lock the writer first looks
@@ -21,10 +25,12 @@ lost, server shutting down, timeouts) is left to the writer's retry.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import secrets
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -86,6 +92,20 @@ def _column(value: str) -> str:
     return value.replace("\x00", "\ufffd")
 
 
+@dataclass(slots=True)
+class _Ahead:
+    """A sent, unanswered one-round-trip append: its batch id, the index its entries start at,
+    the log's size and right edge once it is appended, and — once answered — whether it was."""
+
+    batch: bytes
+    first: int
+    size: int
+    edge: dict[tuple[int, int], bytes]
+    sent: asyncio.Event = field(default_factory=asyncio.Event)  # its current attempt is out
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    appended: bool = False
+
+
 class PgAuditStore:
     """See the module docstring."""
 
@@ -94,6 +114,12 @@ class PgAuditStore:
         # The perfect subtrees at the right edge of each log this process wrote last, by size:
         # reused when the log still has that size (no other process appended since).
         self._edges: dict[str, tuple[int, dict[tuple[int, int], bytes]]] = {}
+        # The newest one-round-trip append of each log that is sent and not yet answered: the
+        # next batch is hashed against the log as it will leave it (see `_append_known`).
+        self._ahead: dict[str, _Ahead] = {}
+        # Logs with a locked-path append in flight (set when it ends): a one-round-trip append
+        # waits for it rather than hash against a size it is about to change.
+        self._locked: dict[str, asyncio.Event] = {}
 
     async def append(self, groups: Mapping[str, Sequence[Record]], batch: bytes) -> dict[str, int]:
         """Append each tenant's records as batch `batch`; returns the index of each tenant's
@@ -108,34 +134,75 @@ class PgAuditStore:
     async def _append_known(
         self, tenant_id: str, records: Sequence[Record], batch: bytes
     ) -> int | None:
-        """One tenant's batch in one round trip (`audit_append`, migration 0009) when this
-        process knows the log's size and right edge from its own last append; None when it
-        does not, or the log has grown elsewhere since (then the locked path reads them)."""
-        cached = self._edges.get(tenant_id)
-        if cached is None:
+        """One tenant's batch in one round trip (`audit_append`, migrations 0009 and 0010) when
+        this process knows the log's size and right edge: from its own last append, or — when
+        that append is still unanswered (the writer pipelines) — as that append will leave the
+        log, which the function checks by its batch id. A pipelined batch that reached the
+        lock before its predecessor is sent again once the predecessor is appended. None when
+        this process knows neither, or the log is not as expected (the locked path then reads
+        it)."""
+        while (prev := self._ahead.get(tenant_id)) is None and tenant_id in self._locked:
+            await self._locked[tenant_id].wait()  # it will know the log's size and edge
+        if prev is not None:
+            size, edge = prev.size, prev.edge
+        elif (cached := self._edges.get(tenant_id)) is not None:
+            size, edge = cached
+        else:
             return None
-        size, edge = cached
         bodies = encode_all(records, size)
         nodes = merkle.completed_nodes(
             size, [merkle.leaf_hash(b) for b in bodies], lambda lv, ix: edge[(lv, ix)]
         )
         rows = _entry_rows(tenant_id, records, size, bodies, batch)
+        new_size = size + len(records)
+        mine = _Ahead(batch, size, new_size, _new_edge(edge, nodes, new_size))
+        self._ahead[tenant_id] = mine
+        args = (
+            tenant_id,
+            size,
+            batch,
+            *_append_arrays(rows, nodes),
+            None if prev is None else prev.batch,
+            None if prev is None else prev.first,
+        )
+        try:
+            if prev is not None:
+                await prev.sent.wait()  # the lock is taken in the order the calls are sent
+            outcome, value = await self._call_append(args, mine.sent)
+            if outcome == "moved" and prev is not None:
+                mine.sent.clear()  # whoever is hashed against this one waits for its resend
+                await prev.answered.wait()
+                if prev.appended:  # the log is now as hashed against, unless moved again
+                    outcome, value = await self._call_append(args, mine.sent)
+            if outcome == "appended":
+                mine.appended = True
+                self._remember(tenant_id, new_size, mine.edge)
+        finally:
+            mine.sent.set()
+            mine.answered.set()
+            if self._ahead.get(tenant_id) is mine:
+                del self._ahead[tenant_id]
+        return None if outcome == "moved" else int(value)
+
+    async def _call_append(self, args: Sequence[Any], sent: asyncio.Event) -> tuple[str, int]:
         try:
             async with self._db.acquire() as conn:
-                outcome, value = await conn.fetchrow(
-                    _APPEND_KNOWN, tenant_id, size, batch, *_append_arrays(rows, nodes)
-                )
+                # Set before the call, which writes its request before it first waits: a
+                # batch hashed against this one is sent after it.
+                sent.set()
+                outcome, value = await conn.fetchrow(_APPEND_KNOWN, *args)
         except (asyncpg.PostgresError, ValueError, TypeError) as exc:
             if isinstance(exc, _TRANSIENT):
                 raise
             raise BatchRejected(type(exc).__name__) from exc
-        if outcome == "moved":
-            del self._edges[tenant_id]
-            return None
-        if outcome == "appended":
-            new_size = size + len(records)
-            self._edges[tenant_id] = (new_size, _new_edge(edge, nodes, new_size))
-        return int(value)
+        return str(outcome), int(value)
+
+    def _remember(self, tenant_id: str, size: int, edge: dict[tuple[int, int], bytes]) -> None:
+        """Keep a committed log's right edge, unless a later one is already known (answers
+        of pipelined batches may be handled out of order)."""
+        known = self._edges.get(tenant_id)
+        if known is None or known[0] < size:
+            self._edges[tenant_id] = (size, edge)
 
     async def _append_locked(
         self, groups: Mapping[str, Sequence[Record]], batch: bytes
@@ -143,6 +210,9 @@ class PgAuditStore:
         """Every tenant's part in one transaction, reading each log's size under its lock."""
         firsts: dict[str, int] = {}
         edges: dict[str, tuple[int, dict[tuple[int, int], bytes]]] = {}
+        busy = asyncio.Event()
+        mine = [t for t in groups if t not in self._locked]
+        self._locked.update((t, busy) for t in mine)
         try:
             async with self._db.transaction() as conn:
                 for tenant_id in sorted(groups):
@@ -155,7 +225,12 @@ class PgAuditStore:
             if isinstance(exc, _TRANSIENT):
                 raise
             raise BatchRejected(type(exc).__name__) from exc
-        self._edges.update(edges)  # only once committed
+        finally:
+            for tenant_id in mine:
+                del self._locked[tenant_id]
+            busy.set()
+        for tenant_id, (new_size, new_edge) in edges.items():  # only once committed
+            self._remember(tenant_id, new_size, new_edge)
         return firsts
 
     async def _append(
@@ -433,7 +508,7 @@ def _edge(size: int) -> list[tuple[int, int]]:
 
 _APPEND_KNOWN = (
     "SELECT outcome, value FROM audit_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-    " $13, $14, $15, $16, $17)"
+    " $13, $14, $15, $16, $17, $18, $19)"
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +23,7 @@ from trustplane.audit.v1 import audit_pb2 as pb
 
 from server.audit import merkle
 from server.audit.model import CALL, EntryFilter, Record, decode
-from server.audit.service import AuditUnavailable, LogInconsistent
+from server.audit.service import AuditEntryRejected, AuditUnavailable, LogInconsistent
 from server.audit.verify import verify_export
 from tests.support.pg_proxy import LossyProxy
 from tests.support.status import expect_error, rich
@@ -31,6 +32,9 @@ from tests.support.tokens import TENANT as TOKEN_TENANT
 
 _LOCK_CLASS = 0x61756474
 TENANT = "t-writer"
+# The writer commits up to TRUSTPLANE_AUDIT_PIPELINE batches at once; tests that count what
+# waits in the queue behind a stalled batch let only that one batch be in flight.
+ONE_IN_FLIGHT = {"TRUSTPLANE_AUDIT_PIPELINE": "1"}
 
 
 def record(tenant: str = TENANT, method: str = "/m") -> Record:
@@ -92,7 +96,7 @@ async def test_group_commit_respects_batch_max_and_orders_entries(start_server, 
 
 async def test_full_queue_means_back_pressure_not_loss(start_server, database_url):
     async with start_server(
-        TRUSTPLANE_AUDIT_QUEUE_SIZE="2", TRUSTPLANE_AUDIT_LINGER="0"
+        TRUSTPLANE_AUDIT_QUEUE_SIZE="2", TRUSTPLANE_AUDIT_LINGER="0", **ONE_IN_FLIGHT
     ) as running:
         log = running.app.audit
         async with stalled(database_url) as conn:
@@ -213,7 +217,7 @@ async def test_a_rejected_entry_fails_alone_with_a_gap(start_server, database_ur
         )
     finally:
         await conn.close()
-    async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+    async with start_server(TRUSTPLANE_AUDIT_LINGER="0", **ONE_IN_FLIGHT) as running:
         log = running.app.audit
         member = bearer(idp.token(roles=["member"]))
         other = bearer(idp.token(roles=["member"], tid=OTHER_TENANT))
@@ -260,7 +264,7 @@ async def test_a_rejected_entry_fails_alone_with_a_gap(start_server, database_ur
 async def test_a_batch_never_exceeds_256_entries(start_server, database_url, idp):
     """Three appends of 200 events wait together in the queue: the writer commits them in
     batches of at most 256 entries, each request's events together and in order."""
-    async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+    async with start_server(TRUSTPLANE_AUDIT_LINGER="0", **ONE_IN_FLIGHT) as running:
         log = running.app.audit
         member = bearer(idp.token(roles=["member"]))
         events = [pb.AuditEvent(event_type="tool.invoke")] * 200
@@ -324,7 +328,7 @@ async def test_a_cancelled_security_call_is_recorded_even_with_a_full_queue(
 ):
     """A cancelled call cannot wait for room in the queue; its entry is still never lost."""
     async with start_server(
-        TRUSTPLANE_AUDIT_QUEUE_SIZE="1", TRUSTPLANE_AUDIT_LINGER="0"
+        TRUSTPLANE_AUDIT_QUEUE_SIZE="1", TRUSTPLANE_AUDIT_LINGER="0", **ONE_IN_FLIGHT
     ) as running:
         log = running.app.audit
         admin = bearer(idp.token(roles=["admin"]))
@@ -426,3 +430,108 @@ async def test_nul_characters_are_kept_in_the_body(start_server):
         assert decode(found[0].body)["resource"] == "a\x00b"
         chain, _ = await log.list_entries(TENANT, EntryFilter(agent="agent\x00x"), 10, "")
         assert [e.index for e in chain] == [index]
+
+
+async def consistent(running, tenant: str = TENANT) -> list[dict[str, Any]]:
+    """The log's entries, after checking that every stored leaf hash is its body's, the
+    indexes run 0, 1, 2, ... and the root built from the stored nodes (a signed checkpoint) is
+    the root of those leaves."""
+    await running.app.audit.flush()
+    log = running.app.audit
+    entries, _ = await log.list_entries(tenant, EntryFilter(), 1000, "")
+    assert [e.index for e in entries] == list(range(len(entries)))
+    leaves = [merkle.leaf_hash(e.body.encode()) for e in entries if e.body is not None]
+    assert [e.leaf_hash for e in entries] == leaves
+    signed = await log.checkpoint(tenant)
+    assert signed.checkpoint.size == len(entries)
+    assert signed.checkpoint.root == merkle.root(leaves)
+    return [decode(e.body) for e in entries if e.body is not None]
+
+
+async def _backends_waiting_on_lock(conn: asyncpg.Connection, count: int) -> None:
+    for _ in range(200):
+        if await conn.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE {_WAITING}") >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {count} audit commits ever waited on the log lock")
+
+
+async def test_pipelined_batches_of_one_log_make_one_consistent_tree(start_server, database_url):
+    """With the log's lock held elsewhere, two batches are in flight at once (the second
+    hashed against the log as the first will leave it); released, every entry is stored once,
+    in order, and the tree is the tree of the stored bodies."""
+    async with start_server(TRUSTPLANE_AUDIT_BATCH_MAX="8", TRUSTPLANE_AUDIT_LINGER="0") as running:
+        log = running.app.audit
+        assert await log.commit([record(method="/warm")]) == [0]  # the writer knows the edge
+        async with stalled(database_url) as conn:
+            for i in range(40):
+                assert log.offer(record(method=f"/m{i}"))
+            await _backends_waiting_on_lock(conn, 2)  # two commits in flight, both waiting
+        entries = await consistent(running)
+        assert [e["method"] for e in entries] == ["/warm", *(f"/m{i}" for i in range(40))]
+
+
+async def test_a_batch_pipelined_behind_a_refused_one_is_not_hashed_against_it(
+    start_server, database_url
+):
+    """The first of two batches in flight is refused by PostgreSQL; the second, hashed against
+    the log as the first would have left it, is not appended at those hashes: it finds the log
+    not as expected and is appended where the log really ends."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "ALTER TABLE audit_entries ADD CONSTRAINT poison CHECK (resource <> 'poison')"
+        )
+    finally:
+        await conn.close()
+    async with start_server(TRUSTPLANE_AUDIT_BATCH_MAX="4", TRUSTPLANE_AUDIT_LINGER="0") as running:
+        log = running.app.audit
+        assert await log.commit([record(method="/warm")]) == [0]
+        poisoned = dataclasses.replace(record(method="/bad"), resource="poison")
+        async with stalled(database_url) as lock:
+            refused = asyncio.ensure_future(log.commit([poisoned, record(method="/with-bad")]))
+            await writer_waits_on_lock(lock)
+            follows = asyncio.ensure_future(log.commit([record(method="/after")] * 3))
+            await _backends_waiting_on_lock(lock, 2)
+        assert await asyncio.wait_for(follows, 20)
+        with pytest.raises(AuditEntryRejected):
+            await asyncio.wait_for(refused, 20)
+        entries = await consistent(running)
+        methods = [e["method"] for e in entries]
+        assert "/bad" not in methods and methods.count("/after") == 3
+        assert [e["kind"] for e in entries].count("gap") == 1
+
+
+async def test_audit_append_refuses_a_log_that_does_not_end_with_the_expected_batch(
+    start_server, database_url
+):
+    """The SQL function itself: the right size is not enough when the entries before it are
+    not the batch the caller hashed against; nothing is appended."""
+    async with start_server() as running:
+        log = running.app.audit
+        assert await log.commit([record(), record()]) == [0, 1]
+        await log.flush()
+        conn = await asyncpg.connect(database_url)
+        try:
+            stored_batch = await conn.fetchval(
+                "SELECT batch FROM audit_entries WHERE tenant_id = $1 AND idx = 0", TENANT
+            )
+            args = [TENANT, 2, b"\x01" * 16, *([[]] * 14)]
+            query = (
+                "SELECT outcome, value FROM audit_append("
+                + ", ".join(f"${i}" for i in range(1, 20))
+                + ")"
+            )
+            wrong = await conn.fetchrow(query, *args, b"\x02" * 16, 0)
+            misplaced = await conn.fetchrow(query, *args, stored_batch, 1)
+            assert tuple(wrong) == ("moved", 2) and tuple(misplaced) == ("moved", 2)
+            right = await conn.fetchrow(query, *args, stored_batch, 0)
+            assert tuple(right) == ("appended", 2)  # an empty batch: only the checks ran
+            assert (
+                await conn.fetchval(
+                    "SELECT count(*) FROM audit_entries WHERE tenant_id = $1", TENANT
+                )
+                == 2
+            )
+        finally:
+            await conn.close()
