@@ -176,7 +176,7 @@ async def trustplane(
         proc = await _spawn(args, env, log)
         try:
             await _await_serving(proc, address, log_path)
-            _place_postgres(proc.pid, placement)
+            _place_postgres(data_dir, placement)
             yield Trustplane(
                 address, f"http://{metrics}/metrics", idp, tenant, email, password, proc.pid
             )
@@ -206,21 +206,25 @@ async def _bootstrap(env: Mapping[str, str], tenant: str, email: str) -> str:
     return found.group(1).decode()
 
 
-def _place_postgres(server_pid: int, placement: Placement) -> None:
-    """The embedded PostgreSQL is the server's child and inherits its CPU pinning. In a real
-    deployment it runs on other hardware, so give it (and the backends it forks later) every
-    CPU but the server's: left free to use the server's core as well, the scheduler puts its
-    backends there under write-heavy load, and the server's throughput then measures the two
-    sharing one core (AppendEntries of 100 events with two commits in flight, measured on
-    2026-12-02: 14-16k events/s with PostgreSQL free to use the server's core, 25-26k with
-    it kept off)."""
+def _place_postgres(data_dir: Path, placement: Placement) -> None:
+    """The embedded PostgreSQL inherits the server's CPU pinning: its postmaster is started by
+    the server and then detaches (its parent is init, so it is found by its pid file, not as
+    the server's child). In a real deployment it runs on other hardware, so give it, and the
+    backends it forks later, every CPU but the server's: left on the server's core it takes
+    the server's CPU under write-heavy load, and the server's throughput then measures the
+    two sharing one core (AppendEntries of 100 events with two commits in flight, measured on
+    2026-12-02: 14-16k events/s with PostgreSQL on the server's core, 25-27k off it)."""
+    try:
+        postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+        found = psutil.Process(postmaster)
+        processes = [found, *found.children(recursive=True)]
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return  # an external database (BENCH_DATABASE_URL): not ours to place
     everything = os.sched_getaffinity(0)
     others = everything - {placement.server_cpu} if placement.server_cpu is not None else set()
-    cpus = others or everything
-    for child in psutil.Process(server_pid).children(recursive=True):
-        if child.name() == "postgres":
-            with contextlib.suppress(psutil.Error, OSError):
-                os.sched_setaffinity(child.pid, cpus)
+    for process in processes:
+        with contextlib.suppress(psutil.Error, OSError):
+            os.sched_setaffinity(process.pid, others or everything)
 
 
 async def _spawn(

@@ -71,6 +71,17 @@ async def writer_waits_on_lock(conn: asyncpg.Connection) -> None:
     raise AssertionError("the audit writer never waited on the log lock")
 
 
+async def refuse_poison(database_url: str) -> None:
+    """Make PostgreSQL refuse any entry whose resource is 'poison' (a constraint it breaks)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "ALTER TABLE audit_entries ADD CONSTRAINT poison CHECK (resource <> 'poison')"
+        )
+    finally:
+        await conn.close()
+
+
 def batch_sizes(running) -> tuple[float, float]:
     registry = running.app.metrics.registry
     count = registry.get_sample_value("trustplane_audit_batch_entries_count") or 0.0
@@ -210,13 +221,7 @@ async def test_a_rejected_entry_fails_alone_with_a_gap(start_server, database_ur
     """PostgreSQL refuses one entry (a constraint it breaks): the others of its batch, of the
     same tenant and of another, still commit; its caller gets AUDIT_ENTRY_REJECTED, the log
     records a gap entry and the rejection is counted."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            "ALTER TABLE audit_entries ADD CONSTRAINT poison CHECK (resource <> 'poison')"
-        )
-    finally:
-        await conn.close()
+    await refuse_poison(database_url)
     async with start_server(TRUSTPLANE_AUDIT_LINGER="0", **ONE_IN_FLIGHT) as running:
         log = running.app.audit
         member = bearer(idp.token(roles=["member"]))
@@ -477,13 +482,7 @@ async def test_a_batch_pipelined_behind_a_refused_one_is_not_hashed_against_it(
     """The first of two batches in flight is refused by PostgreSQL; the second, hashed against
     the log as the first would have left it, is not appended at those hashes: it finds the log
     not as expected and is appended where the log really ends."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            "ALTER TABLE audit_entries ADD CONSTRAINT poison CHECK (resource <> 'poison')"
-        )
-    finally:
-        await conn.close()
+    await refuse_poison(database_url)
     async with start_server(TRUSTPLANE_AUDIT_BATCH_MAX="4", TRUSTPLANE_AUDIT_LINGER="0") as running:
         log = running.app.audit
         assert await log.commit([record(method="/warm")]) == [0]
