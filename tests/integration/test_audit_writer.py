@@ -453,14 +453,6 @@ async def consistent(running, tenant: str = TENANT) -> list[dict[str, Any]]:
     return [decode(e.body) for e in entries if e.body is not None]
 
 
-async def _backends_waiting_on_lock(conn: asyncpg.Connection, count: int) -> None:
-    for _ in range(200):
-        if await conn.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE {_WAITING}") >= count:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"fewer than {count} audit commits ever waited on the log lock")
-
-
 async def test_pipelined_batches_of_one_log_make_one_consistent_tree(start_server, database_url):
     """With the log's lock held elsewhere, two batches are in flight at once (the second
     hashed against the log as the first will leave it); released, every entry is stored once,
@@ -471,7 +463,7 @@ async def test_pipelined_batches_of_one_log_make_one_consistent_tree(start_serve
         async with stalled(database_url) as conn:
             for i in range(40):
                 assert log.offer(record(method=f"/m{i}"))
-            await _backends_waiting_on_lock(conn, 2)  # two commits in flight, both waiting
+            await _waiting_on_locks(conn, 2)  # two commits in flight, both waiting
         entries = await consistent(running)
         assert [e["method"] for e in entries] == ["/warm", *(f"/m{i}" for i in range(40))]
 
@@ -491,7 +483,7 @@ async def test_a_batch_pipelined_behind_a_refused_one_is_not_hashed_against_it(
             refused = asyncio.ensure_future(log.commit([poisoned, record(method="/with-bad")]))
             await writer_waits_on_lock(lock)
             follows = asyncio.ensure_future(log.commit([record(method="/after")] * 3))
-            await _backends_waiting_on_lock(lock, 2)
+            await _waiting_on_locks(lock, 2)
         assert await asyncio.wait_for(follows, 20)
         with pytest.raises(AuditEntryRejected):
             await asyncio.wait_for(refused, 20)
