@@ -3,16 +3,13 @@ library) on an export, and by the server, which refuses to sign over a rewritten
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from trustplane.audit.v1 import audit_pb2 as pb
 
 from server.audit.verify import verify_export
-from tests.support.process import ROOT, server_env
+from tests.support.process import ROOT, run_server, server_env
 from tests.support.status import expect_error
 from tests.support.tokens import TENANT, bearer
 
@@ -118,13 +115,8 @@ async def test_tampering_in_postgres_is_detected_with_its_index(server, idp, tmp
 
 
 def _cli(export, key):
-    return subprocess.run(
-        [sys.executable, "-m", "server", "audit", "verify", str(export), "--public-key", str(key)],
-        env=server_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    return run_server(
+        "audit", "verify", str(export), "--public-key", str(key), env=server_env(), cwd=ROOT
     )
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
 import time
 import uuid
 
@@ -19,7 +17,7 @@ from google.protobuf import field_mask_pb2
 from trustplane.auth.v1 import auth_pb2 as pb
 from trustplane.common.v1 import actor_pb2
 
-from tests.support.process import server_env
+from tests.support.process import run_server_async, server_env
 from tests.support.status import expect_error
 from tests.support.tokens import bearer
 
@@ -177,26 +175,14 @@ async def test_concurrent_wrong_guesses_cannot_exceed_the_limit(start_server):
 async def test_bootstrap_command_then_login(start_server, database_url, tmp_path):
     # The same data directory (and so root key) as the server started below.
     env = server_env(DATABASE_URL=database_url, TRUSTPLANE_DATA_DIR=str(tmp_path / "data"))
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "server", "bootstrap", "--tenant", "acme", "--email", EMAIL],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done = await run_server_async(
+        "bootstrap", "--tenant", "acme", "--email", EMAIL, env=env, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr
     password = re.search(r"password \(shown once\): (\S+)", done.stdout).group(1)
     assert password not in done.stderr  # never in the logs
-    again = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "server", "bootstrap", "--tenant", "acme", "--email", EMAIL],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    again = await run_server_async(
+        "bootstrap", "--tenant", "acme", "--email", EMAIL, env=env, cwd=tmp_path
     )
     assert again.returncode == 1 and "already exists" in again.stderr
     key = re.search(r"API key \(shown once, 89 days\): (\S+)", done.stdout).group(1)
@@ -799,12 +785,7 @@ async def test_api_key_rotation_overlaps(start_server):
     async with start_server(clock=lambda: now[0]) as server:
         _, _, password = await server.app.auth.bootstrap("acme", EMAIL)
         me = await _owner_token(server, password)
-        old = await server.auth.CreateApiKey(
-            pb.CreateApiKeyRequest(
-                request_id=str(uuid.uuid4()), scopes=["auth.whoami"], expire_time=_later(30 * 86400)
-            ),
-            metadata=me,
-        )
+        old = await _user_key(server, me, seconds=30 * 86400)
         rotated = await server.auth.RotateApiKey(
             pb.RotateApiKeyRequest(
                 request_id=str(uuid.uuid4()), key_id=old.metadata.key_id, overlap_seconds=3600
@@ -944,10 +925,10 @@ async def test_kill_switch_reaches_delegated_tokens_anywhere_in_the_chain(server
     )
 
 
-async def _user_key(server, me, scopes=("auth.whoami",)):
+async def _user_key(server, me, scopes=("auth.whoami",), seconds=3600):
     return await server.auth.CreateApiKey(
         pb.CreateApiKeyRequest(
-            request_id=str(uuid.uuid4()), scopes=list(scopes), expire_time=_later(3600)
+            request_id=str(uuid.uuid4()), scopes=list(scopes), expire_time=_later(seconds)
         ),
         metadata=me,
     )
@@ -1003,12 +984,7 @@ async def test_delegated_token_never_outlives_its_api_key(start_server):
     async with start_server(clock=lambda: now[0]) as server:
         _, _, password = await server.app.auth.bootstrap("acme", EMAIL)
         me = await _owner_token(server, password)
-        soon = await server.auth.CreateApiKey(
-            pb.CreateApiKeyRequest(
-                request_id=str(uuid.uuid4()), scopes=["auth.whoami"], expire_time=_later(120)
-            ),
-            metadata=me,
-        )
+        soon = await _user_key(server, me, seconds=120)
         _, agent_key = await _agent_with_key(server, me, ["member"])
         exchanged = await server.auth.ExchangeToken(
             pb.ExchangeTokenRequest(

@@ -7,8 +7,6 @@ import base64
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 
@@ -28,7 +26,7 @@ from server.actor import ActorContext, AuthMethod, PrincipalType
 from server.crypto.hierarchy import RootKeyUnavailable, root_key_id
 from server.crypto.model import Algorithm
 from server.methods import spec_from_descriptor
-from tests.support.process import server_env
+from tests.support.process import run_server_async, server_env
 from tests.support.status import expect_error
 from tests.support.tokens import OTHER_TENANT, TENANT, bearer
 
@@ -465,15 +463,7 @@ async def test_root_key_rotation_keeps_data_readable(start_server, idp, tmp_path
         cli = server_env(
             DATABASE_URL=running.app.config.database.url, TRUSTPLANE_ROOT_KEY_FILE=str(key_file)
         )
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "server", "keys", "rotate-root", "--generate"],
-            env=cli,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = await run_server_async("keys", "rotate-root", "--generate", env=cli, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         total = await running.app.db.fetchval("SELECT count(*) FROM crypto_tenant_keks")
         assert f"rewrapped {total} tenant" in done.stdout  # ours and the server's own
@@ -564,15 +554,7 @@ async def test_root_rotation_reaches_a_running_server_at_once(start_server, idp,
         cli = server_env(
             DATABASE_URL=running.app.config.database.url, TRUSTPLANE_ROOT_KEY_FILE=str(key_file)
         )
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "server", "keys", "rotate-root", "--generate"],
-            env=cli,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = await run_server_async("keys", "rotate-root", "--generate", env=cli, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         new_root = root_key_id(base64.b64decode(key_file.read_text().split()[0]))
         assert new_root != old_root

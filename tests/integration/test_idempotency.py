@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import uuid
 
 import grpc
@@ -12,7 +10,7 @@ import grpc.aio
 import pytest
 from tptest.v1 import test_service_pb2, test_service_pb2_grpc
 
-from tests.support.process import ROOT, server_env
+from tests.support.process import app_process
 from tests.support.status import expect_error
 from tests.support.tokens import bearer
 
@@ -182,36 +180,14 @@ async def test_replay_through_a_second_server_process(start_server, idp, make_co
     async with start_server() as running:
         key, token = str(uuid.uuid4()), bearer(idp.token())
         assert (await running.test.Write(write(key), metadata=token)).execution == 1
-        config = running.app.config
-        env = server_env(
-            DATABASE_URL=config.database.url,
-            REDIS_URL=config.cache.url,
-            TRUSTPLANE_CACHE_PREFIX=config.cache.prefix,
-            TRUSTPLANE_LISTEN="127.0.0.1:0",
-            TRUSTPLANE_METRICS_LISTEN="off",
-            TRUSTPLANE_TRUSTED_ISSUERS_FILE=str(config.auth.trusted_issuers_file),
-            TRUSTPLANE_DATA_DIR=str(config.data_dir),  # the same root key as the first process
-        )
-        env["PYTHONPATH"] += f":{ROOT}/tests/generated"
-        other = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.app_process"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            line = await asyncio.wait_for(asyncio.to_thread(other.stdout.readline), 60)
-            port = int(line.strip().removeprefix("port="))
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = test_service_pb2_grpc.TestServiceStub(channel)
-                replay = stub.Write(write(key), metadata=token)
-                assert (await replay).execution == 1
-                assert await _replayed(replay)
-                fresh = await stub.Write(write(str(uuid.uuid4())), metadata=token)
-                assert fresh.execution == 1  # that process's own handler ran
-        finally:
-            other.terminate()
-            other.wait(30)
-            other.stdout.close()
+        async with (
+            app_process(running.app.config) as port,
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            stub = test_service_pb2_grpc.TestServiceStub(channel)
+            replay = stub.Write(write(key), metadata=token)
+            assert (await replay).execution == 1
+            assert await _replayed(replay)
+            fresh = await stub.Write(write(str(uuid.uuid4())), metadata=token)
+            assert fresh.execution == 1  # that process's own handler ran
         assert running.servicer.calls["write:w"] == 1

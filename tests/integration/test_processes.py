@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.process import ServerProcess, health_check, server_env
+from tests.support.process import ServerProcess, health_check, run_server, server_env
 from tests.support.services import free_port
 
 
@@ -63,28 +63,14 @@ def test_zero_setup_serves_health_and_reflection(tmp_path):
 
 def test_workers_refused_without_redis(tmp_path):
     env = server_env(TRUSTPLANE_LISTEN=f"127.0.0.1:{free_port()}")
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--workers", "2"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_server("serve", "--workers", "2", env=env, cwd=tmp_path, timeout=30)
     assert done.returncode == 2
     assert "REDIS_URL" in done.stderr
 
 
 def test_bad_config_exits_2_naming_the_variable(tmp_path):
     env = server_env(TRUSTPLANE_LISTEN="nowhere")
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "serve"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_server("serve", env=env, cwd=tmp_path, timeout=30)
     assert done.returncode == 2
     assert done.stderr.startswith("configuration error: TRUSTPLANE_LISTEN:")
 

@@ -123,13 +123,10 @@ async def session_events(server, idp, session_id):
     return list(listed.entries)
 
 
-async def test_policy_reads_of_a_session_share_one_query_until_it_changes(server, idp, monkeypatch):
-    """What PolicyService reads of a session (SessionManager.session_for_policy): concurrent
-    misses share one PostgreSQL read, the result is reused, and a change drops it at once."""
-    svc, me = stub(server), agent_token(idp)
-    created = await create(svc, me, labels=["private_data"])
-    sessions = server.app.sessions
-    reads = []
+def count_reads(sessions, monkeypatch) -> list[str]:
+    """The ids of the sessions the store reads from PostgreSQL from now on (the real reads,
+    counted)."""
+    reads: list[str] = []
     real = sessions._store.session
 
     async def counted(tenant_id, session_id):
@@ -137,6 +134,16 @@ async def test_policy_reads_of_a_session_share_one_query_until_it_changes(server
         return await real(tenant_id, session_id)
 
     monkeypatch.setattr(sessions._store, "session", counted)
+    return reads
+
+
+async def test_policy_reads_of_a_session_share_one_query_until_it_changes(server, idp, monkeypatch):
+    """What PolicyService reads of a session (SessionManager.session_for_policy): concurrent
+    misses share one PostgreSQL read, the result is reused, and a change drops it at once."""
+    svc, me = stub(server), agent_token(idp)
+    created = await create(svc, me, labels=["private_data"])
+    sessions = server.app.sessions
+    reads = count_reads(sessions, monkeypatch)
     found = await asyncio.gather(
         *(sessions.session_for_policy(TENANT, created.session_id) for _ in range(32))
     )
@@ -158,14 +165,7 @@ async def test_get_session_is_one_shared_read_until_the_session_changes(server, 
     svc, me = stub(server), agent_token(idp)
     created = await create(svc, me)
     sessions = server.app.sessions
-    reads = []
-    real = sessions._store.session
-
-    async def counted(tenant_id, session_id):
-        reads.append(session_id)
-        return await real(tenant_id, session_id)
-
-    monkeypatch.setattr(sessions._store, "session", counted)
+    reads = count_reads(sessions, monkeypatch)
     for _ in range(5):
         assert (await get(svc, me, created.session_id)).state == S.SESSION_STATE_PENDING
     assert reads == [created.session_id]

@@ -33,6 +33,27 @@ def server_env(**overrides: str | None) -> dict[str, str]:
     return env
 
 
+def run_server(
+    *args: str, env: dict[str, str], cwd: Path = ROOT, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """`python -m server <args>` as an operator runs it, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+async def run_server_async(
+    *args: str, env: dict[str, str], cwd: Path = ROOT, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """`run_server` off the event loop (for a test whose server runs in-process)."""
+    return await asyncio.to_thread(run_server, *args, env=env, cwd=cwd, timeout=timeout)
+
+
 def app_process_env(config: Any, **overrides: str) -> dict[str, str]:
     """The environment of a second App process sharing `config`'s PostgreSQL, Redis prefix,
     trusted issuers and data directory (so the same root key)."""
