@@ -209,17 +209,16 @@ class ApiKeys:
         key_id = actor.token_id or ""
         if now - self._touched.get(key_id, 0.0) >= _TOUCH_EVERY:
             if len(self._touched) >= _TOUCHED_LIMIT:
-                self._forget_touches(now)
+                # Full within one flush interval: start over (at worst one write too many per
+                # key) rather than scan it on this call; `flush` prunes by age.
+                self._touched.clear()
             self._touched[key_id] = now
             self._pending[0][key_id] = now
             self._pending[1][actor.subject] = now
 
     def _forget_touches(self, now: float) -> None:
-        """Drop what no longer coalesces anything (a write older than a minute); if every key
-        was written within the minute, drop them all — at worst one write too many each."""
+        """Drop what no longer coalesces anything (a write older than a minute)."""
         self._touched = {k: t for k, t in self._touched.items() if now - t < _TOUCH_EVERY}
-        if len(self._touched) >= _TOUCHED_LIMIT:
-            self._touched.clear()
 
     async def flush(self) -> None:
         """Write the coalesced last-use times (a background job calls this every sweep

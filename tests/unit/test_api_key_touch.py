@@ -42,3 +42,17 @@ async def test_a_failed_write_is_kept_for_the_next_flush() -> None:
     assert store.writes == [({"k1": 1000.0, "k2": 1061.0}, {"a1": 1000.0, "a2": 1061.0})]
     await keys.flush()
     assert len(store.writes) == 1  # nothing pending: nothing written
+
+
+async def test_remembered_touches_stay_bounded_and_no_use_is_lost(monkeypatch) -> None:
+    monkeypatch.setattr("server.auth.api_keys._TOUCHED_LIMIT", 3)
+    now = [1000.0]
+    store = FlakyStore()
+    store.failures = 0
+    keys = ApiKeys(store, keys=None, clock=lambda: now[0])
+    touch: Any = keys._touch
+    for i in range(7):
+        touch(_actor(f"k{i}", f"a{i}"), now[0])
+        assert len(keys._touched) <= 3
+    await keys.flush()
+    assert sorted(store.writes[0][0]) == [f"k{i}" for i in range(7)]  # every use written
