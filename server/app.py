@@ -460,7 +460,7 @@ class App:
 
     async def _migrate(self, db: Database) -> None:
         migrations = migrate.load()
-        async with db.acquire() as conn:
+        async with db.session() as conn:  # migrate holds a session advisory lock
             if self.config.database.migrate == "auto":
                 applied = await migrate.migrate(conn, migrations)
                 if applied:

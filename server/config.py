@@ -296,6 +296,12 @@ def _session(env: _Env) -> SessionConfig:
         watch_poll=env.get("TRUSTPLANE_SESSION_WATCH_POLL", "5", _float_range(0.05, 60.0)),
         read_ttl=env.get("TRUSTPLANE_SESSION_READ_TTL", "1", _float_range(0.0, 60.0)),
     )
+    if env.optional("TRUSTPLANE_SESSION_POLICY_READ_TTL", str) is not None:
+        # Renamed when GetSession joined policy decisions on the shared read: a setting left
+        # under the old name would otherwise be ignored without a word.
+        raise ConfigError(
+            "TRUSTPLANE_SESSION_POLICY_READ_TTL: renamed to TRUSTPLANE_SESSION_READ_TTL"
+        )
     if config.default_ttl > config.max_ttl:
         raise ConfigError("TRUSTPLANE_SESSION_DEFAULT_TTL: must be <= TRUSTPLANE_SESSION_MAX_TTL")
     if config.approval_default_ttl > config.approval_max_ttl:

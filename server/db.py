@@ -96,6 +96,22 @@ class Database:
             yield c
 
     @asynccontextmanager
+    async def session(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for code that holds session state (the migration runner's
+        session advisory lock): reset in full — locks, settings, listeners — before it goes
+        back to the pool, and closed instead if that fails (pooled connections are otherwise
+        returned without a reset, see `_keep_session`)."""
+        async with self.acquire() as conn:
+            try:
+                yield conn
+            finally:
+                try:
+                    await conn.reset()
+                except BaseException:
+                    conn.terminate()
+                    raise
+
+    @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
         async with self.acquire() as conn, conn.transaction():
             yield conn

@@ -146,7 +146,7 @@ async def _bootstrap(config: Config, dsn: str, tenant: str, email: str) -> tuple
     db = await Database.connect(dsn, config.database)
     cache = MemoryCache()
     try:
-        async with db.acquire() as conn:
+        async with db.session() as conn:  # migrate holds a session advisory lock
             await migrate.migrate(conn, migrate.load())
         store = PgAuthStore(db)
         _, owner, password = await auth_service.bootstrap(store, PasswordHasher(), tenant, email)

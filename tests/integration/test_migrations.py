@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -12,7 +10,10 @@ import pytest
 
 from server import migrate
 from server.app import App
+from server.config import DatabaseConfig
+from server.db import Database
 from tests.support import databases
+from tests.support.process import run_server, server_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,13 +98,32 @@ async def test_check_mode_refuses_pending_migrations(make_config, empty_db):
 
 
 def test_migrate_command(empty_db):
-    env = {**os.environ, "DATABASE_URL": empty_db, "PYTHONPATH": f"{ROOT}:{ROOT / 'generated'}"}
-    run = [sys.executable, "-m", "server", "migrate"]
-    first = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    env = server_env(DATABASE_URL=empty_db)
+    first = run_server("migrate", env=env)
     assert first.returncode == 0, first.stderr
     assert "applied" in first.stdout
-    again = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    again = run_server("migrate", env=env)
     assert again.stdout.strip() == "database is up to date"
+
+
+async def test_a_session_connection_goes_back_to_the_pool_without_its_locks(database_url):
+    """Pooled connections are released without a reset; `Database.session()` (what the
+    migration runner's session advisory lock uses) resets in full, so no lock outlives it."""
+    db = await Database.connect(
+        database_url, DatabaseConfig(url=database_url, pool_min=1, pool_max=1)
+    )
+    try:
+        async with db.session() as conn:
+            await conn.execute("SELECT pg_advisory_lock(4242)")
+            pid = conn.get_server_pid()
+        async with db.acquire() as conn:
+            assert conn.get_server_pid() == pid  # the same pooled connection
+            held = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1", pid
+            )
+        assert held == 0
+    finally:
+        await db.close()
 
 
 async def test_comment_only_migration_is_recorded(empty_db, tmp_path):

@@ -54,6 +54,8 @@ def test_values_are_parsed():
         ("TRUSTPLANE_MIGRATE", "sometimes", "expected one of"),
         ("TRUSTPLANE_AUDIT_RETENTION_INTERVAL", "0", "out of range"),
         ("TRUSTPLANE_AUDIT_TAIL_INTERVAL", "61", "out of range"),
+        ("TRUSTPLANE_AUDIT_PIPELINE", "9", "out of range"),
+        ("TRUSTPLANE_SESSION_POLICY_READ_TTL", "5", "renamed to TRUSTPLANE_SESSION_READ_TTL"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, fragment):
