@@ -253,10 +253,10 @@ class SessionManager:
         self._closing = asyncio.Event()
         # session id -> (monotonic expiry, session): shared reads, dropped on every change.
         self._reads: OrderedDict[str, tuple[float, AgentSession]] = OrderedDict()
-        self._forgotten = 0  # bumped by every drop: a read that raced one is not kept
-        self._read_flights: dict[
-            tuple[str, str], tuple[int, asyncio.Task[AgentSession | None]]
-        ] = {}
+        # (tenant, session id) -> the read of it in flight, shared by the callers that miss
+        # together; a change to the session unregisters it, so its result is neither kept nor
+        # handed to callers that arrive after the change.
+        self._read_flights: dict[tuple[str, str], asyncio.Task[AgentSession | None]] = {}
 
     def close(self) -> None:
         """Shutting down: open watch streams end cleanly now instead of holding the server's
@@ -384,19 +384,19 @@ class SessionManager:
         # begun before a change is not shared with callers arriving after it).
         key = (tenant_id, session_id)
         flight = self._read_flights.get(key)
-        if flight is None or flight[0] != self._forgotten:
-            task = asyncio.create_task(self._read_shared(tenant_id, session_id))
-            flight = (self._forgotten, task)
+        if flight is None:
+            flight = asyncio.create_task(self._read_shared(tenant_id, session_id))
             self._read_flights[key] = flight
-            task.add_done_callback(lambda done: self._landed(key, done))
-        return await asyncio.shield(flight[1])
+            flight.add_done_callback(lambda done: self._landed(key, done))
+        return await asyncio.shield(flight)
 
     async def _read_shared(self, tenant_id: str, session_id: str) -> AgentSession | None:
-        generation, started = self._forgotten, time.monotonic()
+        started = time.monotonic()
         session = await self._store.session(tenant_id, session_id)
         if session is None:
             return None  # absence is not cached: a session created elsewhere is seen at once
-        if self._config.read_ttl > 0 and generation == self._forgotten:
+        current = self._read_flights.get((tenant_id, session_id)) is asyncio.current_task()
+        if self._config.read_ttl > 0 and current:  # not if the session changed meanwhile
             self._reads[session.id] = (started + self._config.read_ttl, session)
             self._reads.move_to_end(session.id)
             while len(self._reads) > _READS_KEPT:
@@ -404,19 +404,20 @@ class SessionManager:
         return session
 
     def _landed(self, key: tuple[str, str], task: asyncio.Task[AgentSession | None]) -> None:
-        flight = self._read_flights.get(key)
-        if flight is not None and flight[1] is task:
+        if self._read_flights.get(key) is task:
             del self._read_flights[key]
         if not task.cancelled():
             task.exception()  # retrieved: the waiters re-raise it
 
     def forget(self, session_id: str | None = None) -> None:
         """Drop the shared read of one session (None: of all)."""
-        self._forgotten += 1
         if session_id is None:
             self._reads.clear()
-        else:
-            self._reads.pop(session_id, None)
+            self._read_flights.clear()
+            return
+        self._reads.pop(session_id, None)
+        for key in [key for key in self._read_flights if key[1] == session_id]:
+            del self._read_flights[key]  # few: only the reads in flight
 
     async def follow(self) -> None:
         """Drop shared reads of sessions other processes change; runs until cancelled. A

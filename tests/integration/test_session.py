@@ -137,42 +137,52 @@ def count_reads(sessions, monkeypatch) -> list[str]:
     return reads
 
 
-async def test_policy_reads_of_a_session_share_one_query_until_it_changes(server, idp, monkeypatch):
+async def test_policy_reads_of_a_session_share_one_query_until_it_changes(
+    start_server, idp, monkeypatch
+):
     """What PolicyService reads of a session (SessionManager.session_for_policy): concurrent
     misses share one PostgreSQL read, the result is reused, and a change drops it at once."""
-    svc, me = stub(server), agent_token(idp)
-    created = await create(svc, me, labels=["private_data"])
-    sessions = server.app.sessions
-    reads = count_reads(sessions, monkeypatch)
-    found = await asyncio.gather(
-        *(sessions.session_for_policy(TENANT, created.session_id) for _ in range(32))
-    )
-    assert {f.labels for f in found} == {("private_data",)} and len(reads) == 1
-    assert (await sessions.session_for_policy(TENANT, created.session_id)) is not None
-    assert len(reads) == 1  # reused
-    assert await sessions.session_for_policy(OTHER_TENANT, created.session_id) is None
-    await svc.AddSessionLabels(
-        pb.AddSessionLabelsRequest(session_id=created.session_id, labels=["untrusted_input"]),
-        metadata=me,
-    )
-    again = await sessions.session_for_policy(TENANT, created.session_id)
-    assert again.labels == ("private_data", "untrusted_input")
+    async with start_server(TRUSTPLANE_SESSION_READ_TTL="60") as server:
+        svc, me = stub(server), agent_token(idp)
+        created = await create(svc, me, labels=["private_data"])
+        sessions = server.app.sessions
+        reads = count_reads(sessions, monkeypatch)
+        found = await asyncio.gather(
+            *(sessions.session_for_policy(TENANT, created.session_id) for _ in range(32))
+        )
+        assert {f.labels for f in found} == {("private_data",)} and len(reads) == 1
+        assert (await sessions.session_for_policy(TENANT, created.session_id)) is not None
+        assert len(reads) == 1  # reused
+        assert await sessions.session_for_policy(OTHER_TENANT, created.session_id) is None
+        await svc.AddSessionLabels(
+            pb.AddSessionLabelsRequest(session_id=created.session_id, labels=["untrusted_input"]),
+            metadata=me,
+        )
+        again = await sessions.session_for_policy(TENANT, created.session_id)
+        assert again.labels == ("private_data", "untrusted_input")
 
 
-async def test_get_session_is_one_shared_read_until_the_session_changes(server, idp, monkeypatch):
+async def test_get_session_is_one_shared_read_until_the_session_changes(
+    start_server, idp, monkeypatch
+):
     """GetSession (the agent's status check) is served from the shared read: repeated calls
-    cost one PostgreSQL read, and a change in this process is seen by the very next call."""
-    svc, me = stub(server), agent_token(idp)
-    created = await create(svc, me)
-    sessions = server.app.sessions
-    reads = count_reads(sessions, monkeypatch)
-    for _ in range(5):
-        assert (await get(svc, me, created.session_id)).state == S.SESSION_STATE_PENDING
-    assert reads == [created.session_id]
-    started = (await transitions(svc)["start"](me, created.session_id)).session
-    assert (await get(svc, me, created.session_id)) == started
-    other = await expect_error(get(svc, agent_token(idp, tid=OTHER_TENANT), created.session_id))
-    assert (other.code, other.reason) == (grpc.StatusCode.NOT_FOUND, "NOT_FOUND")
+    cost one PostgreSQL read, a change in this process is seen by the very next call, and a
+    change to one session leaves the shared reads of the others in place."""
+    async with start_server(TRUSTPLANE_SESSION_READ_TTL="60") as server:
+        svc, me = stub(server), agent_token(idp)
+        created, bystander = await create(svc, me), await create(svc, me)
+        sessions = server.app.sessions
+        reads = count_reads(sessions, monkeypatch)
+        for _ in range(5):
+            assert (await get(svc, me, created.session_id)).state == S.SESSION_STATE_PENDING
+            assert (await get(svc, me, bystander.session_id)).state == S.SESSION_STATE_PENDING
+        assert sorted(reads) == sorted([created.session_id, bystander.session_id])
+        started = (await transitions(svc)["start"](me, created.session_id)).session
+        assert (await get(svc, me, created.session_id)) == started
+        await get(svc, me, bystander.session_id)
+        assert reads.count(bystander.session_id) == 1  # not dropped by the other's change
+        other = await expect_error(get(svc, agent_token(idp, tid=OTHER_TENANT), created.session_id))
+        assert (other.code, other.reason) == (grpc.StatusCode.NOT_FOUND, "NOT_FOUND")
 
 
 async def test_get_session_sees_a_change_made_in_another_process(start_server, make_config, idp):
@@ -1058,3 +1068,41 @@ async def test_shutdown_ends_open_watch_streams_cleanly(start_server, idp):
         await asyncio.wait_for(watcher, 5)  # ended with OK: the client resumes elsewhere
         assert await watch.code() is grpc.StatusCode.OK
     assert [s.revision for s in seen] == [1]
+
+
+async def test_a_change_drops_only_that_sessions_read_in_flight(start_server, idp, monkeypatch):
+    """A read of one session in flight while another session changes is still kept (and
+    shared); a read in flight while its own session changes is not."""
+    async with start_server(TRUSTPLANE_SESSION_READ_TTL="60") as server:
+        svc, me = stub(server), agent_token(idp)
+        changed, bystander = await create(svc, me), await create(svc, me)
+        sessions = server.app.sessions
+        reads: list[str] = []
+        gate, started = asyncio.Event(), asyncio.Event()
+        real = sessions._store.session
+
+        async def held(tenant_id, session_id):
+            reads.append(session_id)
+            if len(reads) <= 2:  # the two shared reads wait; the change's own reads do not
+                if len(reads) == 2:
+                    started.set()
+                await gate.wait()
+            return await real(tenant_id, session_id)
+
+        monkeypatch.setattr(sessions._store, "session", held)
+        both = asyncio.gather(
+            sessions.session_for_policy(TENANT, bystander.session_id),
+            sessions.session_for_policy(TENANT, changed.session_id),
+        )
+        await asyncio.wait_for(started.wait(), 10)
+        await svc.AddSessionLabels(  # a change while both reads are in flight
+            pb.AddSessionLabelsRequest(session_id=changed.session_id, labels=["untrusted_input"]),
+            metadata=me,
+        )
+        gate.set()
+        await both
+        await sessions.session_for_policy(TENANT, bystander.session_id)
+        await sessions.session_for_policy(TENANT, changed.session_id)
+        assert reads.count(bystander.session_id) == 1  # kept
+        # Read again after its change (the change itself may read it too, unshared).
+        assert reads[-1] == changed.session_id and reads.count(changed.session_id) >= 2
