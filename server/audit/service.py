@@ -406,8 +406,13 @@ class AuditLog:
             await asyncio.gather(*running, return_exceptions=True)
 
     async def _settle_counted(self, batch: list[_Item]) -> None:
-        await self._settle(batch)
-        self._untrack(sum(1 for item in batch if item.queued))
+        try:
+            await self._settle(batch)
+        except Exception:  # `_settle` retries every failure; this is a bug, never silent
+            _log.exception("audit batch abandoned", extra={"items": len(batch)})
+            _fail(batch)
+        finally:  # `flush` must not wait forever for a batch that is gone
+            self._untrack(sum(1 for item in batch if item.queued))
 
     async def _settle(self, batch: list[_Item]) -> None:
         """Commit `batch`, retrying while the database is unavailable (idempotently: every

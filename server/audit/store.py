@@ -18,9 +18,10 @@ Appends are idempotent per batch: the first entry of each tenant's part carries 
 random id (`audit_entries.batch`, unique per tenant), and under the lock the writer first looks
 for it. A retry of a batch whose COMMIT went through although its answer was lost finds it and
 returns its indexes instead of appending the entries again. Errors are sorted here, where the
-driver is known: a batch PostgreSQL refuses for its content (a constraint, a value it cannot
-hold, a value the driver cannot encode) raises `BatchRejected`; everything else (connection
-lost, server shutting down, timeouts) is left to the writer's retry.
+driver is known: a batch refused for its content (a constraint, a value PostgreSQL cannot
+hold, a value the driver cannot encode: `_REFUSED`) raises `BatchRejected`; everything else
+(connection lost, a read-only standby, missing privileges, timeouts) is left to the writer's
+retry.
 """
 
 from __future__ import annotations
@@ -60,17 +61,17 @@ _SIZE_AND_BATCH = """
 SELECT (SELECT size FROM audit_logs WHERE tenant_id = $1),
        (SELECT idx FROM audit_entries WHERE tenant_id = $1 AND batch = $2)
 """
-# Failures that say nothing about the batch itself: connection lost, server shutting down or
-# out of resources, a conflict to retry. Any other PostgreSQL error, or a value the driver
-# cannot encode, rejects the batch.
-_TRANSIENT = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InsufficientResourcesError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.TransactionRollbackError,
-    asyncpg.ObjectNotInPrerequisiteStateError,
-    asyncpg.InternalServerError,
-    asyncpg.PostgresSystemError,
+# What is refused for a batch's content: by PostgreSQL (a value it cannot hold, a constraint,
+# a row too large) or before it is sent (a value the driver or the encoding cannot take; the
+# driver's own DataError is a ValueError). Everything else — connection lost, a read-only
+# standby after a failover, missing privileges or functions, timeouts — says nothing about the
+# batch: the writer retries it.
+_REFUSED = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+    ValueError,
+    TypeError,
 )
 _NODES = """
 SELECT n.level, n.idx, n.hash FROM audit_nodes n
@@ -117,19 +118,22 @@ class PgAuditStore:
         # The newest one-round-trip append of each log that is sent and not yet answered: the
         # next batch is hashed against the log as it will leave it (see `_append_known`).
         self._ahead: dict[str, _Ahead] = {}
-        # Logs with a locked-path append in flight (set when it ends): a one-round-trip append
-        # waits for it rather than hash against a size it is about to change.
-        self._locked: dict[str, asyncio.Event] = {}
+        # Logs with locked-path appends in flight (each event set when its append ends): a
+        # one-round-trip append waits for them rather than hash against a size they change.
+        self._locked: dict[str, set[asyncio.Event]] = {}
 
     async def append(self, groups: Mapping[str, Sequence[Record]], batch: bytes) -> dict[str, int]:
         """Append each tenant's records as batch `batch`; returns the index of each tenant's
         first record. Appending a batch that is already stored returns its indexes."""
-        if len(groups) == 1:
-            ((tenant_id, records),) = groups.items()
-            first = await self._append_known(tenant_id, records, batch)
-            if first is not None:
-                return {tenant_id: first}
-        return await self._append_locked(groups, batch)
+        try:
+            if len(groups) == 1:
+                ((tenant_id, records),) = groups.items()
+                first = await self._append_known(tenant_id, records, batch)
+                if first is not None:
+                    return {tenant_id: first}
+            return await self._append_locked(groups, batch)
+        except _REFUSED as exc:
+            raise BatchRejected(type(exc).__name__) from exc
 
     async def _append_known(
         self, tenant_id: str, records: Sequence[Record], batch: bytes
@@ -142,7 +146,9 @@ class PgAuditStore:
         this process knows neither, or the log is not as expected (the locked path then reads
         it)."""
         while (prev := self._ahead.get(tenant_id)) is None and tenant_id in self._locked:
-            await self._locked[tenant_id].wait()  # it will know the log's size and edge
+            # A locked append of this log still running here: it will know the log's size
+            # and edge (the loop waits for each of them in turn).
+            await next(iter(self._locked[tenant_id])).wait()
         if prev is not None:
             size, edge = prev.size, prev.edge
         elif (cached := self._edges.get(tenant_id)) is not None:
@@ -185,16 +191,11 @@ class PgAuditStore:
         return None if outcome == "moved" else int(value)
 
     async def _call_append(self, args: Sequence[Any], sent: asyncio.Event) -> tuple[str, int]:
-        try:
-            async with self._db.acquire() as conn:
-                # Set before the call, which writes its request before it first waits: a
-                # batch hashed against this one is sent after it.
-                sent.set()
-                outcome, value = await conn.fetchrow(_APPEND_KNOWN, *args)
-        except (asyncpg.PostgresError, ValueError, TypeError) as exc:
-            if isinstance(exc, _TRANSIENT):
-                raise
-            raise BatchRejected(type(exc).__name__) from exc
+        async with self._db.acquire() as conn:
+            # Set before the call, which writes its request before it first waits: a batch
+            # hashed against this one is sent after it.
+            sent.set()
+            outcome, value = await conn.fetchrow(_APPEND_KNOWN, *args)
         return str(outcome), int(value)
 
     def _remember(self, tenant_id: str, size: int, edge: dict[tuple[int, int], bytes]) -> None:
@@ -211,8 +212,8 @@ class PgAuditStore:
         firsts: dict[str, int] = {}
         edges: dict[str, tuple[int, dict[tuple[int, int], bytes]]] = {}
         busy = asyncio.Event()
-        mine = [t for t in groups if t not in self._locked]
-        self._locked.update((t, busy) for t in mine)
+        for tenant_id in groups:
+            self._locked.setdefault(tenant_id, set()).add(busy)
         try:
             async with self._db.transaction() as conn:
                 for tenant_id in sorted(groups):
@@ -221,13 +222,12 @@ class PgAuditStore:
                     )
                     if edge is not None:
                         edges[tenant_id] = edge
-        except (asyncpg.PostgresError, ValueError, TypeError) as exc:
-            if isinstance(exc, _TRANSIENT):
-                raise
-            raise BatchRejected(type(exc).__name__) from exc
         finally:
-            for tenant_id in mine:
-                del self._locked[tenant_id]
+            for tenant_id in groups:
+                running = self._locked[tenant_id]
+                running.discard(busy)
+                if not running:
+                    del self._locked[tenant_id]
             busy.set()
         for tenant_id, (new_size, new_edge) in edges.items():  # only once committed
             self._remember(tenant_id, new_size, new_edge)

@@ -526,3 +526,40 @@ async def test_audit_append_refuses_a_log_that_does_not_end_with_the_expected_ba
             )
         finally:
             await conn.close()
+
+
+async def test_a_read_only_database_is_waited_out_not_taken_for_bad_entries(
+    start_server, database_url
+):
+    """An error that says nothing about the entries (here a read-only standby's, as after a
+    failover) is retried until it passes: the caller sees AUDIT_UNAVAILABLE, the entry is
+    stored once the database takes writes again, and nothing is rejected or recorded as a gap."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            """
+            CREATE TABLE test_read_only (since timestamptz);
+            CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF EXISTS (SELECT 1 FROM test_read_only) THEN
+                    RAISE EXCEPTION 'read-only' USING ERRCODE = '25006';
+                END IF;
+                RETURN NULL;
+            END $$;
+            CREATE TRIGGER test_refuse BEFORE INSERT ON audit_entries
+                FOR EACH STATEMENT EXECUTE FUNCTION test_refuse();
+            INSERT INTO test_read_only VALUES (now());
+            """
+        )
+        async with start_server(TRUSTPLANE_AUDIT_LINGER="0") as running:
+            log = running.app.audit
+            with pytest.raises(AuditUnavailable):
+                await asyncio.wait_for(log.commit([record(method="/during-outage")]), 10)
+            await conn.execute("DELETE FROM test_read_only")
+            entries = await asyncio.wait_for(stored(running), 20)
+            assert [e["method"] for e in entries] == ["/during-outage"]
+            registry = running.app.metrics.registry
+            assert not registry.get_sample_value("trustplane_audit_rejected_entries_total")
+            assert registry.get_sample_value("trustplane_audit_commit_failures_total") >= 1
+    finally:
+        await conn.close()
