@@ -382,12 +382,25 @@ def to_actor(claims: Mapping[str, Any], issuer: TrustedIssuer) -> ActorContext:
         act=_act_chain(claims.get("act")),
         session_id=_optional_str(claims.get("sid")),
         agent_session_id=_optional_str(claims.get("asid")),
-        derived_from=tuple(_strings(claims.get("derived_from"))),
+        derived_from=_derived_from(claims.get("derived_from")),
         token_id=_optional_str(claims.get("jti")),
         issuer=issuer.issuer,
         issued_at=float(claims["iat"]),
         expires_at=float(claims["exp"]),
     )
+
+
+# A delegated token names the credentials it derives from, two per link of its chain (at most
+# TRUSTPLANE_DELEGATION_MAX_DEPTH, itself at most 8): more is not a token we issued, and each
+# name costs a revocation lookup on every call.
+_MAX_DERIVED_FROM = 32
+
+
+def _derived_from(value: Any) -> tuple[str, ...]:
+    found = _strings(value)
+    if len(found) > _MAX_DERIVED_FROM:
+        raise CredentialsMalformed("token derived_from is too long")
+    return tuple(found)
 
 
 def _claim(claims: Mapping[str, Any], path: str) -> Any:

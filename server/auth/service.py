@@ -63,6 +63,7 @@ from server.errors import (
 )
 from server.page_token import PageTokens, page_size
 from server.permissions import ROLE_GRANTS, matches
+from server.tokens import TokenExpired
 
 _REFRESH_PREFIX = "tprt_"
 _MAX_WINDOW = 3600.0
@@ -338,6 +339,8 @@ class Authenticator:
         # Never outlive either credential it was exchanged from (an API key about to expire,
         # a user token near its end).
         expires = min(now + self._config.delegation_ttl, subject.expires_at, actor.expires_at)
+        if expires - now < 1.0:  # a token dead on arrival (JWT times are whole seconds)
+            raise TokenExpired("a credential this token would derive from expires now")
         claims: dict[str, Any] = {
             "iss": self._config.issuer,
             "aud": audience or self._config.audience,

@@ -992,6 +992,15 @@ async def test_delegated_token_never_outlives_its_api_key(start_server):
             )
         )
         assert exchanged.expire_time.seconds <= soon.metadata.expire_time.seconds
+        now[0] += 119.5  # the key still verifies, but a token from it would be dead on arrival
+        late = await expect_error(
+            server.auth.ExchangeToken(
+                pb.ExchangeTokenRequest(
+                    subject_token=soon.api_key, actor_token=agent_key, scopes=["auth.whoami"]
+                )
+            )
+        )
+        assert (late.code, late.reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_EXPIRED")
 
 
 async def _user(server, tenant_id, email, role):

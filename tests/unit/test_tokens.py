@@ -71,6 +71,15 @@ def test_act_chain_order_and_depth(tmp_path):
         to_actor(idp.claims(act=deep), _issuer(idp))
 
 
+def test_derived_from_is_bounded(tmp_path):
+    idp = TestIdP(tmp_path)
+    issuer = _issuer(idp)
+    kept = to_actor(idp.claims(derived_from=[f"k{i}" for i in range(32)]), issuer)
+    assert len(kept.derived_from) == 32
+    with pytest.raises(CredentialsMalformed, match="derived_from"):
+        to_actor(idp.claims(derived_from=[f"k{i}" for i in range(33)]), issuer)
+
+
 def _actor(**kw):
     base = {
         "tenant_id": "t",

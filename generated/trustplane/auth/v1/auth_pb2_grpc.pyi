@@ -129,7 +129,9 @@ class AuthServiceStub:
     agent (nested for a sub-agent), scopes = what the user, the agent and the request all
     allow, bound to the user's auth session and to both credentials it was exchanged from
     (revoking any of them kills this token; it never outlives them), no refresh token.
-    Errors: UNAUTHENTICATED / (any token reason) for either credential, INVALID_ARGUMENT /
+    Errors: UNAUTHENTICATED / (any token reason) for either credential, UNAUTHENTICATED /
+    TOKEN_EXPIRED when one of them expires within a second (the token would be dead on
+    arrival), INVALID_ARGUMENT /
     INVALID_ARGUMENT (scopes, tenant mismatch, not an agent), FAILED_PRECONDITION /
     DELEGATION_TOO_DEEP, INVALID_ARGUMENT / AGENT_SESSION_INVALID (`agent_session_id` is not a
     live session of the acting agent in the tenant). With `agent_session_id`, ending that
@@ -286,7 +288,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
     agent (nested for a sub-agent), scopes = what the user, the agent and the request all
     allow, bound to the user's auth session and to both credentials it was exchanged from
     (revoking any of them kills this token; it never outlives them), no refresh token.
-    Errors: UNAUTHENTICATED / (any token reason) for either credential, INVALID_ARGUMENT /
+    Errors: UNAUTHENTICATED / (any token reason) for either credential, UNAUTHENTICATED /
+    TOKEN_EXPIRED when one of them expires within a second (the token would be dead on
+    arrival), INVALID_ARGUMENT /
     INVALID_ARGUMENT (scopes, tenant mismatch, not an agent), FAILED_PRECONDITION /
     DELEGATION_TOO_DEEP, INVALID_ARGUMENT / AGENT_SESSION_INVALID (`agent_session_id` is not a
     live session of the acting agent in the tenant). With `agent_session_id`, ending that
@@ -560,7 +564,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         agent (nested for a sub-agent), scopes = what the user, the agent and the request all
         allow, bound to the user's auth session and to both credentials it was exchanged from
         (revoking any of them kills this token; it never outlives them), no refresh token.
-        Errors: UNAUTHENTICATED / (any token reason) for either credential, INVALID_ARGUMENT /
+        Errors: UNAUTHENTICATED / (any token reason) for either credential, UNAUTHENTICATED /
+        TOKEN_EXPIRED when one of them expires within a second (the token would be dead on
+        arrival), INVALID_ARGUMENT /
         INVALID_ARGUMENT (scopes, tenant mismatch, not an agent), FAILED_PRECONDITION /
         DELEGATION_TOO_DEEP, INVALID_ARGUMENT / AGENT_SESSION_INVALID (`agent_session_id` is not a
         live session of the acting agent in the tenant). With `agent_session_id`, ending that
