@@ -409,7 +409,9 @@ class Authenticator:
             await self._store.revoke_sessions(actor.tenant_id, actor.subject, now, session_id)
         )
         if not revoked and await self._manages_sessions(actor):
-            revoked = await self._store.revoke_tenant_session(actor.tenant_id, session_id, now)
+            revoked = bool(
+                await self._store.revoke_sessions(actor.tenant_id, None, now, session_id)
+            )
         if not revoked:  # another principal's session looks exactly like a missing one
             raise NotFound("session not found")
         await self._revocations.revoke_session(session_id)

@@ -543,18 +543,21 @@ class PgAuthStore:
         return _session(row)
 
     async def revoke_sessions(
-        self, tenant_id: str, principal_id: str, now: float, session_id: str | None = None
+        self, tenant_id: str, principal_id: str | None, now: float, session_id: str | None = None
     ) -> list[str]:
-        """Revoke one session (or all) of a principal; return the ids actually revoked."""
-        if not _is_uuid(principal_id):  # e.g. a subject from an external issuer
+        """Revoke one session (or all) of a principal — one session of any principal of the
+        tenant when `principal_id` is None (administration); return the ids revoked."""
+        if principal_id is None and not session_id:
+            raise ValueError("revoking every session of a tenant is not an operation")
+        if principal_id is not None and not _is_uuid(principal_id):  # an external subject
             return []
         async with self._db.acquire() as conn:
             rows = await conn.fetch(
                 "UPDATE auth_sessions SET revoked_at = $3 WHERE tenant_id = $1 AND "
-                "principal_id = $2 AND revoked_at IS NULL AND ($4::uuid IS NULL OR id = $4) "
-                "RETURNING id",
+                "($2::uuid IS NULL OR principal_id = $2) AND revoked_at IS NULL AND "
+                "($4::uuid IS NULL OR id = $4) RETURNING id",
                 tenant_id,
-                uuid.UUID(principal_id),
+                uuid.UUID(principal_id) if principal_id is not None else None,
                 _ts(now),
                 uuid.UUID(session_id) if session_id else None,
             )
@@ -589,18 +592,6 @@ class PgAuthStore:
                 limit,
             )
         return [_session(row) for row in rows]
-
-    async def revoke_tenant_session(self, tenant_id: str, session_id: str, now: float) -> bool:
-        """Revoke one live session of any principal of the tenant (administration)."""
-        async with self._db.acquire() as conn:
-            done = await conn.fetchval(
-                "UPDATE auth_sessions SET revoked_at = $3 WHERE tenant_id = $1 AND id = $2 "
-                "AND revoked_at IS NULL RETURNING true",
-                tenant_id,
-                uuid.UUID(session_id),
-                _ts(now),
-            )
-        return bool(done)
 
 
 _PRINCIPAL = (
