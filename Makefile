@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF    := $(VENV)/node/node_modules/.bin/buf
 CERBOS_VERSION := 0.55.0
+# Only x86-64 Linux has the Cerbos package the bench uses; elsewhere its row is left out.
+ifeq ($(shell uname -sm),Linux x86_64)
 CERBOS := $(VENV)/node/node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64
+endif
 export PYTHONPATH := $(CURDIR):$(CURDIR)/generated
 
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
@@ -26,8 +29,10 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/node @bufbuild/buf@$(BUF_VERSION)
 
 # The Cerbos PDP the bench compares PolicyService/Check with (x86-64 Linux binary).
+ifneq ($(CERBOS),)
 $(CERBOS):
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/node @cerbos/cerbos-linux-x64@$(CERBOS_VERSION)
+endif
 
 ## run: start the server (embedded PostgreSQL, in-process cache) on 127.0.0.1:50051
 run: $(STAMP)
@@ -65,7 +70,7 @@ protos-check: $(STAMP)
 
 ## bench: h2load against the server, a bare grpc.aio echo server and a Cerbos PDP in one run
 bench: $(STAMP) $(CERBOS)
-	CERBOS_BIN=$(CERBOS) PYTHONPATH=$(PYTHONPATH):$(CURDIR)/tests/generated $(BIN)/python -m bench
+	$(if $(CERBOS),CERBOS_BIN=$(CERBOS)) PYTHONPATH=$(PYTHONPATH):$(CURDIR)/tests/generated $(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
