@@ -40,7 +40,7 @@ import grpc
 import grpc.aio
 from google.protobuf import message
 
-from interceptors.chain import Call, Context
+from interceptors.chain import Call, Context, received_bytes
 from interceptors.status import abort
 from server import call_state
 from server.audit.model import ACCESS, CALL, SECURITY, SYSTEM_TENANT, Record
@@ -147,9 +147,14 @@ class AuditLayer:
         )
 
     def _digest(self, request: Any) -> str:
+        """Over the bytes as received (no second serialisation of a large request); a message
+        the chain did not parse itself is serialised."""
         if not isinstance(request, message.Message):
             return ""  # a client stream: its messages are not seen here
-        return hmac.digest(self._key, request.SerializeToString(), "sha256").hex()
+        data = received_bytes(request)
+        if data is None:
+            data = request.SerializeToString()
+        return hmac.digest(self._key, data, "sha256").hex()
 
 
 class _Opening:

@@ -13,6 +13,7 @@ server-streaming handlers written as async generators are adapted to write throu
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeAlias
@@ -68,9 +69,12 @@ class Chain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         call = self.compose(spec, _behaviour(handler))
         kind = _KINDS[(spec.client_streaming, spec.server_streaming)]
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        deserializer = handler.request_deserializer
+        if deserializer is not None and not spec.client_streaming:
+            deserializer = _keeping_bytes(deserializer)
         wrapped: Handler = factory(
             call,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
         return wrapped
@@ -79,6 +83,31 @@ class Chain(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         for layer in reversed(self._layers):
             call = layer.wrap(spec, call)
         return call
+
+
+# The bytes a unary request arrived as, beside the message parsed from them. grpc.aio parses
+# the request in the task that then runs the handler, so a layer of the same call sees it.
+_received: contextvars.ContextVar[tuple[object, bytes] | None] = contextvars.ContextVar(
+    "trustplane_received_request", default=None
+)
+
+
+def _keeping_bytes(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(raw: bytes) -> Any:
+        request = deserializer(raw)
+        _received.set((request, raw))
+        return request
+
+    return deserialize
+
+
+def received_bytes(request: object) -> bytes | None:
+    """The bytes `request` was parsed from, when it is the unary request of this call
+    (None otherwise: a client stream, or a message made elsewhere)."""
+    kept = _received.get()
+    if kept is None or kept[0] is not request:
+        return None
+    return kept[1]
 
 
 _KINDS = {

@@ -4,6 +4,7 @@ durability of security-class calls, receipts, proofs, queries, isolation, export
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import time
@@ -21,6 +22,7 @@ from trustplane.crypto.v1 import crypto_pb2
 from server.audit import merkle
 from server.audit.model import SYSTEM_TENANT, EntryFilter, decode
 from server.audit.verify import verify_export
+from server.crypto.hierarchy import RootKeys
 from tests.support.process import app_process
 from tests.support.status import expect_error
 from tests.support.tokens import OTHER_TENANT, TENANT, bearer
@@ -132,6 +134,27 @@ async def test_idempotent_replay_is_recorded_with_its_key(server, member):
         (key, True, "OK"),
     ]
     assert recorded[0]["request_digest"] == recorded[1]["request_digest"]
+
+
+async def test_request_digest_covers_the_bytes_as_received(server, member):
+    """The digest is over the client's own encoding (fields here in reverse order, which a
+    re-serialisation would reorder), keyed by the server's derived key."""
+    key = str(uuid.uuid4())
+    raw = (
+        test_service_pb2.WriteRequest(name="reordered").SerializeToString()
+        + test_service_pb2.WriteRequest(request_id=key).SerializeToString()
+    )
+    parsed = test_service_pb2.WriteRequest.FromString(raw)
+    assert parsed.SerializeToString() != raw
+    write = server.channel.unary_unary(TEST + "Write")  # bytes in, bytes out
+    await write(raw, metadata=member)
+    [entry] = await by_method(server, "Write")
+    crypto = server.app.config.crypto
+    roots = RootKeys.from_config(crypto.root_key, crypto.root_key_file, server.app.config.data_dir)
+    digest_key = roots.derive(b"audit-request-digest")
+    reserialized = parsed.SerializeToString()
+    assert entry["request_digest"] == hmac.digest(digest_key, raw, "sha256").hex()
+    assert entry["request_digest"] != hmac.digest(digest_key, reserialized, "sha256").hex()
 
 
 async def test_security_call_is_committed_before_it_is_answered(server, idp):

@@ -142,8 +142,8 @@ class AuditEntry(_message.Message):
     replayed: _builtins.bool
     """True when the response was replayed from an earlier call with the same key."""
     request_digest: _builtins.str
-    """HMAC-SHA-256 (server key) of the serialized request, hex: proves two calls carried the same
-    request without storing it. Empty for client-streaming calls.
+    """HMAC-SHA-256 (server key) of the request message's bytes as received, hex: proves two calls
+    carried the same request without storing it. Empty for client-streaming calls.
     """
     peer: _builtins.str
     """The caller's network address as gRPC reports it."""
