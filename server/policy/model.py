@@ -56,6 +56,9 @@ class Reason(enum.Enum):
     """An approval token was presented but no approval service is configured: fail closed."""
     SESSION_ENDED = "SESSION_ENDED"
     """The stored agent session the call runs in has ended: nothing is allowed in it."""
+    SCOPE_MISSING = "SCOPE_MISSING"
+    """A suite method (kind `trustplane.method`) the caller's roles allow but its credential's
+    scopes do not include (set by the Policy service, as the authorize layer decides it)."""
 
     @property
     def from_rules(self) -> bool:
@@ -65,6 +68,7 @@ class Reason(enum.Enum):
 
 _SERVICE_REASONS = frozenset(
     {
+        Reason.SCOPE_MISSING,
         Reason.QUOTA_EXCEEDED,
         Reason.APPROVED,
         Reason.APPROVAL_INVALID,

@@ -44,9 +44,10 @@ from server.errors import (
 )
 from server.page_token import PageTokens, page_size
 from server.permissions import Decision as PermissionDecision
+from server.permissions import any_matches
 from server.policy import engine
 from server.policy.active import ActiveBundles
-from server.policy.authorizer import METHOD_KIND, restricts
+from server.policy.authorizer import METHOD_KIND, REPAIR_PERMISSIONS, restricts
 from server.policy.engine import CompiledBundle
 from server.policy.model import (
     Decision,
@@ -260,6 +261,9 @@ class _Asked:
     session: Session = dataclasses.field(default_factory=Session)
     session_key: Hashable = ()
     known: frozenset[str] = frozenset()  # delegates the Auth service knows (real roles)
+    # The caller's credential scopes when it asks about itself (None: unrestricted, or a
+    # question about someone else, who has no credential here): they narrow suite methods.
+    scopes: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -460,6 +464,7 @@ class PolicyEngine:
                 principals.delegates,
                 actor.actor_id,
                 known=principals.known,
+                scopes=actor.scopes,
             )
             return _in_session(asked, session)
         if not (await self._permissions.decide(actor, CHECK_OTHERS)).allowed:
@@ -576,7 +581,16 @@ class PolicyEngine:
             if delegate.id in asked.known:
                 as_delegate = dataclasses.replace(request, principal=delegate)
                 platform = engine.decide(self._platform, as_delegate, explain=explain)
-        if not platform.allowed or bundle is None or not bundle.has_policy(METHOD_KIND):
+        if not platform.allowed:
+            return platform
+        permission = request.action  # as for the authorize layer: the action is the permission
+        if asked.scopes is not None and not any_matches(asked.scopes, permission):
+            return dataclasses.replace(
+                platform, effect=Effect.DENY, reason=Reason.SCOPE_MISSING, rule=None
+            )
+        if bundle is None or not bundle.has_policy(METHOD_KIND):
+            return platform
+        if permission.startswith(REPAIR_PERMISSIONS):
             return platform
         for principal in (request.principal, *delegates):
             as_principal = dataclasses.replace(request, principal=principal)
@@ -828,6 +842,7 @@ def _decision_key(bundle: CompiledBundle | None, request: Request, asked: _Asked
         principal_key(request.principal),
         tuple(principal_key(d) for d in asked.delegates),
         asked.known,
+        asked.scopes,
         resource.kind,
         resource.id,
         frozen(resource.attr) if resource.attr else (),

@@ -1114,6 +1114,48 @@ resource_policies:
     await create_key(server, admin)
 
 
+async def test_check_on_a_suite_method_keeps_the_repair_exemption(server, admin):
+    await put(
+        server,
+        admin,
+        """
+version: no-bundles-no-keys
+resource_policies:
+  - resource: trustplane.method
+    rules:
+      - name: no-bundles-no-keys
+        actions: [policy.bundles.manage, crypto.keys.create]
+        roles: ["*"]
+        effect: DENY
+""",
+    )
+    repair = await one(server, admin, kind="trustplane.method", action="policy.bundles.manage")
+    assert (repair.effect, repair.reason) == (ALLOW, pb.DECISION_REASON_ALLOWED)
+    keys = await one(server, admin, kind="trustplane.method", action="crypto.keys.create")
+    assert (keys.effect, keys.reason) == (DENY, pb.DECISION_REASON_DENIED_BY_RULE)
+    await put(server, admin, TOOLS)  # the RPC agrees: the bundle can still be replaced
+
+
+async def test_check_on_a_suite_method_applies_the_callers_scopes(server, idp):
+    """An admin token scoped to Check alone: its roles allow creating keys, its scopes do not,
+    and Check on the method says so, as the RPC itself does."""
+    scoped = bearer(idp.token(roles=["admin"], scope="policy.decisions.check"))
+    decision = await one(server, scoped, kind="trustplane.method", action="crypto.keys.create")
+    assert (decision.effect, decision.reason, decision.rule) == (
+        DENY,
+        pb.DECISION_REASON_SCOPE_MISSING,
+        "",
+    )
+    status = await expect_error(create_key(server, scoped))
+    assert status.code is grpc.StatusCode.PERMISSION_DENIED and "scopes" in status.message
+    allowed = await one(server, scoped, kind="trustplane.method", action="policy.decisions.check")
+    assert (allowed.effect, allowed.reason) == (ALLOW, pb.DECISION_REASON_ALLOWED)
+    # Unscoped, the same roles are allowed (the decision cache keeps the two apart).
+    admin = bearer(idp.token(roles=["admin"]))
+    again = await one(server, admin, kind="trustplane.method", action="crypto.keys.create")
+    assert (again.effect, again.reason) == (ALLOW, pb.DECISION_REASON_ALLOWED)
+
+
 async def test_a_suite_method_cannot_wait_for_an_approval(server, admin):
     await put(
         server,

@@ -113,6 +113,10 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     """The agent session the call runs in has ended (completed, failed, cancelled or expired):
     nothing is allowed in it any more, whatever the rules say.
     """
+    DECISION_REASON_SCOPE_MISSING: _DecisionReason.ValueType  # 11
+    """Kind `trustplane.method` only: the caller's roles allow the method but the scopes of the
+    credential it asks with do not include it, so the RPC itself would be refused.
+    """
 
 class DecisionReason(_DecisionReason, metaclass=_DecisionReasonEnumTypeWrapper):
     """Why a decision says what it says. Caller-safe: names the cause, never internal detail."""
@@ -144,6 +148,10 @@ approval service is configured): fail closed.
 DECISION_REASON_SESSION_ENDED: DecisionReason.ValueType  # 10
 """The agent session the call runs in has ended (completed, failed, cancelled or expired):
 nothing is allowed in it any more, whatever the rules say.
+"""
+DECISION_REASON_SCOPE_MISSING: DecisionReason.ValueType  # 11
+"""Kind `trustplane.method` only: the caller's roles allow the method but the scopes of the
+credential it asks with do not include it, so the RPC itself would be refused.
 """
 Global___DecisionReason: _TypeAlias = DecisionReason  # noqa: Y015
 
