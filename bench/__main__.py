@@ -198,7 +198,13 @@ async def _measure_case(
     measured = await measure(target, shape, settings.runs, workdir, placement.load_prefix())
     ceiling = generator_ceiling if case.unique_field else None
     return Scored(
-        measured, case.target_ratio, case.items, case.target_items_per_s, ceiling, case.ratio_to
+        measured,
+        case.target_ratio,
+        case.items,
+        case.target_items_per_s,
+        ceiling,
+        case.ratio_to,
+        target_p99_ms=case.target_p99_ms,
     )
 
 

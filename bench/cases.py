@@ -70,6 +70,7 @@ class Case:
     # The name of another case: `target_ratio` is then this case's req/s over that case's
     # (e.g. the audited mutation over the same one with audit off) instead of over the echo.
     ratio_to: str = ""
+    target_p99_ms: float = 0.0  # non-zero: the median run's p99 must also be at most this
 
 
 CaseBuilder = Callable[[BenchContext], Awaitable[Case]]
@@ -382,6 +383,7 @@ async def _policy_check(ctx: BenchContext) -> Case:
         request=request,
         target_ratio=0.5,
         headers=headers,
+        target_p99_ms=10.0,
     )
 
 

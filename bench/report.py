@@ -27,6 +27,7 @@ class Scored:
     ceiling: Measurement | None = None  # its own echo ceiling (generator cases), else h2load's
     ratio_to: str = ""  # the case the ratio is over, instead of the echo ceiling
     baseline: Measurement | None = None  # that case's measurement (None: not measured)
+    target_p99_ms: float = 0.0  # non-zero: the median run's p99 must be at most this too
 
     def ratio(self, ceiling: Measurement) -> float:
         below = (self.ceiling or ceiling) if not self.ratio_to else self.baseline
@@ -52,9 +53,10 @@ class Scored:
     def target(self) -> str:
         if self.report_only:
             return "report"
+        latency = f", p99 ≤ {self.target_p99_ms:g} ms" if self.target_p99_ms else ""
         if self.target_items_per_s:
-            return f"≥ {self.target_items_per_s:,.0f} items/s"
-        return f"≥ {self.target_ratio:.2f}"
+            return f"≥ {self.target_items_per_s:,.0f} items/s{latency}"
+        return f"≥ {self.target_ratio:.2f}{latency}"
 
     def met(self, ceiling: Measurement) -> bool:
         """The target is met by a correct measurement at or above the target (and, for a ratio
@@ -62,6 +64,8 @@ class Scored:
         if self.measurement.problems:
             return False
         if self.ratio_to and (self.baseline is None or self.baseline.problems):
+            return False
+        if self.target_p99_ms and self.measurement.median.p99_ms > self.target_p99_ms:
             return False
         if self.target_items_per_s:
             return self.items_per_s >= self.target_items_per_s
@@ -156,17 +160,43 @@ def facts_line(facts: Facts) -> str:
     )
 
 
+def latency_lines(echo: Measurement, cases: Sequence[Scored], shape: LoadShape) -> list[str]:
+    """For each p99 target, the throughput it takes by Little's law (mean latency = requests in
+    flight / throughput, and a p99 is at least the mean) beside what the echo ceiling reached:
+    when even the bare echo is below it, the target cannot be met at this load on this machine."""
+    lines = []
+    for case in cases:
+        if not case.target_p99_ms:
+            continue
+        needed = shape.in_flight / (case.target_p99_ms / 1000)
+        run = echo.median
+        floor = shape.in_flight / run.requests_per_second * 1000
+        verdict = "below it" if run.requests_per_second < needed else "above it"
+        lines += [
+            f"Latency: {case.measurement.name} p99 ≤ {case.target_p99_ms:g} ms at "
+            f"{shape.in_flight} in flight needs ≥ {needed:,.0f} req/s (Little's law); the echo "
+            f"ceiling reached {run.requests_per_second:,.0f} req/s ({verdict}: mean latency "
+            f"{floor:.1f} ms, p99 {run.p99_ms:.2f} ms).",
+            "",
+        ]
+    return lines
+
+
 def summary_line(echo: Measurement, cases: Sequence[Scored]) -> str:
     targeted = [case for case in cases if not case.report_only or case.measurement.problems]
     missed = [case for case in targeted if not case.met(echo)]
     if not missed:
         return f"Targets: all {len(targeted)} met ({len(cases) - len(targeted)} reported only)."
     names = ", ".join(
-        f"{c.measurement.name} ({c.ratio_cell(echo)} vs {c.target()}"
+        f"{c.measurement.name} ({c.ratio_cell(echo)}{_p99_cell(c)} vs {c.target()}"
         f"{', incorrect' if c.measurement.problems else ''})"
         for c in missed
     )
     return f"Targets: {len(missed)} of {len(targeted)} MISSED: {names}."
+
+
+def _p99_cell(case: Scored) -> str:
+    return f", p99 {case.measurement.median.p99_ms:.1f} ms" if case.target_p99_ms else ""
 
 
 def with_baselines(cases: Sequence[Scored]) -> list[Scored]:
@@ -204,6 +234,7 @@ def render(
         facts_line(facts),
         "",
         *generator_line(generator_echo),
+        *latency_lines(echo, cases, facts.shape),
         summary_line(echo, cases),
         "",
         *correctness_lines(problems),

@@ -1,15 +1,17 @@
 """The bench report: a case whose ratio is to another case (the audited mutation over the same
-mutation with audit off) rather than to the echo ceiling."""
+mutation with audit off) rather than to the echo ceiling; a p99 target beside a ratio target."""
 
 from __future__ import annotations
 
-from bench.h2load import Run
+from bench.h2load import LoadShape, Run
 from bench.measure import Measurement
-from bench.report import Scored, table, with_baselines
+from bench.report import Scored, latency_lines, summary_line, table, with_baselines
 
 
-def measured(name: str, rps: float, problems: tuple[str, ...] = ()) -> Measurement:
-    run = Run(rps, 100, 100, 0, 0, 0, 1.0, 2.0, server_cpu_us=500.0)
+def measured(
+    name: str, rps: float, problems: tuple[str, ...] = (), p99_ms: float = 2.0
+) -> Measurement:
+    run = Run(rps, 100, 100, 0, 0, 0, 1.0, p99_ms, server_cpu_us=500.0)
     return Measurement(name, (run,), problems)
 
 
@@ -43,3 +45,22 @@ def test_a_missing_or_incorrect_baseline_never_meets_the_target():
         ]
     )
     assert not broken[0].met(ECHO)
+
+
+def test_a_p99_target_must_be_met_beside_the_ratio():
+    fast = Scored(measured("Check", 6000, p99_ms=9.0), 0.5, target_p99_ms=10.0)
+    slow = Scored(measured("Check", 6000, p99_ms=31.0), 0.5, target_p99_ms=10.0)
+    assert fast.met(ECHO) and fast.target() == "≥ 0.50, p99 ≤ 10 ms"
+    assert not slow.met(ECHO) and slow.verdict(ECHO) == "**NO**"
+    assert "Check (0.60, p99 31.0 ms vs ≥ 0.50, p99 ≤ 10 ms)" in summary_line(ECHO, [slow])
+
+
+def test_the_latency_line_compares_littles_law_with_the_echo():
+    shape = LoadShape(1000, 4, 8)  # 32 in flight: p99 <= 10 ms needs >= 3,200 req/s
+    check = Scored(measured("Check", 1500, p99_ms=31.0), 0.5, target_p99_ms=10.0)
+    [line, _] = latency_lines(measured("echo", 2800, p99_ms=14.7), [check], shape)
+    assert "needs ≥ 3,200 req/s" in line and "reached 2,800 req/s (below it" in line
+    assert "mean latency 11.4 ms, p99 14.70 ms" in line
+    [line, _] = latency_lines(ECHO, [check], shape)
+    assert "(above it" in line
+    assert latency_lines(ECHO, [Scored(measured("Get", 1500), 0.5)], shape) == []
