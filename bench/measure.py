@@ -1,7 +1,10 @@
 """One target under load: a warm-up run, then the measured runs, each checked for correctness.
 
-Each run also records the server process's CPU time per request: unlike req/s it hardly
-depends on what else the machine is doing, so it compares code changes on a busy machine.
+Each run also records the server process's CPU time per request: it does not count time the
+server waits for a busy machine, so it compares code changes better than req/s does. It still
+moves with the machine's own speed (on the shared bench VM it once rose 25-37% for every
+Python-heavy case within one run while the echo's rose 4%), so compare code by alternating
+runs of both versions, not against a number from another run.
 
 A run is correct when the load generator completed every request and, for a trustplane
 target, the server's own counters agree (`bench.scrape`). The reported run is the median by
