@@ -169,7 +169,7 @@ def latency_lines(echo: Measurement, cases: Sequence[Scored], shape: LoadShape) 
         if not case.target_p99_ms:
             continue
         needed = shape.in_flight / (case.target_p99_ms / 1000)
-        run = echo.median
+        run = (case.ceiling or echo).median
         floor = shape.in_flight / run.requests_per_second * 1000
         verdict = "below it" if run.requests_per_second < needed else "above it"
         lines += [

@@ -90,10 +90,10 @@ class PolicyAuthorizer:
         platform = self._platform.content_hash
         if not self._platform_allows(actor.roles, permission):
             return _Outcome(False, Reason.NO_MATCHING_RULE.value, platform, message=_NO_ROLE)
-        if actor.scopes is not None and not any_matches(actor.scopes, permission):
+        if not scopes_allow(actor.scopes, permission):
             return _Outcome(False, "SCOPE_MISSING", platform, message=_NO_SCOPE)
         bundle = None
-        if not permission.startswith(REPAIR_PERMISSIONS):
+        if tenant_may_restrict(permission):
             bundle = await self._bundles.get(actor.tenant_id)
         restricting = bundle is not None and bundle.has_policy(METHOD_KIND)
         principals = await call_principals(self._directory, actor, subject_attributes=restricting)
@@ -159,6 +159,16 @@ class PolicyAuthorizer:
             decision = engine.decide(bundle, request)
             cache.put(key, decision)
         return decision
+
+
+def scopes_allow(scopes: frozenset[str] | None, permission: str) -> bool:
+    """Part 2: a credential's scopes (None: no restriction) include the permission."""
+    return scopes is None or any_matches(scopes, permission)
+
+
+def tenant_may_restrict(permission: str) -> bool:
+    """Part 3 applies: everything but the repair permissions."""
+    return not permission.startswith(REPAIR_PERMISSIONS)
 
 
 def restricts(decision: PolicyDecision) -> bool:

@@ -44,10 +44,14 @@ from server.errors import (
 )
 from server.page_token import PageTokens, page_size
 from server.permissions import Decision as PermissionDecision
-from server.permissions import any_matches
 from server.policy import engine
 from server.policy.active import ActiveBundles
-from server.policy.authorizer import METHOD_KIND, REPAIR_PERMISSIONS, restricts
+from server.policy.authorizer import (
+    METHOD_KIND,
+    restricts,
+    scopes_allow,
+    tenant_may_restrict,
+)
 from server.policy.engine import CompiledBundle
 from server.policy.model import (
     Decision,
@@ -584,13 +588,15 @@ class PolicyEngine:
         if not platform.allowed:
             return platform
         permission = request.action  # as for the authorize layer: the action is the permission
-        if asked.scopes is not None and not any_matches(asked.scopes, permission):
+        if not scopes_allow(asked.scopes, permission):
             return dataclasses.replace(
                 platform, effect=Effect.DENY, reason=Reason.SCOPE_MISSING, rule=None
             )
-        if bundle is None or not bundle.has_policy(METHOD_KIND):
-            return platform
-        if permission.startswith(REPAIR_PERMISSIONS):
+        if (
+            bundle is None
+            or not bundle.has_policy(METHOD_KIND)
+            or not tenant_may_restrict(permission)
+        ):
             return platform
         for principal in (request.principal, *delegates):
             as_principal = dataclasses.replace(request, principal=principal)
@@ -842,7 +848,7 @@ def _decision_key(bundle: CompiledBundle | None, request: Request, asked: _Asked
         principal_key(request.principal),
         tuple(principal_key(d) for d in asked.delegates),
         asked.known,
-        asked.scopes,
+        asked.scopes if resource.kind == METHOD_KIND else None,  # they narrow only suite methods
         resource.kind,
         resource.id,
         frozen(resource.attr) if resource.attr else (),
