@@ -26,6 +26,7 @@ from server.crypto.hierarchy import RootKeys
 from tests.support.process import app_process
 from tests.support.status import expect_error
 from tests.support.tokens import OTHER_TENANT, TENANT, bearer
+from tests.support.waiting import eventually
 
 TEST = "/tptest.v1.TestService/"
 
@@ -565,10 +566,9 @@ async def test_follow_tails_new_entries_with_proofs(start_server, make_config, i
         stream.cancel()
         await one.app.audit.flush()
         method = "/trustplane.audit.v1.AuditService/ExportEntries"
-        for _ in range(50):
-            if await tenant_entries(one, method=method):
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: tenant_entries(one, method=method), what="the cancelled export's entry"
+        )
         assert [e["code"] for e in await tenant_entries(one, method=method)] == ["CANCELLED"]
 
         tail = two.audit.ExportEntries(pb.ExportEntriesRequest(follow=True), metadata=owner)
@@ -591,16 +591,14 @@ async def test_retention_runs_every_configured_interval(start_server, idp, membe
         now[0] = time.time()
         await append(running, member, [event(resource="new")])
         viewer = bearer(idp.token(roles=["viewer"]))
-        redacted: list[int] = []
-        for _ in range(50):
+
+        async def redacted() -> list[int]:
             listed = await running.audit.ListEntries(
                 pb.ListEntriesRequest(kind=pb.ENTRY_KIND_EVENT), metadata=viewer
             )
-            redacted = [e.index for e in listed.entries if not e.body]
-            if redacted:
-                break
-            await asyncio.sleep(0.1)
-        assert redacted == list(old.indexes)
+            return [e.index for e in listed.entries if not e.body]
+
+        assert await eventually(redacted, what="retention redacts") == list(old.indexes)
 
 
 async def test_a_checkpoint_is_signed_every_interval(start_server, idp, member):
@@ -617,12 +615,11 @@ async def test_a_checkpoint_is_signed_every_interval(start_server, idp, member):
             return [r["size"] for r in rows]
 
         async def signed_at_least(size):
-            for _ in range(50):
+            async def grown():
                 sizes = await signed_sizes()
-                if sizes and sizes[-1] >= size:
-                    return sizes
-                await asyncio.sleep(0.1)
-            raise AssertionError(f"no checkpoint of {size} entries signed: {sizes}")
+                return sizes if sizes and sizes[-1] >= size else None
+
+            return await eventually(grown, what=f"a checkpoint of {size} entries signed")
 
         first = await append(running, member, [event()] * 3)
         sizes = await signed_at_least(first.indexes[-1] + 1)

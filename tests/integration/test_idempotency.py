@@ -13,6 +13,7 @@ from tptest.v1 import test_service_pb2, test_service_pb2_grpc
 from tests.support.process import app_process
 from tests.support.status import expect_error
 from tests.support.tokens import bearer
+from tests.support.waiting import eventually
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -152,7 +153,9 @@ async def test_in_flight_duplicate_gets_aborted_then_replays(start, idp):
         first = asyncio.ensure_future(
             running.test.Write(write(key, sleep_millis=1000), metadata=token)
         )
-        await asyncio.sleep(0.3)
+        await eventually(  # the first call holds the key's lease
+            lambda: running.servicer.calls.get("Write") == 1, what="the first call is running"
+        )
         status = await expect_error(
             running.test.Write(write(key, sleep_millis=1000), metadata=token)
         )
@@ -168,6 +171,9 @@ async def test_expired_lease_lets_a_retry_run(start, idp):
         key, token = str(uuid.uuid4()), bearer(idp.token())
         stuck = asyncio.ensure_future(
             running.test.Write(write(key, sleep_millis=2500), metadata=token)
+        )
+        await eventually(  # the lease is taken before the handler runs
+            lambda: running.servicer.calls.get("Write") == 1, what="the first call is running"
         )
         await asyncio.sleep(1.3)  # the first call's lease has expired (a crashed process)
         retry = await running.test.Write(write(key, sleep_millis=2500), metadata=token)

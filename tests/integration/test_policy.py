@@ -30,6 +30,7 @@ from server.actor import ActorContext, AuthMethod, PrincipalType
 from server.methods import spec_from_descriptor
 from tests.support.status import expect_error
 from tests.support.tokens import OTHER_TENANT, TENANT, bearer
+from tests.support.waiting import eventually
 
 ALLOW, DENY, APPROVAL = pb.EFFECT_ALLOW, pb.EFFECT_DENY, pb.EFFECT_REQUIRE_APPROVAL
 
@@ -366,12 +367,11 @@ async def test_a_label_added_in_another_process_applies_at_once(start_server, ma
         session = pb.SessionContext(id=await new_session(first, agent, ["private_data"]))
         assert (await one(first, agent, rid="send_email", session=session)).effect == ALLOW
         await add_labels(second, agent, session.id, "untrusted_input")
-        for _ in range(100):
-            if (await one(first, agent, rid="send_email", session=session)).effect == DENY:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the first process kept its stale read of the session")
+
+        async def denied() -> bool:
+            return bool((await one(first, agent, rid="send_email", session=session)).effect == DENY)
+
+        await eventually(denied, what="the first process drops its stale read of the session")
 
 
 async def test_a_session_the_caller_takes_no_part_in_is_not_found(server, idp, admin, agent):
@@ -961,15 +961,16 @@ async def test_activation_reaches_every_process(start_server, make_config, idp):
     async with start_server(config) as first, start_server(config) as second:
         await create_key(second, admin, "warm")  # second caches "no tenant bundle"
         await put(first, admin, DENY_KEY_CREATION)
-        for _ in range(50):
+
+        async def refused() -> bool:
             try:
                 await create_key(second, admin, f"k{uuid.uuid4().hex[:8]}")
             except grpc.aio.AioRpcError as error:
                 assert error.code() is grpc.StatusCode.PERMISSION_DENIED
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the second process never saw the activation")
+                return True
+            return False
+
+        await eventually(refused, what="the second process sees the activation")
 
 
 async def test_a_tenant_rule_on_delegates_applies_to_the_whole_chain(server, idp, admin):

@@ -8,6 +8,7 @@ import grpc
 from tptest.v1 import test_service_pb2
 
 from tests.support.status import expect_error
+from tests.support.waiting import eventually
 
 
 async def test_in_flight_call_completes_during_shutdown(start_server):
@@ -15,8 +16,9 @@ async def test_in_flight_call_completes_during_shutdown(start_server):
         in_flight = asyncio.ensure_future(
             running.test.Sleep(test_service_pb2.SleepRequest(millis=700))
         )
-        await asyncio.sleep(0.2)  # the call has reached the handler
-        assert running.servicer.calls.get("Sleep") == 1
+        await eventually(
+            lambda: running.servicer.calls.get("Sleep") == 1, what="the call reached the handler"
+        )
         stopping = asyncio.ensure_future(running.app.stop())
         response = await in_flight
         assert response.slept_millis == 700
@@ -28,7 +30,9 @@ async def test_calls_beyond_grace_period_are_cut(start_server):
         in_flight = asyncio.ensure_future(
             running.test.Sleep(test_service_pb2.SleepRequest(millis=5000))
         )
-        await asyncio.sleep(0.2)
+        await eventually(
+            lambda: running.servicer.calls.get("Sleep") == 1, what="the call reached the handler"
+        )
         await running.app.stop()
         status = await expect_error(in_flight)
         assert status.code in {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
