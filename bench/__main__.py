@@ -79,40 +79,86 @@ class Results:
     generator_echo: Measurement | None = None
 
 
-async def run_bench(settings: Settings, placement: Placement, workdir: Path) -> Results:
-    """Start both servers, build the cases, measure the echo ceiling, then every case."""
-    async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(servers.trustplane(placement, workdir))
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
-        built = await cases.build_cases(
-            BenchContext(
-                server.address, channel, server.idp, server.tenant, server.email, server.password
-            )
+@dataclass(frozen=True)
+class Echo:
+    """The bare echo server, up for the whole bench, and the request bytes of its ceiling."""
+
+    address: str
+    pid: int
+    request: bytes  # the first case's request: what the h2load echo ceiling sends
+
+    def paired_plain(self) -> Target:
+        """The h2load echo of the ceiling's bytes (for a target that is not a Case)."""
+        return Target(
+            f"echo ceiling ({echo.PATH[1:]})", self.address, echo.PATH, self.request, pid=self.pid
         )
+
+    def paired(self, case: Case) -> Target:
+        """The echo run that precedes each run of `case`: h2load's echo of the ceiling's bytes,
+        or for a generator case the generator with that case's own body."""
+        request = case.request if case.unique_field else self.request
+        return Target(
+            f"echo ceiling ({echo.PATH[1:]})",
+            self.address,
+            echo.PATH,
+            request,
+            pid=self.pid,
+            unique_field=case.unique_field,
+        )
+
+
+async def run_bench(settings: Settings, placement: Placement, workdir: Path) -> Results:
+    """Start the echo and the trustplane server, build the cases, measure the echo ceiling,
+    then every case, each run paired with an echo run (bench.measure); then the variants'
+    servers and Cerbos, paired with the same echo server."""
+    async with servers.echo(placement, workdir) as (address, pid):
         wanted = os.environ.get("BENCH_CASES", "")
-        if wanted:  # the first case stays: the echo ceiling sends its bytes
-            built = built[:1] + [
-                c for c in built[1:] if any(w in c.name for w in wanted.split(","))
+        async with contextlib.AsyncExitStack() as stack:
+            server = await stack.enter_async_context(servers.trustplane(placement, workdir))
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
+            built = await cases.build_cases(
+                BenchContext(
+                    server.address,
+                    channel,
+                    server.idp,
+                    server.tenant,
+                    server.email,
+                    server.password,
+                )
+            )
+            if wanted:  # the first case stays: the echo ceiling sends its bytes
+                built = built[:1] + [
+                    c for c in built[1:] if any(w in c.name for w in wanted.split(","))
+                ]
+            if not built:
+                raise BenchError("no cases: bench.cases.BUILDERS is empty")
+            bare = Echo(address, pid, built[0].request)
+            ceiling = await _measure_echo(built[0], settings, placement, workdir, bare)
+            generated = [case for case in built if case.unique_field]
+            generator_ceiling = None
+            if generated:  # the same generator, body generation included, against the echo
+                generator_ceiling = await _measure_echo(
+                    generated[0], settings, placement, workdir, bare
+                )
+            scored = [
+                await _measure_case(
+                    case, server, settings, placement, workdir, bare, generator_ceiling
+                )
+                for case in built
             ]
-        if not built:
-            raise BenchError("no cases: bench.cases.BUILDERS is empty")
-        ceiling = await _measure_echo(built[0], settings, placement, workdir)
-        generated = [case for case in built if case.unique_field]
-        generator_ceiling = None
-        if generated:  # the same generator, body generation included, against the echo
-            generator_ceiling = await _measure_echo(generated[0], settings, placement, workdir)
-        scored = [
-            await _measure_case(case, server, settings, placement, workdir, generator_ceiling)
-            for case in built
-        ]
-    for variant in cases.VARIANTS:
-        scored += await _measure_variant(variant, wanted, settings, placement, workdir)
-    scored += await _measure_cerbos(wanted, settings, placement, workdir)
+        for variant in cases.VARIANTS:
+            scored += await _measure_variant(variant, wanted, settings, placement, workdir, bare)
+        scored += await _measure_cerbos(wanted, settings, placement, workdir, bare)
     return Results(ceiling, report.with_baselines(scored), generator_ceiling)
 
 
 async def _measure_variant(
-    variant: cases.Variant, wanted: str, settings: Settings, placement: Placement, workdir: Path
+    variant: cases.Variant,
+    wanted: str,
+    settings: Settings,
+    placement: Placement,
+    workdir: Path,
+    bare: Echo,
 ) -> list[Scored]:
     """Cases that need a differently configured server (e.g. a cache turned off): a server of
     their own. They run by default; with BENCH_CASES set, only when it selects one of them."""
@@ -134,11 +180,14 @@ async def _measure_variant(
         built = [await build(ctx) for name, build in variant.builders]
         if wanted:
             built = [c for c in built if any(w in c.name for w in wanted.split(","))]
-        return [await _measure_case(case, server, settings, placement, directory) for case in built]
+        return [
+            await _measure_case(case, server, settings, placement, directory, bare)
+            for case in built
+        ]
 
 
 async def _measure_cerbos(
-    wanted: str, settings: Settings, placement: Placement, workdir: Path
+    wanted: str, settings: Settings, placement: Placement, workdir: Path, bare: Echo
 ) -> list[Scored]:
     """The same Check policy in a Cerbos PDP (bench.cerbos), reported beside ours, when
     CERBOS_BIN names its binary (`make bench` installs it) and BENCH_CASES selects it."""
@@ -149,7 +198,7 @@ async def _measure_cerbos(
         raise BenchError(f"CERBOS_BIN: {binary} is not a file")
     try:
         measured, _ = await cerbos.measure_pdp(
-            binary, settings.shape, settings.runs, placement, workdir
+            binary, settings.shape, settings.runs, placement, workdir, bare.paired_plain()
         )
     except cerbos.CerbosError as exc:
         raise BenchError(str(exc)) from None
@@ -157,21 +206,20 @@ async def _measure_cerbos(
 
 
 async def _measure_echo(
-    first: Case, settings: Settings, placement: Placement, workdir: Path
+    first: Case, settings: Settings, placement: Placement, workdir: Path, bare: Echo
 ) -> Measurement:
-    """The ceiling: `first`'s request bytes echoed by a bare grpc.aio server, sent by h2load,
+    """The ceiling: `first`'s request bytes echoed by the bare grpc.aio server, sent by h2load,
     or for a case with `unique_field` by bench.grpcload with a fresh request id per call."""
-    async with servers.echo(placement, workdir) as (address, pid):
-        name = f"echo ceiling ({echo.PATH[1:]})"
-        if first.unique_field:
-            name = f"echo ceiling ({echo.PATH[1:]}, grpc.aio generator, unique bodies)"
-        target = Target(
-            name, address, echo.PATH, first.request, pid=pid, unique_field=first.unique_field
-        )
-        shape = settings.shape
-        if first.requests is not None:
-            shape = dataclasses.replace(shape, requests=max(first.requests, shape.in_flight))
-        return await measure(target, shape, settings.runs, workdir, placement.load_prefix())
+    name = f"echo ceiling ({echo.PATH[1:]})"
+    if first.unique_field:
+        name = f"echo ceiling ({echo.PATH[1:]}, grpc.aio generator, unique bodies)"
+    target = Target(
+        name, bare.address, echo.PATH, first.request, pid=bare.pid, unique_field=first.unique_field
+    )
+    shape = settings.shape
+    if first.requests is not None:
+        shape = dataclasses.replace(shape, requests=max(first.requests, shape.in_flight))
+    return await measure(target, shape, settings.runs, workdir, placement.load_prefix())
 
 
 async def _measure_case(
@@ -180,6 +228,7 @@ async def _measure_case(
     settings: Settings,
     placement: Placement,
     workdir: Path,
+    bare: Echo,
     generator_ceiling: Measurement | None = None,
 ) -> Scored:
     target = Target(
@@ -195,7 +244,9 @@ async def _measure_case(
     shape = settings.shape
     if case.requests is not None:
         shape = dataclasses.replace(shape, requests=max(case.requests, shape.in_flight))
-    measured = await measure(target, shape, settings.runs, workdir, placement.load_prefix())
+    measured = await measure(
+        target, shape, settings.runs, workdir, placement.load_prefix(), bare.paired(case)
+    )
     ceiling = generator_ceiling if case.unique_field else None
     return Scored(
         measured,

@@ -182,10 +182,15 @@ class CerbosError(RuntimeError):
 
 
 async def measure_pdp(
-    binary: str, shape: LoadShape, runs: int, placement: servers.Placement, workdir: Path
+    binary: str,
+    shape: LoadShape,
+    runs: int,
+    placement: servers.Placement,
+    workdir: Path,
+    paired: Target | None = None,
 ) -> tuple[Measurement, bytes]:
-    """Start the PDP, check its decisions once, measure CheckResources with h2load; the
-    measurement and the request bytes it sent."""
+    """Start the PDP, check its decisions once, measure CheckResources with h2load (each run
+    after a run of `paired`, when given); the measurement and the request bytes it sent."""
     directory = workdir / "cerbos"
     directory.mkdir()
     async with cerbos(binary, placement, directory) as (address, pid):
@@ -193,7 +198,7 @@ async def measure_pdp(
         if _effects(response) != EXPECTED:
             raise CerbosError(f"unexpected Cerbos decisions {_effects(response)}")
         target = Target(NAME, address, PATH, request, pid=pid)
-        measured = await measure(target, shape, runs, directory, placement.load_prefix())
+        measured = await measure(target, shape, runs, directory, placement.load_prefix(), paired)
         return measured, request
 
 

@@ -6,6 +6,12 @@ moves with the machine's own speed (on the shared bench VM it once rose 25-37% f
 Python-heavy case within one run while the echo's rose 4%), so compare code by alternating
 runs of both versions, not against a number from another run.
 
+Pairing: given a `paired` target (the bare echo), each measured run of a case follows one run
+of that echo with the same load, and the case's ratio is the median of the per-run ratios. The
+two runs of a pair are seconds apart, so the machine's drift over a long bench (measured on
+2026-12-02: the echo at 4,715 req/s at one moment and 7,471 req/s twenty minutes later) cancels
+out of the ratio instead of landing on whichever cases ran while the machine was slow.
+
 A run is correct when the load generator completed every request and, for a trustplane
 target, the server's own counters agree (`bench.scrape`). The reported run is the median by
 req/s. The generator is h2load, or for a target with `unique_field` (a body per request)
@@ -57,30 +63,78 @@ class Measurement:
     name: str
     runs: tuple[Run, ...]
     problems: tuple[str, ...]
+    paired: tuple[Run, ...] = ()  # the echo run just before each of `runs` (pairing), or none
 
     @property
     def median(self) -> Run:
         ordered = sorted(self.runs, key=lambda run: run.requests_per_second)
         return ordered[len(ordered) // 2]
 
+    @property
+    def paired_ratio(self) -> float | None:
+        """The median over the runs of req/s over the paired echo run's (None: not paired)."""
+        if not self.paired:
+            return None
+        ratios = [
+            run.requests_per_second / echo.requests_per_second
+            for run, echo in zip(self.runs, self.paired, strict=True)
+            if echo.requests_per_second
+        ]
+        return _median(ratios)
+
+    @property
+    def paired_cpu_ratio(self) -> float | None:
+        """The median over the runs of the paired echo's server CPU per request over this
+        target's (None: not paired or CPU not measured)."""
+        if not self.paired:
+            return None
+        ratios = [
+            echo.server_cpu_us / run.server_cpu_us
+            for run, echo in zip(self.runs, self.paired, strict=True)
+            if run.server_cpu_us and echo.server_cpu_us
+        ]
+        return _median(ratios)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
 
 async def measure(
-    target: Target, shape: LoadShape, runs: int, workdir: Path, prefix: Sequence[str] = ()
+    target: Target,
+    shape: LoadShape,
+    runs: int,
+    workdir: Path,
+    prefix: Sequence[str] = (),
+    paired: Target | None = None,
 ) -> Measurement:
-    """Warm up once (not reported, still checked), then run `runs` times."""
+    """Warm up once (not reported, still checked), then run `runs` times; with `paired`, each
+    measured run right after a run of `paired` under the same load (see the module docstring)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", target.name).strip("-")
     body = workdir / f"{slug}.grpc"
     body.write_bytes(h2load.frame(target.request))
+    echo_body = workdir / f"{slug}-paired.grpc"
+    if paired is not None:
+        echo_body.write_bytes(h2load.frame(paired.request))
     problems: list[str] = []
     labels = ["warm-up", *(f"run {i}" for i in range(1, runs + 1))]
-    results = []
+    results, echoes = [], []
     for label in labels:
         load = warmup_shape(shape) if label == "warm-up" else shape
-        log_file = workdir / f"{slug}-{label.replace(' ', '')}.log"
+        tag = label.replace(" ", "")
+        if paired is not None and label != "warm-up":
+            log_file = workdir / f"{slug}-{tag}-paired.log"
+            echo_run, found = await _checked_run(paired, echo_body, load, log_file, prefix)
+            problems += [f"{paired.name} before {target.name}, {label}: {p}" for p in found]
+            echoes.append(echo_run)
+        log_file = workdir / f"{slug}-{tag}.log"
         run, found = await _checked_run(target, body, load, log_file, prefix)
         problems += [f"{target.name}, {label}: {problem}" for problem in found]
         results.append(run)
-    return Measurement(target.name, tuple(results[1:]), tuple(problems))
+    return Measurement(target.name, tuple(results[1:]), tuple(problems), tuple(echoes))
 
 
 def warmup_shape(shape: LoadShape) -> LoadShape:

@@ -30,9 +30,21 @@ class Scored:
     target_p99_ms: float = 0.0  # non-zero: the median run's p99 must be at most this too
 
     def ratio(self, ceiling: Measurement) -> float:
-        below = (self.ceiling or ceiling) if not self.ratio_to else self.baseline
-        if below is None:
-            return 0.0
+        """Paired (bench.measure): the median per-run ratio to the echo run just before, and
+        over another case the quotient of the two paired ratios. Unpaired: median req/s over
+        the ceiling's (or the other case's) median req/s."""
+        if self.ratio_to:
+            if self.baseline is None:
+                return 0.0
+            mine, theirs = self.measurement.paired_ratio, self.baseline.paired_ratio
+            if mine is not None and theirs:
+                return mine / theirs
+            below = self.baseline
+        else:
+            paired = self.measurement.paired_ratio
+            if paired is not None:
+                return paired
+            below = self.ceiling or ceiling
         return self.measurement.median.requests_per_second / below.median.requests_per_second
 
     def ratio_cell(self, ceiling: Measurement) -> str:
@@ -124,6 +136,7 @@ def _row(
 ) -> str:
     run = measurement.median
     cpu, echo_cpu = _cpu(measurement), _cpu(echo)
+    paired_cpu = measurement.paired_cpu_ratio
     cells = [
         measurement.name,
         f"{run.requests_per_second:,.0f}",
@@ -134,9 +147,37 @@ def _row(
         target,
         met,
         "—" if cpu is None else f"{cpu:,.0f}",
-        "—" if cpu is None or echo_cpu is None else f"{echo_cpu / cpu:.2f}",
+        _cpu_ratio(cpu, echo_cpu, paired_cpu),
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _cpu_ratio(cpu: float | None, echo_cpu: float | None, paired: float | None) -> str:
+    if paired is not None:
+        return f"{paired:.2f}"
+    return "—" if cpu is None or echo_cpu is None else f"{echo_cpu / cpu:.2f}"
+
+
+def pairing_lines(cases: Sequence[Scored]) -> list[str]:
+    """How the ratios were formed, and how far the paired echo runs moved over the bench (the
+    machine's drift, which pairing takes out of the ratios but not out of absolute targets)."""
+    echoes = [
+        run.requests_per_second
+        for case in cases
+        if case.ceiling is None  # h2load's echo; generator cases pair with the generator's
+        for run in case.measurement.paired
+    ]
+    if not echoes:
+        return []
+    return [
+        "Ratios to the echo are paired: each measured run of a case came right after a run of"
+        " the bare echo under the same load, and the ratio (and the CPU ratio) is the median of"
+        " the per-run ratios; a ratio to another case is the quotient of the two paired ratios."
+        " The echo rows were measured once, at the start. Over this bench the paired h2load echo"
+        f" runs ranged from {min(echoes):,.0f} to {max(echoes):,.0f} req/s: the machine's drift,"
+        " which pairing takes out of the ratios but not out of items/s targets.",
+        "",
+    ]
 
 
 def generator_line(generator_echo: Measurement | None) -> list[str]:
@@ -144,8 +185,8 @@ def generator_line(generator_echo: Measurement | None) -> list[str]:
         return []
     return [
         "Cases marked “unique request ids” are sent by `bench.grpcload` (grpc.aio, a fresh request"
-        " id per call, pinned like h2load) and their ratio is to the echo ceiling that generator"
-        " reached in this run, not to h2load's.",
+        " id per call, pinned like h2load) and their ratio is to the echo as that generator"
+        " drives it (its row above; their paired echo runs use it too), not to h2load's.",
         "",
     ]
 
@@ -233,6 +274,7 @@ def render(
         "",
         facts_line(facts),
         "",
+        *pairing_lines(cases),
         *generator_line(generator_echo),
         *latency_lines(echo, cases, facts.shape),
         summary_line(echo, cases),

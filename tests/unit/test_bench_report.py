@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from bench.h2load import LoadShape, Run
 from bench.measure import Measurement
-from bench.report import Scored, latency_lines, summary_line, table, with_baselines
+from bench.report import (
+    Scored,
+    latency_lines,
+    pairing_lines,
+    summary_line,
+    table,
+    with_baselines,
+)
 
 
 def measured(
@@ -64,3 +71,42 @@ def test_the_latency_line_compares_littles_law_with_the_echo():
     [line, _] = latency_lines(ECHO, [check], shape)
     assert "(above it" in line
     assert latency_lines(ECHO, [Scored(measured("Get", 1500), 0.5)], shape) == []
+
+
+def paired(name: str, pairs: list[tuple[float, float]], cpu: float = 500.0) -> Measurement:
+    """A measurement whose runs (case req/s) each followed an echo run (echo req/s)."""
+    runs = tuple(Run(rps, 100, 100, 0, 0, 0, 1.0, 2.0, server_cpu_us=cpu) for rps, _ in pairs)
+    echoes = tuple(  # the echo's CPU per request in the same proportion as its req/s
+        Run(echo_rps, 100, 100, 0, 0, 0, 1.0, 2.0, server_cpu_us=cpu * rps / echo_rps)
+        for rps, echo_rps in pairs
+    )
+    return Measurement(name, runs, (), echoes)
+
+
+def test_a_paired_ratio_is_the_median_of_the_per_run_ratios():
+    # The machine drifted: the echo ran at 8,000 then 5,000 then 6,000 req/s. Against the
+    # start-of-bench echo (10,000) the case looks like 0.30-0.40; per pair it is 0.5 or more.
+    case = Scored(paired("GetSession", [(4000, 8000), (2500, 5000), (3300, 6000)]), 0.5)
+    assert case.ratio(ECHO) == 0.5 and case.met(ECHO)
+    assert case.measurement.paired_cpu_ratio == 0.5
+    slow = Scored(paired("GetSession", [(3000, 8000), (2400, 5000), (3300, 6000)]), 0.5)
+    assert slow.ratio(ECHO) == 0.48 and not slow.met(ECHO)
+    [line, _] = pairing_lines([case, slow])
+    assert "ranged from 5,000 to 8,000 req/s" in line
+    assert pairing_lines([Scored(measured("Health", 9000), 0.8)]) == []
+
+
+def test_a_ratio_to_another_case_divides_the_paired_ratios():
+    # The audited case ran while the machine was slow (echo 5,000), the baseline while it was
+    # fast (echo 8,000): raw req/s give 0.50, the paired ratios 0.4 / 0.5 = 0.8.
+    audited = Scored(paired("UpdateKey (audited)", [(2000, 5000)]), 0.8, ratio_to=OFF)
+    off = Scored(paired(OFF, [(4000, 8000)]), 0.0)
+    [scored, _] = with_baselines([audited, off])
+    assert round(scored.ratio(ECHO), 6) == 0.8 and scored.met(ECHO)
+
+
+def test_the_table_shows_the_paired_ratios():
+    case = Scored(paired("GetSession", [(4000, 8000), (2500, 5000), (3300, 6000)]), 0.5)
+    row = next(line for line in table(ECHO, [case]).splitlines() if "GetSession" in line)
+    cells = [cell.strip() for cell in row.split("|")]
+    assert cells[6] == "0.50" and cells[8] == "yes" and cells[10] == "0.50"
