@@ -11,7 +11,7 @@ from trustplane.crypto.v1 import crypto_pb2, crypto_pb2_grpc
 
 from server import call_state, wire
 from server.crypto.model import Algorithm, Key, KeyPatch, KeyVersion, Purpose, VersionState
-from server.crypto.service import ItemResult, KeyManager
+from server.crypto.service import ItemResult, KeyManager, SealedBatch
 from server.errors import FieldViolation, InvalidArgument, TrustplaneError, reason_name
 
 _PURPOSES = {
@@ -120,6 +120,12 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServiceServicer):
     async def BatchEncrypt(self, request: Any, context: Any) -> Any:
         items = [(item.plaintext, item.associated_data) for item in request.items]
         results = await self._keys.batch_encrypt(_tenant(), request.name, items)
+        if isinstance(results, SealedBatch):
+            response = crypto_pb2.BatchEncryptResponse()
+            add, version = response.results.add, results.key_version
+            for data in results.data:
+                add(data=data, key_version=version)
+            return response
         return _batch(crypto_pb2.BatchEncryptResponse(), results)
 
     async def BatchDecrypt(self, request: Any, context: Any) -> Any:

@@ -334,6 +334,7 @@ async def test_data_keys_and_batches(server, admin):
     sealed = await server.crypto.BatchEncrypt(
         pb.BatchEncryptRequest(name="k", items=items), metadata=admin
     )
+    assert [(r.key_version, r.HasField("error")) for r in sealed.results] == [(1, False)] * 5
     decrypt_items = [
         pb.DecryptItem(ciphertext=r.data, associated_data=b"a") for r in sealed.results
     ]
