@@ -87,23 +87,19 @@ class Echo:
     pid: int
     request: bytes  # the first case's request: what the h2load echo ceiling sends
 
-    def paired_plain(self) -> Target:
-        """The h2load echo of the ceiling's bytes (for a target that is not a Case)."""
-        return Target(
-            f"echo ceiling ({echo.PATH[1:]})", self.address, echo.PATH, self.request, pid=self.pid
-        )
-
-    def paired(self, case: Case) -> Target:
+    def paired(self, case: Case | None = None) -> Target:
         """The echo run that precedes each run of `case`: h2load's echo of the ceiling's bytes,
-        or for a generator case the generator with that case's own body."""
-        request = case.request if case.unique_field else self.request
+        or for a generator case the generator with that case's own body (no case: a target
+        that is not a Case, such as Cerbos, sent by h2load)."""
+        unique = case.unique_field if case is not None else 0
+        request = case.request if case is not None and unique else self.request
         return Target(
             f"echo ceiling ({echo.PATH[1:]})",
             self.address,
             echo.PATH,
             request,
             pid=self.pid,
-            unique_field=case.unique_field,
+            unique_field=unique,
         )
 
 
@@ -198,7 +194,7 @@ async def _measure_cerbos(
         raise BenchError(f"CERBOS_BIN: {binary} is not a file")
     try:
         measured, _ = await cerbos.measure_pdp(
-            binary, settings.shape, settings.runs, placement, workdir, bare.paired_plain()
+            binary, settings.shape, settings.runs, placement, workdir, bare.paired()
         )
     except cerbos.CerbosError as exc:
         raise BenchError(str(exc)) from None
