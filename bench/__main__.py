@@ -93,8 +93,11 @@ class Echo:
         that is not a Case, such as Cerbos, sent by h2load)."""
         unique = case.unique_field if case is not None else 0
         request = case.request if case is not None and unique else self.request
+        name = f"echo ceiling ({echo.PATH[1:]})"
+        if unique:
+            name = f"echo ceiling ({echo.PATH[1:]}, grpc.aio generator, unique bodies)"
         return Target(
-            f"echo ceiling ({echo.PATH[1:]})",
+            name,
             self.address,
             echo.PATH,
             request,

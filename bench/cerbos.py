@@ -223,8 +223,8 @@ async def main_async(binary: str, shape: LoadShape, runs: int) -> int:
 async def _echo(
     request: bytes, shape: LoadShape, runs: int, placement: servers.Placement, workdir: Path
 ) -> Measurement:
-    async with servers.echo(placement, workdir) as address:
-        target = Target(f"echo ceiling ({echo.PATH[1:]})", address, echo.PATH, request)
+    async with servers.echo(placement, workdir) as (address, pid):
+        target = Target(f"echo ceiling ({echo.PATH[1:]})", address, echo.PATH, request, pid=pid)
         return await measure(target, shape, runs, workdir, placement.load_prefix())
 
 

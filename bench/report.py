@@ -37,14 +37,16 @@ class Scored:
             if self.baseline is None:
                 return 0.0
             mine, theirs = self.measurement.paired_ratio, self.baseline.paired_ratio
-            if mine is not None and theirs:
-                return mine / theirs
+            if mine is not None and theirs is not None:
+                return mine / theirs if theirs else 0.0
             below = self.baseline
         else:
             paired = self.measurement.paired_ratio
             if paired is not None:
                 return paired
             below = self.ceiling or ceiling
+        if not below.median.requests_per_second:
+            return 0.0
         return self.measurement.median.requests_per_second / below.median.requests_per_second
 
     def ratio_cell(self, ceiling: Measurement) -> str:
@@ -136,7 +138,7 @@ def _row(
 ) -> str:
     run = measurement.median
     cpu, echo_cpu = _cpu(measurement), _cpu(echo)
-    paired_cpu = measurement.paired_cpu_ratio
+    cpu_ratio = _cpu_ratio(cpu, echo_cpu, measurement)
     cells = [
         measurement.name,
         f"{run.requests_per_second:,.0f}",
@@ -147,14 +149,15 @@ def _row(
         target,
         met,
         "—" if cpu is None else f"{cpu:,.0f}",
-        _cpu_ratio(cpu, echo_cpu, paired_cpu),
+        cpu_ratio,
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-def _cpu_ratio(cpu: float | None, echo_cpu: float | None, paired: float | None) -> str:
-    if paired is not None:
-        return f"{paired:.2f}"
+def _cpu_ratio(cpu: float | None, echo_cpu: float | None, measurement: Measurement) -> str:
+    if measurement.paired:  # paired: never the start-of-bench echo's CPU as a fallback
+        paired = measurement.paired_cpu_ratio
+        return "—" if paired is None else f"{paired:.2f}"
     return "—" if cpu is None or echo_cpu is None else f"{echo_cpu / cpu:.2f}"
 
 
@@ -186,7 +189,8 @@ def generator_line(generator_echo: Measurement | None) -> list[str]:
     return [
         "Cases marked “unique request ids” are sent by `bench.grpcload` (grpc.aio, a fresh request"
         " id per call, pinned like h2load) and their ratio is to the echo as that generator"
-        " drives it (its row above; their paired echo runs use it too), not to h2load's.",
+        " drives it (paired runs with each case's own body; its start-of-bench row above),"
+        " not to h2load's.",
         "",
     ]
 

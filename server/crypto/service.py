@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -133,9 +134,11 @@ class ItemResult(NamedTuple):
     error: Exception | None = None
 
 
-class SealedBatch(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class SealedBatch:
     """A batch whose every item was sealed under one version: the common case, answered
-    without an `ItemResult` per item (building 100 of them cost 30 µs, measured 2026-12-02)."""
+    without an `ItemResult` per item (building 100 of them cost 30 µs, measured 2026-12-02).
+    Not a tuple, so code that expects a list of results fails loudly instead of iterating."""
 
     data: list[bytes]
     key_version: int

@@ -30,7 +30,9 @@ async def eventually(
     while True:
         value = check()
         if inspect.isawaitable(value):
-            value = await value
+            # A check that hangs (an RPC without a deadline) is cut off at the deadline too.
+            async with asyncio.timeout(max(0.0, deadline - loop.time()) + interval):
+                value = await value
         if value:
             return value
         if loop.time() >= deadline:

@@ -110,3 +110,12 @@ def test_the_table_shows_the_paired_ratios():
     row = next(line for line in table(ECHO, [case]).splitlines() if "GetSession" in line)
     cells = [cell.strip() for cell in row.split("|")]
     assert cells[6] == "0.50" and cells[8] == "yes" and cells[10] == "0.50"
+
+
+def test_a_paired_row_without_cpu_times_shows_no_cpu_ratio():
+    run = Run(4000, 100, 100, 0, 0, 0, 1.0, 2.0)  # no server CPU measured
+    echo = Run(8000, 100, 100, 0, 0, 0, 1.0, 2.0)
+    case = Scored(Measurement("GetSession", (run,), (), (echo,)), 0.5)
+    row = next(line for line in table(ECHO, [case]).splitlines() if "GetSession" in line)
+    cells = [cell.strip() for cell in row.split("|")]
+    assert cells[6] == "0.50" and cells[9] == "—" and cells[10] == "—"
