@@ -209,16 +209,18 @@ async def _measure_echo(
 ) -> Measurement:
     """The ceiling: `first`'s request bytes echoed by the bare grpc.aio server, sent by h2load,
     or for a case with `unique_field` by bench.grpcload with a fresh request id per call."""
-    name = f"echo ceiling ({echo.PATH[1:]})"
-    if first.unique_field:
-        name = f"echo ceiling ({echo.PATH[1:]}, grpc.aio generator, unique bodies)"
-    target = Target(
-        name, bare.address, echo.PATH, first.request, pid=bare.pid, unique_field=first.unique_field
+    target = bare.paired(first)  # the same target as the echo runs paired with `first`
+    return await measure(
+        target, _shape(first, settings), settings.runs, workdir, placement.load_prefix()
     )
+
+
+def _shape(case: Case, settings: Settings) -> LoadShape:
+    """The load of one run: BENCH_REQUESTS, or the case's own smaller count."""
     shape = settings.shape
-    if first.requests is not None:
-        shape = dataclasses.replace(shape, requests=max(first.requests, shape.in_flight))
-    return await measure(target, shape, settings.runs, workdir, placement.load_prefix())
+    if case.requests is not None:
+        shape = dataclasses.replace(shape, requests=max(case.requests, shape.in_flight))
+    return shape
 
 
 async def _measure_case(
@@ -240,11 +242,13 @@ async def _measure_case(
         server.pid,
         case.unique_field,
     )
-    shape = settings.shape
-    if case.requests is not None:
-        shape = dataclasses.replace(shape, requests=max(case.requests, shape.in_flight))
     measured = await measure(
-        target, shape, settings.runs, workdir, placement.load_prefix(), bare.paired(case)
+        target,
+        _shape(case, settings),
+        settings.runs,
+        workdir,
+        placement.load_prefix(),
+        bare.paired(case),
     )
     ceiling = generator_ceiling if case.unique_field else None
     return Scored(
