@@ -57,16 +57,32 @@ def parse_keys(text: str, source: str) -> list[bytes]:
     return keys
 
 
-def generate_key_file(path: Path) -> None:
-    """Create a root key file readable by this user only."""
+def generate_key_file(path: Path) -> bool:
+    """Create a root key file readable by this user only; False when another process (a
+    second worker starting at the same moment) created it first, whose key then stands.
+
+    The key is written to a file of its own and then hard-linked into place: the link either
+    appears complete or fails because the path exists, so no process ever reads a half-written
+    key file, and exactly one key is generated however many workers start together."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(base64.b64encode(os.urandom(KEY_BYTES)).decode() + "\n")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(base64.b64encode(os.urandom(KEY_BYTES)).decode() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+    finally:
+        temporary.unlink(missing_ok=True)
     _log.warning(
         "generated a new root key; back it up: without it nothing can be decrypted",
         extra={"path": str(path)},
     )
+    return True
 
 
 def add_primary_key(path: Path) -> None:

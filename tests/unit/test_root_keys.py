@@ -48,3 +48,29 @@ def test_an_unreadable_file_keeps_the_loaded_keys(tmp_path: Path) -> None:
     assert root_id == root_key_id(raw)
     path.unlink()
     assert roots.unwrap(root_id, wrapped, kek_context("t")) == b"m"
+
+
+def test_workers_starting_together_share_one_generated_key(tmp_path: Path) -> None:
+    """`serve --workers N` on a fresh data directory: every worker may find no key file and
+    generate one at the same moment; exactly one key wins, and every worker loads it."""
+    import threading
+
+    barrier = threading.Barrier(8)
+    loaded: list[str] = []
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            loaded.append(RootKeys.from_config(None, None, tmp_path).primary_id)
+        except BaseException as exc:  # reported by the assertion below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and len(loaded) == 8 and len(set(loaded)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["root.key"]  # no temporary left behind
+    assert (tmp_path / "root.key").stat().st_mode & 0o777 == 0o600
