@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import hmac
 import logging
 import time
@@ -67,20 +68,24 @@ class AuditLayer:
         self, sink: AuditSink, digest_key: bytes, clock: Callable[[], float] = time.time
     ) -> None:
         self._sink = sink
-        self._key = digest_key
+        # Keyed once: each digest copies this state instead of setting the key up again.
+        self._keyed = hmac.new(digest_key, digestmod=hashlib.sha256)
         self._clock = clock
 
     def wrap(self, method: MethodSpec, call: Call) -> Call:
         security = method.audit is AuditClass.SECURITY
         settle = self._durable if security else self._queued
         opens = security and method.server_streaming
-        record = self._record
+        resource = _resource_reader(method.request_type)
+
+        def record(state: call_state.CallState, request: Any, context: Context) -> Record:
+            return self._record(state, request, context, resource)
 
         async def audited(request: Any, context: Context) -> Any:
             state = call_state.current()
             inner: Any = context
             if opens:
-                inner = _Opening(context, self._opener(state, request, context))
+                inner = _Opening(context, self._opener(state, request, context, record))
             try:
                 response = await call(request, inner)
             except grpc.aio.AbortError:
@@ -97,12 +102,16 @@ class AuditLayer:
         return audited
 
     def _opener(
-        self, state: call_state.CallState, request: Any, context: Context
+        self,
+        state: call_state.CallState,
+        request: Any,
+        context: Context,
+        record: Callable[[call_state.CallState, Any, Context], Record],
     ) -> Callable[[], Awaitable[None]]:
         """Commits a stream's `opened` entry; later entries of the call say `closed`."""
 
         async def opened() -> None:
-            entry = self._record(state, request, context)
+            entry = record(state, request, context)
             attributes = {**entry.attributes, "stream": "opened"}
             await self._sink.commit([dataclasses.replace(entry, attributes=attributes)])
             state.audit_attributes["stream"] = "closed"
@@ -121,7 +130,13 @@ class AuditLayer:
                 return
             await abort(context, error)
 
-    def _record(self, state: call_state.CallState, request: Any, context: Context) -> Record:
+    def _record(
+        self,
+        state: call_state.CallState,
+        request: Any,
+        context: Context,
+        resource: Callable[[Any], str],
+    ) -> Record:
         method = state.method
         actor = state.actor
         return Record(
@@ -141,7 +156,7 @@ class AuditLayer:
             request_digest=self._digest(request),
             peer=context.peer() or "",
             latency_us=int((time.perf_counter() - state.started) * 1_000_000),
-            resource=_resource(request),
+            resource=resource(request),
             attributes=state.audit_attributes,
             audit_class=SECURITY if method.audit is AuditClass.SECURITY else ACCESS,
         )
@@ -154,7 +169,9 @@ class AuditLayer:
         data = received_bytes(request)
         if data is None:
             data = request.SerializeToString()
-        return hmac.digest(self._key, data, "sha256").hex()
+        keyed = self._keyed.copy()
+        keyed.update(data)
+        return keyed.hexdigest()
 
 
 class _Opening:
@@ -180,17 +197,39 @@ def _resource(request: Any) -> str:
     non-empty `…_id` string field other than `request_id` (`session_id`, `approval_id`, …)."""
     if not isinstance(request, message.Message):
         return ""
-    fields = request.DESCRIPTOR.fields_by_name
+    for name in _resource_fields(request.DESCRIPTOR):
+        found: str = getattr(request, name)
+        if found:
+            return found[:_MAX_RESOURCE]
+    return ""
+
+
+def _resource_fields(descriptor: Any) -> tuple[str, ...]:
+    """The fields `_resource` reads, in order: `name` alone when it is a string field."""
+    fields = descriptor.fields_by_name
     named = fields.get("name")
     if named is not None and named.type == named.TYPE_STRING:
-        value: str = getattr(request, "name")  # noqa: B009 - a dynamic message field
-        return value[:_MAX_RESOURCE]
-    for name, field in fields.items():
-        if _is_id(name, field):
+        return ("name",)
+    return tuple(name for name, field in fields.items() if _is_id(name, field))
+
+
+def _resource_reader(request_type: type[message.Message] | None) -> Callable[[Any], str]:
+    """`_resource` for a method whose request type is known: its fields looked up once, at
+    wrap time (a message of another type, e.g. a client stream's, still gets `_resource`)."""
+    if request_type is None:
+        return _resource
+    names = _resource_fields(request_type.DESCRIPTOR)
+
+    def read(request: Any) -> str:
+        if type(request) is not request_type:
+            return _resource(request)
+        for name in names:
             found: str = getattr(request, name)
             if found:
                 return found[:_MAX_RESOURCE]
-    return ""
+        return ""
+
+    return read
 
 
 def _is_id(name: str, field: Any) -> bool:

@@ -96,6 +96,10 @@ class PolicyAuthorizer:
         if tenant_may_restrict(permission):
             bundle = await self._bundles.get(actor.tenant_id)
         restricting = bundle is not None and bundle.has_policy(METHOD_KIND)
+        if not restricting and not actor.act:
+            # Nothing left to decide: no delegate whose roles or kill switch could refuse, and
+            # no tenant rule (the subject's own stored facts are read only for those rules).
+            return _Outcome(True, Reason.ALLOWED.value, platform)
         principals = await call_principals(self._directory, actor, subject_attributes=restricting)
         refused = self._chain_refusal(principals, permission)
         if refused is not None:
