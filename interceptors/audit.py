@@ -35,7 +35,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 import grpc.aio
@@ -44,12 +44,18 @@ from google.protobuf import message
 from interceptors.chain import Call, Context, received_bytes
 from interceptors.status import abort
 from server import call_state
+from server.actor import ActorContext
 from server.audit.model import ACCESS, CALL, SECURITY, SYSTEM_TENANT, Record
 from server.errors import TrustplaneError
 from server.methods import AuditClass, MethodSpec
 
 _log = logging.getLogger("trustplane.audit")
 _MAX_RESOURCE = 256
+_CODE_NAMES = {code: code.name for code in grpc.StatusCode}
+# An entry's caller: tenant, subject, subject type, delegation chain, auth session.
+_Caller: TypeAlias = tuple[str, str, str, tuple[str, ...], str]
+_NO_CALLER: _Caller = (SYSTEM_TENANT, "", "", (), "")
+_CALLERS_KEPT = 10_000
 
 
 class AuditSink(Protocol):
@@ -71,6 +77,7 @@ class AuditLayer:
         # Keyed once: each digest copies this state instead of setting the key up again.
         self._keyed = hmac.new(digest_key, digestmod=hashlib.sha256)
         self._clock = clock
+        self._callers: dict[int, tuple[ActorContext, _Caller]] = {}
 
     def wrap(self, method: MethodSpec, call: Call) -> Call:
         security = method.audit is AuditClass.SECURITY
@@ -138,18 +145,18 @@ class AuditLayer:
         resource: Callable[[Any], str],
     ) -> Record:
         method = state.method
-        actor = state.actor
+        tenant_id, subject, subject_type, actors, session_id = self._caller(state.actor)
         return Record(
-            tenant_id=actor.tenant_id if actor is not None else SYSTEM_TENANT,
+            tenant_id=tenant_id,
             kind=CALL,
             time_ms=int(self._clock() * 1000),
             method=method.path,
-            code=state.code.name,
+            code=_CODE_NAMES[state.code],
             reason=state.reason,
-            subject=actor.subject if actor is not None else "",
-            subject_type=actor.subject_type.value if actor is not None else "",
-            actors=tuple(link.subject for link in actor.act) if actor is not None else (),
-            session_id=(actor.session_id or "") if actor is not None else "",
+            subject=subject,
+            subject_type=subject_type,
+            actors=actors,
+            session_id=session_id,
             request_id=state.request_id,
             idempotency_key=state.idempotency_key,
             replayed=state.replayed,
@@ -160,6 +167,27 @@ class AuditLayer:
             attributes=state.audit_attributes,
             audit_class=SECURITY if method.audit is AuditClass.SECURITY else ACCESS,
         )
+
+    def _caller(self, actor: ActorContext | None) -> _Caller:
+        """What an entry records of its caller. The token and API key caches hand out one
+        `ActorContext` per credential, so this is worked out once per actor object (kept while
+        it is that very object, at most `_CALLERS_KEPT`)."""
+        if actor is None:
+            return _NO_CALLER
+        kept = self._callers.get(id(actor))
+        if kept is not None and kept[0] is actor:
+            return kept[1]
+        caller = (
+            actor.tenant_id,
+            actor.subject,
+            actor.subject_type.value,
+            tuple(link.subject for link in actor.act),
+            actor.session_id or "",
+        )
+        if len(self._callers) >= _CALLERS_KEPT:
+            self._callers.clear()
+        self._callers[id(actor)] = (actor, caller)
+        return caller
 
     def _digest(self, request: Any) -> str:
         """Over the bytes as received (no second serialisation of a large request); a message

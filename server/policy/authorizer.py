@@ -68,23 +68,31 @@ class PolicyAuthorizer:
         self._directory = directory
         self._platform = engine.platform_bundle()
         self._platform_decisions: dict[tuple[frozenset[str], str], bool] = {}
+        self._allowed = _Outcome(True, Reason.ALLOWED.value, self._platform.content_hash)
+        # The audit line after its decision id, per (outcome, permission): a bounded few.
+        self._lines: dict[tuple[_Outcome, str], str] = {}
 
     async def decide(self, actor: ActorContext, permission: str) -> Decision:
         """The decision, with its audit line: decision id, effect, reason, rule, version
         prefix, resource and action, as Check's `decision.<n>` attributes."""
         outcome = await self._outcome(actor, permission)
-        line = " ".join(
-            [
-                os.urandom(16).hex(),
-                "ALLOW" if outcome.allowed else "DENY",
-                outcome.code,
-                outcome.rule or "-",
-                outcome.version[:16] or "-",
-                f"{METHOD_KIND}/{permission}"[:_RESOURCE_MAX],
-                permission[:_RESOURCE_MAX],
-            ]
-        )
-        return Decision(outcome.allowed, outcome.message, audit=line)
+        key = (outcome, permission)
+        rest = self._lines.get(key)
+        if rest is None:
+            rest = " ".join(
+                [
+                    "ALLOW" if outcome.allowed else "DENY",
+                    outcome.code,
+                    outcome.rule or "-",
+                    outcome.version[:16] or "-",
+                    f"{METHOD_KIND}/{permission}"[:_RESOURCE_MAX],
+                    permission[:_RESOURCE_MAX],
+                ]
+            )
+            if len(self._lines) > 4096:
+                self._lines.clear()
+            self._lines[key] = rest
+        return Decision(outcome.allowed, outcome.message, audit=f"{os.urandom(16).hex()} {rest}")
 
     async def _outcome(self, actor: ActorContext, permission: str) -> _Outcome:
         platform = self._platform.content_hash
@@ -99,16 +107,16 @@ class PolicyAuthorizer:
         if not restricting and not actor.act:
             # Nothing left to decide: no delegate whose roles or kill switch could refuse, and
             # no tenant rule (the subject's own stored facts are read only for those rules).
-            return _Outcome(True, Reason.ALLOWED.value, platform)
+            return self._allowed
         principals = await call_principals(self._directory, actor, subject_attributes=restricting)
         refused = self._chain_refusal(principals, permission)
         if refused is not None:
             return refused
         if bundle is None or not restricting:
-            return _Outcome(True, Reason.ALLOWED.value, platform)
+            return self._allowed
         restriction = self._tenant_restriction(bundle, principals, permission)
         if restriction is None:
-            return _Outcome(True, Reason.ALLOWED.value, platform)
+            return self._allowed
         rule = f" (rule {restriction.rule})" if restriction.rule else ""
         return _Outcome(
             False,

@@ -49,9 +49,7 @@ def test_the_per_method_reader_reads_what_the_generic_one_does(method) -> None:
 
 def test_the_reader_is_built_for_the_class_the_server_parses_into() -> None:
     """The registry's request type is the generated class itself, so the fast path applies."""
-    method = session_pb2.DESCRIPTOR.services_by_name["SessionService"].methods_by_name[
-        "GetSession"
-    ]
+    method = session_pb2.DESCRIPTOR.services_by_name["SessionService"].methods_by_name["GetSession"]
     assert spec_from_descriptor(method).request_type is session_pb2.GetSessionRequest
     read = _resource_reader(session_pb2.GetSessionRequest)
     assert read(session_pb2.GetSessionRequest(session_id="s-1")) == "s-1"
