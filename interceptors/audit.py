@@ -236,7 +236,7 @@ def _resource_fields(descriptor: Any) -> tuple[str, ...]:
     """The fields `_resource` reads, in order: `name` alone when it is a string field."""
     fields = descriptor.fields_by_name
     named = fields.get("name")
-    if named is not None and named.type == named.TYPE_STRING:
+    if named is not None and named.type == named.TYPE_STRING and not named.is_repeated:
         return ("name",)
     return tuple(name for name, field in fields.items() if _is_id(name, field))
 

@@ -69,14 +69,15 @@ class PolicyAuthorizer:
         self._platform = engine.platform_bundle()
         self._platform_decisions: dict[tuple[frozenset[str], str], bool] = {}
         self._allowed = _Outcome(True, Reason.ALLOWED.value, self._platform.content_hash)
-        # The audit line after its decision id, per (outcome, permission): a bounded few.
-        self._lines: dict[tuple[_Outcome, str], str] = {}
+        # The audit line after its decision id, per what it says (bounded; the messages, which
+        # may name principals, are not part of it).
+        self._lines: dict[tuple[bool, str, str | None, str, str], str] = {}
 
     async def decide(self, actor: ActorContext, permission: str) -> Decision:
         """The decision, with its audit line: decision id, effect, reason, rule, version
         prefix, resource and action, as Check's `decision.<n>` attributes."""
         outcome = await self._outcome(actor, permission)
-        key = (outcome, permission)
+        key = (outcome.allowed, outcome.code, outcome.rule, outcome.version, permission)
         rest = self._lines.get(key)
         if rest is None:
             rest = " ".join(

@@ -257,6 +257,8 @@ class SessionManager:
         # together; a change to the session unregisters it, so its result is neither kept nor
         # handed to callers that arrive after the change.
         self._read_flights: dict[tuple[str, str], asyncio.Task[AgentSession | None]] = {}
+        # session id -> (session, GetSession's encoded answer for it): see `answer_for`.
+        self._answers: dict[str, tuple[AgentSession, Any]] = {}
 
     def close(self) -> None:
         """Shutting down: open watch streams end cleanly now instead of holding the server's
@@ -398,9 +400,11 @@ class SessionManager:
         current = self._read_flights.get((tenant_id, session_id)) is asyncio.current_task()
         if self._config.read_ttl > 0 and current:  # not if the session changed meanwhile
             self._reads[session.id] = (started + self._config.read_ttl, session)
+            self._answers.pop(session.id, None)  # an answer for the read this one replaces
             self._reads.move_to_end(session.id)
             while len(self._reads) > _READS_KEPT:
-                self._reads.popitem(last=False)
+                evicted, _ = self._reads.popitem(last=False)
+                self._answers.pop(evicted, None)
         return session
 
     def _landed(self, key: tuple[str, str], task: asyncio.Task[AgentSession | None]) -> None:
@@ -409,13 +413,31 @@ class SessionManager:
         if not task.cancelled():
             task.exception()  # retrieved: the waiters re-raise it
 
+    def answer_for(self, session: AgentSession, encode: Callable[[AgentSession], T]) -> T:
+        """GetSession's answer for `session` (what `encode` makes of it), kept beside the shared
+        read while that read holds this very object and dropped with it — on a change, a
+        purge, `forget` or eviction — so it is never older than the read and never outlives it.
+        A session that is not the shared read (a lazy expiry's live view) is encoded each time.
+        The kept answer is never modified; gRPC only serialises it."""
+        kept = self._answers.get(session.id)
+        if kept is not None and kept[0] is session:
+            answer: T = kept[1]
+            return answer
+        answer = encode(session)
+        read = self._reads.get(session.id)
+        if read is not None and read[1] is session:
+            self._answers[session.id] = (session, answer)
+        return answer
+
     def forget(self, session_id: str | None = None) -> None:
-        """Drop the shared read of one session (None: of all)."""
+        """Drop the shared read of one session (None: of all), and the answer kept beside it."""
         if session_id is None:
             self._reads.clear()
             self._read_flights.clear()
+            self._answers.clear()
             return
         self._reads.pop(session_id, None)
+        self._answers.pop(session_id, None)
         for key in [key for key in self._read_flights if key[1] == session_id]:
             del self._read_flights[key]  # few: only the reads in flight
 

@@ -33,9 +33,6 @@ _APPROVAL_STATES = {
 }
 _APPROVAL_STATES_IN = {v: k for k, v in _APPROVAL_STATES.items()}
 _UPDATABLE = ("labels", "metadata")
-# GetSession answers kept beside the session they encode (see `SessionServicer._answer`); as
-# many as the shared session reads they mirror.
-_ANSWERS_KEPT = 10_000
 T = TypeVar("T")
 
 
@@ -46,7 +43,6 @@ def _actor() -> ActorContext:
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def __init__(self, sessions: SessionManager) -> None:
         self._sessions = sessions
-        self._answers: dict[str, tuple[AgentSession, session_pb2.GetSessionResponse]] = {}
 
     # --- sessions ---------------------------------------------------------------------------
 
@@ -66,22 +62,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def GetSession(self, request: Any, context: Any) -> Any:
         session = await self._sessions.get_session(_actor(), request.session_id)
-        return self._answer(session)
-
-    def _answer(self, session: AgentSession) -> session_pb2.GetSessionResponse:
-        """GetSession's response for `session`. The shared read hands out the same (immutable)
-        `AgentSession` until the session changes, so its encoding is kept beside it and reused
-        while it is that very object: a changed session is a new object and encoded afresh.
-        The kept message is never modified; gRPC only serialises it. Oldest dropped first."""
-        kept = self._answers.get(session.id)
-        if kept is not None and kept[0] is session:
-            return kept[1]
-        answer = session_pb2.GetSessionResponse(session=encode_session(session))
-        self._answers.pop(session.id, None)  # re-inserted last: the oldest go first
-        self._answers[session.id] = (session, answer)
-        if len(self._answers) > _ANSWERS_KEPT:
-            del self._answers[next(iter(self._answers))]
-        return answer
+        return self._sessions.answer_for(session, _get_session_response)
 
     async def ListSessions(self, request: Any, context: Any) -> Any:
         where = SessionFilter(
@@ -294,6 +275,10 @@ def _seconds(message: Any, field: str) -> float | None:
         return wire.seconds(message, field)
     except ValueError:
         raise InvalidArgument.fields(FieldViolation(field, "out of range")) from None
+
+
+def _get_session_response(session: AgentSession) -> session_pb2.GetSessionResponse:
+    return session_pb2.GetSessionResponse(session=encode_session(session))
 
 
 def encode_session(session: AgentSession) -> session_pb2.AgentSession:

@@ -177,12 +177,17 @@ async def test_get_session_is_one_shared_read_until_the_session_changes(
             assert (await get(svc, me, created.session_id)).state == S.SESSION_STATE_PENDING
             assert (await get(svc, me, bystander.session_id)).state == S.SESSION_STATE_PENDING
         assert sorted(reads) == sorted([created.session_id, bystander.session_id])
+        # The encoded answer is kept beside the shared read, and goes with it.
+        assert set(sessions._answers) == {created.session_id, bystander.session_id}
         started = (await transitions(svc)["start"](me, created.session_id)).session
+        assert created.session_id not in sessions._answers
         assert (await get(svc, me, created.session_id)) == started
         await get(svc, me, bystander.session_id)
         assert reads.count(bystander.session_id) == 1  # not dropped by the other's change
         other = await expect_error(get(svc, agent_token(idp, tid=OTHER_TENANT), created.session_id))
         assert (other.code, other.reason) == (grpc.StatusCode.NOT_FOUND, "NOT_FOUND")
+        sessions.forget()  # what a purge and a broken subscription do
+        assert not sessions._answers
 
 
 async def test_get_session_sees_a_change_made_in_another_process(start_server, make_config, idp):

@@ -11,7 +11,7 @@ from trustplane.crypto.v1 import crypto_pb2
 from trustplane.policy.v1 import policy_pb2
 from trustplane.session.v1 import session_pb2
 
-from interceptors.audit import _resource, _resource_reader
+from interceptors.audit import _resource, _resource_fields, _resource_reader
 from server.methods import spec_from_descriptor
 
 _MODULES = (audit_pb2, auth_pb2, crypto_pb2, policy_pb2, session_pb2)
@@ -56,3 +56,21 @@ def test_the_reader_is_built_for_the_class_the_server_parses_into() -> None:
     # A message of another type (never the case for a unary call) gets the generic reader.
     assert read(crypto_pb2.GetKeyRequest(name="k")) == "k"
     assert read(b"raw") == ""
+
+
+def test_only_a_single_string_name_is_the_resource() -> None:
+    """A repeated `name` (no request has one today) is not taken for the resource name
+    (descriptor stand-ins: no generated message has such a field)."""
+
+    class Field:
+        TYPE_STRING = 9
+
+        def __init__(self, repeated: bool) -> None:
+            self.type, self.is_repeated = 9, repeated
+
+    class Descriptor:
+        def __init__(self, repeated: bool) -> None:
+            self.fields_by_name = {"name": Field(repeated), "session_id": Field(False)}
+
+    assert _resource_fields(Descriptor(repeated=False)) == ("name",)
+    assert _resource_fields(Descriptor(repeated=True)) == ("session_id",)
