@@ -35,7 +35,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -44,7 +44,6 @@ from google.protobuf import message
 from interceptors.chain import Call, Context, received_bytes
 from interceptors.status import abort
 from server import call_state
-from server.actor import ActorContext
 from server.audit.model import ACCESS, CALL, SECURITY, SYSTEM_TENANT, Record
 from server.errors import TrustplaneError
 from server.methods import AuditClass, MethodSpec
@@ -52,10 +51,6 @@ from server.methods import AuditClass, MethodSpec
 _log = logging.getLogger("trustplane.audit")
 _MAX_RESOURCE = 256
 _CODE_NAMES = {code: code.name for code in grpc.StatusCode}
-# An entry's caller: tenant, subject, subject type, delegation chain, auth session.
-_Caller: TypeAlias = tuple[str, str, str, tuple[str, ...], str]
-_NO_CALLER: _Caller = (SYSTEM_TENANT, "", "", (), "")
-_CALLERS_KEPT = 10_000
 
 
 class AuditSink(Protocol):
@@ -77,7 +72,6 @@ class AuditLayer:
         # Keyed once: each digest copies this state instead of setting the key up again.
         self._keyed = hmac.new(digest_key, digestmod=hashlib.sha256)
         self._clock = clock
-        self._callers: dict[int, tuple[ActorContext, _Caller]] = {}
 
     def wrap(self, method: MethodSpec, call: Call) -> Call:
         security = method.audit is AuditClass.SECURITY
@@ -145,18 +139,18 @@ class AuditLayer:
         resource: Callable[[Any], str],
     ) -> Record:
         method = state.method
-        tenant_id, subject, subject_type, actors, session_id = self._caller(state.actor)
+        actor = state.actor
         return Record(
-            tenant_id=tenant_id,
+            tenant_id=actor.tenant_id if actor is not None else SYSTEM_TENANT,
             kind=CALL,
             time_ms=int(self._clock() * 1000),
             method=method.path,
             code=_CODE_NAMES[state.code],
             reason=state.reason,
-            subject=subject,
-            subject_type=subject_type,
-            actors=actors,
-            session_id=session_id,
+            subject=actor.subject if actor is not None else "",
+            subject_type=actor.subject_type.value if actor is not None else "",
+            actors=actor.actors if actor is not None else (),
+            session_id=(actor.session_id or "") if actor is not None else "",
             request_id=state.request_id,
             idempotency_key=state.idempotency_key,
             replayed=state.replayed,
@@ -167,27 +161,6 @@ class AuditLayer:
             attributes=state.audit_attributes,
             audit_class=SECURITY if method.audit is AuditClass.SECURITY else ACCESS,
         )
-
-    def _caller(self, actor: ActorContext | None) -> _Caller:
-        """What an entry records of its caller. The token and API key caches hand out one
-        `ActorContext` per credential, so this is worked out once per actor object (kept while
-        it is that very object, at most `_CALLERS_KEPT`)."""
-        if actor is None:
-            return _NO_CALLER
-        kept = self._callers.get(id(actor))
-        if kept is not None and kept[0] is actor:
-            return kept[1]
-        caller = (
-            actor.tenant_id,
-            actor.subject,
-            actor.subject_type.value,
-            tuple(link.subject for link in actor.act),
-            actor.session_id or "",
-        )
-        if len(self._callers) >= _CALLERS_KEPT:
-            self._callers.clear()
-        self._callers[id(actor)] = (actor, caller)
-        return caller
 
     def _digest(self, request: Any) -> str:
         """Over the bytes as received (no second serialisation of a large request); a message
@@ -225,7 +198,12 @@ def _resource(request: Any) -> str:
     non-empty `…_id` string field other than `request_id` (`session_id`, `approval_id`, …)."""
     if not isinstance(request, message.Message):
         return ""
-    for name in _resource_fields(request.DESCRIPTOR):
+    return _first_set(request, _resource_fields(request.DESCRIPTOR))
+
+
+def _first_set(request: Any, names: tuple[str, ...]) -> str:
+    """The first non-empty of these string fields, cut to `_MAX_RESOURCE` ("" if none)."""
+    for name in names:
         found: str = getattr(request, name)
         if found:
             return found[:_MAX_RESOURCE]
@@ -251,11 +229,7 @@ def _resource_reader(request_type: type[message.Message] | None) -> Callable[[An
     def read(request: Any) -> str:
         if type(request) is not request_type:
             return _resource(request)
-        for name in names:
-            found: str = getattr(request, name)
-            if found:
-                return found[:_MAX_RESOURCE]
-        return ""
+        return _first_set(request, names)
 
     return read
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 class PrincipalType(enum.Enum):
@@ -65,7 +66,13 @@ class ActorContext:
         """The identity actually making the call: the current actor, else the subject."""
         return self.act[0].subject if self.act else self.subject
 
+    @cached_property
+    def actors(self) -> tuple[str, ...]:
+        """The ids of the `act` chain, current actor first (the subject not included); worked
+        out once per context (the credential caches hand out one per credential)."""
+        return tuple(link.subject for link in self.act)
+
     @property
     def chain(self) -> tuple[str, ...]:
         """Every principal in the call, subject first: all must be allowed (delegation)."""
-        return (self.subject, *(link.subject for link in self.act))
+        return (self.subject, *self.actors)

@@ -1030,7 +1030,7 @@ def _event_records(
     """One record per event; what comes from the credential is computed once per call."""
     tenant_id, subject, session_id = actor.tenant_id, actor.subject, actor.session_id
     subject_type = actor.subject_type.value
-    actors = tuple(link.subject for link in actor.act)
+    actors = actor.actors
     return [
         Record(
             tenant_id=tenant_id,

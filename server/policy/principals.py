@@ -60,7 +60,7 @@ async def call_principals(
     """The caller's subject (roles and type from its credential; with `subject_attributes`,
     its stored attributes, and whether it may act) and its delegates, each with its stored
     roles and attributes. Nothing is looked up when there is nothing to look up."""
-    chain = tuple(link.subject for link in actor.act)
+    chain = actor.actors
     wanted = (actor.subject, *chain) if subject_attributes else chain
     found: Mapping[str, PrincipalRecord] = {}
     if directory is not None and wanted:
